@@ -62,9 +62,9 @@ def validate_images(images, what: str = "images", allow_empty: bool = False) -> 
     if arr.ndim != 4:
         raise ValueError(f"{what} must have rank 4 [N, H, W, C] (NHWC); got shape {arr.shape}. "
                          "Add a channel axis for grey images: x[..., None].")
-    if arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{what} has {arr.shape[-1]} channels (shape {arr.shape}); expected "
-                         "NHWC with C in (1, 3, 4). Did you pass NCHW? Transpose to NHWC.")
+    if arr.shape[-1] > 4 and arr.shape[1] in (1, 3, 4):
+        raise ValueError(f"{what} has shape {arr.shape}, which looks like NCHW ({arr.shape[-1]} "
+                         "channels?); the project uses NHWC: transpose with x.transpose(0, 2, 3, 1)")
     if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{what} is empty (shape {arr.shape}); need at least one image")
     if not np.issubdtype(arr.dtype, np.floating):
