@@ -64,6 +64,12 @@ def _progress_callback(total: int, desc: str):
     return cb
 
 
+def _prepared(denoiser, abs_):
+    """Let a denoiser that plans per noise level (``prepare(abs)``) build its plans for the grid."""
+    prepare = getattr(denoiser, "prepare", None)
+    return prepare(np.asarray(abs_, np.float64)) if callable(prepare) else denoiser
+
+
 def _validate_start(x_T, name):
     x_T = jnp.asarray(x_T, jnp.float32)
     if x_T.ndim != 4:
@@ -134,7 +140,7 @@ def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, 
             jnp.arange(len(timesteps)))
     else:
         noise = jnp.zeros((len(timesteps),) + (1,) * x_T.ndim, jnp.float32)
-    dyn, meta = _split(denoiser)
+    dyn, meta = _split(_prepared(denoiser, abs_))
     token = None
     if progress:
         token = len(_CALLBACKS)
@@ -193,8 +199,11 @@ def edm(denoiser, z_T, sigmas=None, *, heun: bool = False) -> SampleResult:
     if sigmas.ndim != 1 or sigmas.size < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0):
         raise ValueError("sigmas must be strictly decreasing and end with 0")
     z_T = _validate_start(z_T, "edm")
-    dyn, meta = _split(denoiser)
     s32 = jnp.asarray(sigmas, jnp.float32)
+    ab_grid = 1.0 / (1.0 + np.asarray(s32, np.float64)[:-1] ** 2)
+    if heun:
+        ab_grid = np.concatenate([ab_grid, 1.0 / (1.0 + np.asarray(s32, np.float64)[1:-1] ** 2)])
+    dyn, meta = _split(_prepared(denoiser, np.unique(ab_grid.astype(np.float32))))
     images, x0s, xts = _edm_scan(dyn, z_T, s32, meta=meta, heun=heun)
     ab = (1.0 / (1.0 + sigmas[:-1] ** 2)).astype(np.float32)
     return SampleResult(images, x0s, xts, sigmas[:-1], ab)
