@@ -1,0 +1,65 @@
+"""Helpers shared by the entry points: workdir, resolved config, atomic JSON, caches, logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_text(path: str, text: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _jsonable(x: Any):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
+        return _jsonable(np.asarray(x).tolist())
+    return x
+
+
+def write_json(path: str, obj) -> str:
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def prepare_workdir(workdir: str, config) -> str:
+    """Create ``workdir`` and write the resolved config (``config.json``)."""
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    return workdir
+
+
+def stats_cache_dir() -> str:
+    """Statistics cache: ``$LOCALITY_CACHE_DIR`` or ``~/.cache/locality/stats``."""
+    return os.environ.get("LOCALITY_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "locality", "stats")
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
