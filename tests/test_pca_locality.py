@@ -78,7 +78,7 @@ def test_masks_match_oracle(setup, mode):
     np.testing.assert_allclose(soft, mask_np(x, 0.5, 0.0), atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["auto", "dense", "sparse", "complement"])
+@pytest.mark.parametrize("path", ["auto", "dense", "tiles", "sparse", "complement"])
 @pytest.mark.parametrize("cs", [7, 40])
 def test_exact_matches_oracle_on_every_path(setup, path, cs):
     x, st, xt = setup

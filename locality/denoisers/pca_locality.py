@@ -12,15 +12,15 @@ and the denoiser is a masked empirical posterior mean with one softmax per outpu
 
 ``sum_j M[j, m] x_t[b, j]^2`` does not depend on k and cancels in the softmax, so the logits use
 ``ab (X^2) @ M - 2 sqrt(ab) ((x_b * X) @ M)`` -- GEMMs at HIGHEST precision, never the
-``[B, chunk, n]`` residual tensor of the released code. Three exact evaluation paths compute
-those masked distances; the path is chosen per noise level from the mask itself:
+``[B, chunk, n]`` residual tensor of the released code. Two exact evaluation paths compute
+those masked distances; the cheaper one is chosen per noise level from the mask itself:
 
 * ``dense``: the two GEMMs against the full ``n x n`` mask.
-* ``sparse``: output elements are grouped into spatial tiles; each tile gathers only the union of
-  its columns' supports (``U`` inputs) and multiplies by that ``U x tile`` block of M. Cost scales
-  with ``U / n`` -- the mask density at low noise.
-* ``complement``: at high noise most of M is 1, so ``dist = full distance - masked distance with
-  (1 - M)``, the second term evaluated with the sparse path on the complement.
+* ``tiles``: output elements are grouped into spatial tiles. A tile gathers only the union ``U``
+  of its columns' supports and multiplies by that ``U x tile`` block of M (low noise: M is a
+  local blob), or, where M is mostly 1 (high noise), uses ``dist = full distance - distance
+  under (1 - M)`` and gathers the complement's support instead. Tiles of similar ``U`` are
+  batched into a few groups of batched GEMMs; cost scales with ``U / n``.
 
 Softmax modes: ``"exact"`` is the true posterior mean (global softmax over all N, streamed with
 the exact log-sum-exp merge of :mod:`locality.streaming`); ``"chunk_mean"`` reproduces the
@@ -113,38 +113,95 @@ def _tiles(shape, tile: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparsePlan:
-    """Gather plan for a sparse mask ``S`` (either M or 1 - M).
+class TileGroup:
+    """Tiles evaluated together, padded to a common gathered width ``U``.
 
-    ``outs``: [T, O] output indices per tile (-1 = padding); ``ins``: [T, U] gathered input indices
-    (padding repeats index 0 with a zero block row); ``block``: [T, U, O] float32 ``S[ins, outs]``.
+    ``tiles``: [T] tile ids; ``ins``: [T, U] gathered input indices (padding: index 0 with a zero
+    block row); ``block``: [T, U, O] float32 signed mask block (``+M`` for direct tiles, ``-(1-M)``
+    for complement tiles); ``base``: [T] 1.0 for complement tiles (add the full distance), else 0.
     """
 
-    outs: np.ndarray
+    tiles: np.ndarray
     ins: np.ndarray
     block: np.ndarray
+    base: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """A sparse evaluation plan: output tiles (``outs`` [T, O], -1 = padding) in groups."""
+
+    outs: np.ndarray
+    groups: Tuple[TileGroup, ...]
+
+    def cost(self) -> int:
+        """Gathered inputs times outputs, summed over groups (dense costs ``n * n``)."""
+        return int(sum(g.ins.shape[0] * g.ins.shape[1] * self.outs.shape[1] for g in self.groups))
 
     @property
     def union(self) -> int:
-        return int(self.ins.shape[1])
+        return int(max(g.ins.shape[1] for g in self.groups))
 
 
-def sparse_plan(mask: np.ndarray, shape, tile: int) -> SparsePlan:
-    tiles = _tiles(shape, tile)
-    mask = np.asarray(mask)
-    supports = []
-    for t in tiles:
+def _group_sizes(costs: np.ndarray, max_groups: int) -> list:
+    """Split ascending ``costs`` into <= max_groups contiguous groups minimising sum(count * max)."""
+    t = len(costs)
+    inf = float("inf")
+    best = [[inf] * (t + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (t + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, t + 1):
+            for i in range(g - 1, j):
+                v = best[g - 1][i] + (j - i) * float(costs[j - 1])
+                if v < best[g][j]:
+                    best[g][j], cut[g][j] = v, i
+    g = int(np.argmin([best[k][t] for k in range(max_groups + 1)]))
+    bounds, j = [], t
+    while g > 0:
+        i = cut[g][j]
+        bounds.append((i, j))
+        j, g = i, g - 1
+    return bounds[::-1]
+
+
+def tile_plan(mask: np.ndarray, shape, tile: int, mode: str = "mixed", max_groups: int = 3) -> TilePlan:
+    """Plan the masked distances of a binary ``mask`` by spatial tiles of outputs.
+
+    ``mode``: "direct" (gather the support of M), "complement" (full distance minus the support of
+    1 - M) or "mixed" (per tile, whichever gathers fewer inputs).
+    """
+    mask = np.asarray(mask).astype(bool)
+    n = mask.shape[0]
+    outs = _tiles(shape, tile)
+    o = outs.shape[1]
+    sel = []
+    for t in outs:
         cols = t[t >= 0]
-        supports.append(np.flatnonzero(np.any(mask[:, cols] != 0, axis=1)))
-    u = max(1, max(len(s) for s in supports))
-    ins = np.zeros((len(tiles), u), np.int32)
-    block = np.zeros((len(tiles), u, tiles.shape[1]), np.float32)
-    for ti, (t, s) in enumerate(zip(tiles, supports)):
-        ins[ti, :len(s)] = s
-        valid = t >= 0
-        sub = mask[np.ix_(s, t[valid])].astype(np.float32)
-        block[ti, :len(s)][:, valid] = sub
-    return SparsePlan(outs=tiles.astype(np.int32), ins=ins, block=block)
+        sup = np.any(mask[:, cols], axis=1)
+        comp = np.any(~mask[:, cols], axis=1)
+        nd, nc = int(sup.sum()), int(comp.sum())
+        use_c = mode == "complement" or (mode == "mixed" and nc < nd)
+        sel.append((use_c, np.flatnonzero(comp if use_c else sup)))
+    costs = np.array([max(1, len(s[1])) for s in sel])
+    order = np.argsort(costs, kind="stable")
+    groups = []
+    for i, j in _group_sizes(costs[order], max_groups):
+        ids = order[i:j]
+        u = int(costs[ids].max())
+        ins = np.zeros((len(ids), u), np.int32)
+        block = np.zeros((len(ids), u, o), np.float32)
+        base = np.zeros(len(ids), np.float32)
+        for r, ti in enumerate(ids):
+            use_c, support = sel[ti]
+            t = outs[ti]
+            valid = t >= 0
+            ins[r, :len(support)] = support
+            sub = (~mask if use_c else mask)[np.ix_(support, t[valid])].astype(np.float32)
+            block[r, :len(support)][:, valid] = -sub if use_c else sub
+            base[r] = 1.0 if use_c else 0.0
+        groups.append(TileGroup(tiles=ids.astype(np.int32), ins=ins, block=block, base=base))
+    return TilePlan(outs=outs.astype(np.int32), groups=tuple(groups))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,26 +209,21 @@ class StepPlan:
     """Everything needed to evaluate the masked distances at one noise level."""
 
     ab: float
-    path: str            # "dense" | "sparse" | "complement"
+    path: str            # "dense" | "tiles"
     density: float
     mask: np.ndarray     # [n, n] (bool, or float64 soft)
-    sparse: Optional[SparsePlan]
+    tiles: Optional[TilePlan]
+
+    @property
+    def signature(self):
+        if self.path == "dense":
+            return ("dense",)
+        return ("tiles", tuple(g.ins.shape for g in self.tiles.groups))
 
 
-def choose_path(density: float, union_direct: int, union_compl: int, n: int,
-                sparse_efficiency: float = 0.5) -> str:
-    """Cheapest exact path by estimated work: the gathered GEMMs run at roughly
-    ``sparse_efficiency`` of the dense GEMM's rate (measured by ``benchmarks/pca_locality.py``)."""
-    dense = float(n)
-    direct = union_direct / sparse_efficiency
-    compl = union_compl / sparse_efficiency + 0.1 * n  # + the full-distance GEMV-like term
-    best = min(dense, direct, compl)
-    if best == dense:
-        return "dense"
-    return "sparse" if best == direct else "complement"
-
-
-# --------------------------------------------------------------------------------------- kernels
+# Gathered (tile) GEMMs run at roughly this fraction of the dense GEMM's rate on CPU (measured
+# with benchmarks/pca_locality.py); "auto" uses it to pick the cheaper exact path.
+TILE_EFFICIENCY = 0.7
 
 
 def _masked_dist_dense(q, x, ab, mask):
@@ -183,20 +235,27 @@ def _masked_dist_dense(q, x, ab, mask):
     return ab * g1[None] - 2.0 * jnp.sqrt(ab) * g2.reshape(b, k, n)
 
 
-def _masked_dist_sparse(q, x, ab, ins, outs, block, n):
-    """Same quantity for a sparse mask given as tiles (see :class:`SparsePlan`) -> [B, K, n]."""
-    b = q.shape[0]
+def _tile_dist(x, full, ab, groups):
+    """Masked distances in tile layout -> [B, K, sum_g T_g * O].
+
+    ``groups``: per group ``(ins [T, U], blockq [T, U, B*O], block [T, U, O], base [T])`` where
+    ``blockq[t, u, b*O + o] = q[b, ins[t, u]] * block[t, u, o]`` (batch-dependent, built once per
+    call). Per tile: ``ab (X_g^2) @ block - 2 sqrt(ab) X_g @ blockq (+ full distance)``, as batched
+    GEMMs over tiles.
+    """
+    b = full.shape[0]
     k = x.shape[0]
-    xg = x[:, ins]                                                               # [K, T, U]
-    qg = q[:, ins]                                                               # [B, T, U]
-    g1 = jnp.einsum("ktu,tuo->kto", xg * xg, block, precision=HIGHEST)           # [K, T, O]
-    qb = qg[..., None] * block[None]                                             # [B, T, U, O]
-    g2 = jnp.einsum("ktu,btuo->bkto", xg, qb, precision=HIGHEST)                 # [B, K, T, O]
-    d = ab * g1[None] - 2.0 * jnp.sqrt(ab) * g2
-    t, o = outs.shape
-    flat_out = jnp.where(outs >= 0, outs, n).reshape(-1)                         # padding -> n
-    res = jnp.zeros((b, k, n + 1), d.dtype).at[:, :, flat_out].set(d.reshape(b, k, t * o))
-    return res[:, :, :n]
+    xt = x.T                                                                     # [n, K]
+    parts = []
+    for ins, blockq, block, base in groups:
+        xg = jnp.swapaxes(xt[ins], 1, 2)                                         # [T, K, U]
+        t, _, o = block.shape
+        g1 = jnp.matmul(xg * xg, block, precision=HIGHEST)                       # [T, K, O]
+        g2 = jnp.matmul(xg, blockq, precision=HIGHEST).reshape(t, k, b, o)       # [T, K, B, O]
+        d = ab * g1[:, :, None, :] - 2.0 * jnp.sqrt(ab) * g2
+        d = d + base[:, None, None, None] * full.T[None, :, :, None]
+        parts.append(jnp.transpose(d, (2, 1, 0, 3)).reshape(b, k, t * o))
+    return jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
 
 
 def _full_dist(q, x, ab):
@@ -206,13 +265,13 @@ def _full_dist(q, x, ab):
 
 class _PlanTable:
     """Host-side plans (a static pytree field). Equality and hash use only what the compiled
-    program depends on -- the path of every entry -- so re-planning for new noise levels with the
-    same paths reuses the compiled program (the masks themselves are array leaves)."""
+    program depends on -- the path and array shapes of every entry -- so re-planning for new noise
+    levels with the same structure reuses the compiled program (masks are array leaves)."""
 
     def __init__(self, plans: Tuple[StepPlan, ...]):
         self.plans = plans
         self.abs = np.array([p.ab for p in plans], np.float64)
-        self.signature = tuple(p.path for p in plans)
+        self.signature = tuple(p.signature for p in plans)
 
     def __hash__(self):
         return hash(self.signature)
@@ -230,11 +289,21 @@ class _Host:
         self.cache: Dict[float, "PcaLocality"] = {}
 
 
+def _layout(plan: StepPlan, outs: np.ndarray, n: int) -> np.ndarray:
+    """Output element of every logit column (tile layout; ``n`` marks padding)."""
+    order = np.arange(outs.shape[0]) if plan.path == "dense" else np.concatenate(
+        [g.tiles for g in plan.tiles.groups])
+    perm = outs[order].reshape(-1)
+    return np.where(perm >= 0, perm, n).astype(np.int32)
+
+
 @flax.struct.dataclass
 class PcaLocality(DenoiserBase):
     chunked: streaming.Chunked                # ((x [C, cs, n], ||x||^2 [C, cs]), valid)
     table_abs: jax.Array                      # [S] float32 noise levels of the plan table
-    table_masks: Tuple[jax.Array, ...]        # per entry: [n, n] (uint8/float32) or sparse arrays
+    table_arrays: Tuple                       # per entry: (mask,) or ((ins, block, base), ...)
+    table_perm: jax.Array                     # [S, T*O] output element of each logit column
+    table_pos: jax.Array                      # [S, n] logit column of each output element
     shape: Tuple[int, int, int] = flax.struct.field(pytree_node=False)
     host: _Host = flax.struct.field(pytree_node=False)
     plans: _PlanTable = flax.struct.field(pytree_node=False)
@@ -253,47 +322,48 @@ class PcaLocality(DenoiserBase):
     def plan(self, ab: float) -> StepPlan:
         """Build the plan (mask, density, path, tiles) for one noise level (host, float64)."""
         if self.fixed_mask:
-            mask = self.plans.plans[0].mask
+            mask = self.host.fixed
             density = float(np.mean(mask != 0))
         else:
             mask, density = masks(self.host.stats, float(ab), self.threshold, self.threshold_mode)
         n = mask.shape[0]
-        path = self.path
-        sp = None
-        if path == "auto":
-            binary = mask.dtype == bool
-            if not binary:
-                path = "dense"
-            else:
-                direct = sparse_plan(mask, self.shape, self.tile)
-                compl = sparse_plan(~mask, self.shape, self.tile)
-                path = choose_path(density, direct.union, compl.union, n)
-                sp = direct if path == "sparse" else compl if path == "complement" else None
-        elif path == "sparse":
-            sp = sparse_plan(mask, self.shape, self.tile)
-        elif path == "complement":
-            if mask.dtype != bool:
-                raise ValueError("path='complement' needs a binary mask (threshold > 0)")
-            sp = sparse_plan(~mask, self.shape, self.tile)
-        return StepPlan(ab=float(ab), path=path, density=density, mask=mask, sparse=sp)
+        binary = mask.dtype == bool
+        if self.path == "dense" or not binary:
+            if self.path not in ("auto", "dense"):
+                raise ValueError(f"path={self.path!r} needs a binary mask (threshold > 0)")
+            return StepPlan(float(ab), "dense", density, mask, None)
+        mode = {"auto": "mixed", "tiles": "mixed", "sparse": "direct",
+                "complement": "complement"}[self.path]
+        tp = tile_plan(mask, self.shape, self.tile, mode)
+        if self.path == "auto" and tp.cost() / TILE_EFFICIENCY >= n * n:
+            return StepPlan(float(ab), "dense", density, mask, None)
+        return StepPlan(float(ab), "tiles", density, mask, tp)
 
     def prepare(self, abs_: Sequence[float]) -> "PcaLocality":
         """A copy whose plan table holds the noise levels ``abs_`` (e.g. a sampler's grid)."""
         abs_ = [float(a) for a in np.asarray(abs_, np.float64).reshape(-1)]
-        plans = tuple(self.plan(a) for a in abs_)
-        return self._with_plans(plans)
+        return self._with_plans(tuple(self.plan(a) for a in abs_))
 
     def _with_plans(self, plans) -> "PcaLocality":
-        arrays = []
+        n = int(np.prod(self.shape))
+        outs = _tiles(self.shape, self.tile)
+        arrays, perms, poss = [], [], []
         for p in plans:
             if p.path == "dense":
                 m = p.mask
                 arrays.append((jnp.asarray(m.astype(np.uint8) if m.dtype == bool else m.astype(np.float32)),))
             else:
-                arrays.append((jnp.asarray(p.sparse.ins), jnp.asarray(p.sparse.outs),
-                               jnp.asarray(p.sparse.block)))
+                arrays.append(tuple((jnp.asarray(g.ins), jnp.asarray(g.block), jnp.asarray(g.base))
+                                    for g in p.tiles.groups))
+            perm = _layout(p, outs, n)
+            pos = np.zeros(n, np.int32)
+            valid = perm < n
+            pos[perm[valid]] = np.flatnonzero(valid)
+            perms.append(perm)
+            poss.append(pos)
         return self.replace(table_abs=jnp.asarray([p.ab for p in plans], jnp.float32),
-                            table_masks=tuple(arrays), plans=_PlanTable(plans))
+                            table_arrays=tuple(arrays), table_perm=jnp.asarray(np.stack(perms)),
+                            table_pos=jnp.asarray(np.stack(poss)), plans=_PlanTable(plans))
 
     def densities(self) -> Dict[float, float]:
         """{ab: mask density} of the plan table."""
@@ -325,35 +395,41 @@ class PcaLocality(DenoiserBase):
         n = int(np.prod(self.shape))
         q = x_t.reshape(b, n)
         scale = 1.0 / (2.0 * (1.0 - ab) * self.temperature)
-        plans = self.plans.plans
-        branches = []
-        for p, arrays in zip(plans, self.table_masks):
-            branches.append(functools.partial(self._dist_fn, p.path, n))
+        paths = [p.path for p in self.plans.plans]
         idx = jnp.argmin(jnp.abs(self.table_abs - ab))
+        perm = self.table_perm[idx]                                   # [T*O]
+        width = perm.shape[0]
+
+        def branch(path, arrays, q_, x, ab_, perm_):
+            if path == "dense":
+                d = _masked_dist_dense(q_, x, ab_, arrays[0].astype(jnp.float32))
+                d = jnp.concatenate([d, jnp.zeros(d.shape[:2] + (1,), d.dtype)], axis=2)
+                return d[:, :, perm_]
+            full = _full_dist(q_, x, ab_)
+            groups = []
+            for ins, block, base in arrays:
+                qg = q_[:, ins]                                        # [B, T, U]
+                blockq = jnp.einsum("btu,tuo->tubo", qg, block).reshape(
+                    block.shape[0], block.shape[1], b * block.shape[2])
+                groups.append((ins, blockq, block, base))
+            return _tile_dist(x, full, ab_, groups)
 
         def chunk_fn(ctx, data):
-            q_, ab_, scale_, idx_, tabs = ctx
+            q_, ab_, scale_, idx_, perm_, tabs = ctx
             x, _ = data
-            if len(branches) == 1:
-                dist = branches[0](q_, x, ab_, tabs[0])
+            fns = [functools.partial(branch, pth, tab) for pth, tab in zip(paths, tabs)]
+            if len(fns) == 1:
+                dist = fns[0](q_, x, ab_, perm_)
             else:
-                dist = jax.lax.switch(idx_, [functools.partial(br, tab=t) for br, t in
-                                             zip(branches, tabs)], q_, x, ab_)
-            return -dist * scale_, x[:, :, None]
+                dist = jax.lax.switch(idx_, fns, q_, x, ab_, perm_)
+            xv = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)[:, perm_]
+            return -dist * scale_, xv[:, :, None]
 
-        out = streaming.stream(chunk_fn, self.chunked, (q, ab, scale, idx, self.table_masks),
-                               batch=b, m=n, d=1, mode=self.softmax, mesh=self.mesh)
+        out = streaming.stream(chunk_fn, self.chunked,
+                               (q, ab, scale, idx, perm, self.table_arrays),
+                               batch=b, m=width, d=1, mode=self.softmax, mesh=self.mesh)
+        out = out[:, :, 0][:, self.table_pos[idx]]
         return out.reshape(x_t.shape)
-
-    @staticmethod
-    def _dist_fn(path, n, q, x, ab, tab):
-        if path == "dense":
-            return _masked_dist_dense(q, x, ab, tab[0].astype(jnp.float32))
-        ins, outs, block = tab
-        d = _masked_dist_sparse(q, x, ab, ins, outs, block, n)
-        if path == "sparse":
-            return d
-        return _full_dist(q, x, ab)[:, :, None] - d
 
 
 @jax.jit
@@ -365,7 +441,8 @@ def _apply_pca(den, x_t, ab):
 def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
                       temperature: float = 1.0, softmax: str = "exact", chunk_size: int = 512,
                       mask=None, threshold_mode: str = "global", path: str = "auto",
-                      tile: int = 4, abs=None, mesh=None, shard: bool = False) -> PcaLocality:
+                      tile: Optional[int] = None, abs=None, mesh=None,
+                      shard: bool = False) -> PcaLocality:
     """The paper's analytical denoiser (ALGORITHMS.md §5).
 
     Args:
@@ -379,8 +456,11 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
       mask: optional explicit [n, n] 0/1 (or real) mask used at every noise level instead of the
         Wiener-derived one; NHWC element order; column m = the inputs output m looks at.
       threshold_mode: "global" (released), "row" or "column" maxima.
-      path: "auto" (choose per noise level), "dense", "sparse" or "complement" (all exact).
-      tile: spatial tile size of the sparse paths.
+      path: "auto" (cheapest per noise level), "dense", "tiles" (per tile: gather the support
+        of M or of its complement, whichever is smaller), "sparse" (always M), "complement"
+        (always 1 - M). All exact.
+      tile: spatial tile size of the tiled paths (default ``min(8, ceil(H / 4))``: 7 at 28 px,
+        8 at 32 px; larger tiles run the batched GEMMs closer to the dense rate).
       abs: optional noise levels to plan for up front (``prepare``).
       mesh / shard: shard the training set over devices (``shard=True``: all devices).
     """
@@ -395,8 +475,10 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
         raise ValueError(f"softmax must be 'exact' or 'chunk_mean', got {softmax!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if path not in ("auto", "dense", "sparse", "complement"):
-        raise ValueError(f"path must be 'auto', 'dense', 'sparse' or 'complement', got {path!r}")
+    if path not in ("auto", "dense", "tiles", "sparse", "complement"):
+        raise ValueError(f"path must be 'auto', 'dense', 'tiles', 'sparse' or 'complement', got {path!r}")
+    if tile is None:
+        tile = min(8, -(-int(arr.shape[1]) // 4))
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
     n = int(np.prod(arr.shape[1:]))
@@ -404,8 +486,10 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
     chunked = chunk_train(arr.reshape(arr.shape[0], -1), chunk_size, mesh)
     fixed = mask is not None
     plans: Tuple[StepPlan, ...] = ()
-    den = PcaLocality(chunked=chunked, table_abs=jnp.zeros((0,), jnp.float32), table_masks=(),
-                      shape=tuple(arr.shape[1:]), host=_Host(stats), plans=_PlanTable(plans),
+    host = _Host(stats)
+    den = PcaLocality(chunked=chunked, table_abs=jnp.zeros((0,), jnp.float32), table_arrays=(),
+                      table_perm=jnp.zeros((0, 0), jnp.int32), table_pos=jnp.zeros((0, n), jnp.int32),
+                      shape=tuple(arr.shape[1:]), host=host, plans=_PlanTable(plans),
                       threshold=float(threshold), threshold_mode=threshold_mode,
                       temperature=float(temperature), softmax=softmax, path=path, tile=int(tile),
                       fixed_mask=fixed, mesh=mesh)
@@ -417,8 +501,7 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
             raise ValueError("mask contains NaN or inf")
         if m.dtype != bool and np.all((m == 0) | (m == 1)):
             m = m.astype(bool)
-        base = StepPlan(ab=0.5, path="dense", density=float(np.mean(m != 0)), mask=m, sparse=None)
-        den = den.replace(plans=_PlanTable((base,)))
+        host.fixed = m
         den = den._with_plans((den.plan(0.5),))
     else:
         masks(stats, 0.5, threshold, threshold_mode)  # validate threshold/mode early
