@@ -128,7 +128,7 @@ def bench_dataset(name, train, test, ts, thr, b, repeats, oracle_n, run_sampling
         fl = dense_flops(b, n_train, n)
         res["per_t"][int(t)] = {
             "ab": ab, "mask_density": plan.density, "path": plan.path,
-            "union_per_tile": plan.sparse.union if plan.sparse is not None else None,
+            "tile_cost_over_dense": (plan.tiles.cost() / n ** 2) if plan.tiles is not None else None,
             "seconds_ours_auto": t_ours, "seconds_ours_dense": t_dense,
             "seconds_released_port": t_base,
             "speedup_auto_vs_released": t_base / t_ours, "speedup_dense_vs_released": t_base / t_dense,

@@ -141,3 +141,121 @@ def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: st
     atomic_savefig(fig, path)
     plt.close(fig)
     return path
+
+
+def save_heatmap_table(maps, path: str, *, row_labels: Sequence[str], col_labels: Sequence[str],
+                       title: Optional[str] = None, marks=None, cmap: str = "viridis",
+                       shared_scale: str = "panel") -> str:
+    """Table of heat maps: ``maps[r][c]`` is an [H, W] array (or None for an empty panel).
+
+    Rows and columns are labelled on the left and on top. ``marks[r][c]`` (optional) is a
+    (row, col) pixel outlined by a thin red square, e.g. the output pixel of a sensitivity field.
+    ``shared_scale``: "panel" (each panel its own colour scale, default), "row" or "all".
+    """
+    plt = _plt()
+    nrows, ncols = len(row_labels), len(col_labels)
+    if len(maps) != nrows or any(len(r) != ncols for r in maps):
+        raise ValueError(f"maps must be {nrows} rows of {ncols} panels")
+    if shared_scale not in ("panel", "row", "all"):
+        raise ValueError(f"shared_scale must be 'panel', 'row' or 'all'; got {shared_scale!r}")
+    present = [np.asarray(m) for r in maps for m in r if m is not None]
+    vmax_all = max((float(np.max(m)) for m in present), default=1.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.5 * ncols + 0.9, 1.5 * nrows + 0.5),
+                             squeeze=False)
+    for r in range(nrows):
+        row_present = [np.asarray(m) for m in maps[r] if m is not None]
+        vmax_row = max((float(np.max(m)) for m in row_present), default=1.0)
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([]); ax.set_yticks([])
+            m = maps[r][c]
+            if m is None:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=7, color="0.5",
+                        transform=ax.transAxes)
+            else:
+                vmax = {"panel": None, "row": vmax_row, "all": vmax_all}[shared_scale]
+                ax.imshow(np.asarray(m), cmap=cmap, interpolation="nearest",
+                          vmin=0 if vmax else None, vmax=vmax)
+                if marks is not None and marks[r][c] is not None:
+                    from matplotlib.patches import Rectangle
+
+                    i, j = marks[r][c]
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                           edgecolor="red", lw=0.6))
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def save_matrices(matrices: Dict[str, np.ndarray], labels: Sequence[str], path: str, *,
+                  title: Optional[str] = None, vmin: float = 0.0, vmax: float = 1.0) -> str:
+    """Annotated square matrices side by side ({panel title: [K, K]}); rows/cols named ``labels``."""
+    plt = _plt()
+    k = len(labels)
+    names = list(matrices)
+    fig, axes = plt.subplots(1, len(names), figsize=((0.45 * k + 1.0) * len(names),
+                                                     0.45 * k + 1.3), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes[0], names):
+        m = np.asarray(matrices[name], np.float64)
+        if m.shape != (k, k):
+            raise ValueError(f"matrix {name!r} has shape {m.shape}; expected ({k}, {k})")
+        ax.imshow(m, cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
+        for a in range(k):
+            for b in range(k):
+                if np.isfinite(m[a, b]):
+                    ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if m[a, b] < 0.5 * (vmin + vmax) else "black")
+        ax.set_xticks(range(k)); ax.set_yticks(range(k))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=6)
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.set_title(name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: str = "",
+                title: Optional[str] = None, logx: bool = False, logy: bool = False,
+                vlines: Sequence[float] = ()) -> str:
+    """Line plot of series with their own x values and styles.
+
+    Each entry is ``{"x": [...], "y": [...], "label": str, "style": "-"|"--"|":"|..., "color":
+    optional matplotlib colour, "marker": optional}``. Non-positive values are dropped on log axes.
+    ``vlines``: x positions of thin dotted grey vertical lines (e.g. where something starts).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for s in series:
+        x = np.asarray(s["x"], np.float64)
+        y = np.asarray(s["y"], np.float64)
+        keep = np.isfinite(x) & np.isfinite(y)
+        if logx:
+            keep &= x > 0
+        if logy:
+            keep &= y > 0
+        ax.plot(x[keep], y[keep], s.get("style", "-"), color=s.get("color"),
+                marker=s.get("marker"), ms=3, label=s.get("label"))
+    for v in vlines:
+        ax.axvline(v, color="0.4", ls=":", lw=1)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if any(s.get("label") for s in series):
+        ax.legend(fontsize=6, ncol=2)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return path

@@ -4,4 +4,4 @@ Every module below registers its factories on import.
 """
 
 from locality.denoisers.registry import Denoiser, make, names, register  # noqa: F401
-from locality.denoisers import optimal, pca_locality, wiener  # noqa: F401  (registration)
+from locality.denoisers import linear, optimal, pca_locality, wiener  # noqa: F401  (registration)

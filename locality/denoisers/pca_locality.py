@@ -227,12 +227,13 @@ TILE_EFFICIENCY = 0.7
 
 
 def _masked_dist_dense(q, x, ab, mask):
-    """``ab (X^2) @ M - 2 sqrt(ab) (q * X) @ M`` -> [B, K, n]."""
+    """``sum_j M[j, m] (q[b, j] - sqrt(ab) X[k, j])^2`` -> [B, K, n]: one GEMM of the squared
+    residuals against M. (Expanding the square instead needs a second, batch-independent GEMM
+    ``(X^2) @ M``; the residual form does the same single large GEMM with no cancellation.)"""
     b, n = q.shape
     k = x.shape[0]
-    g1 = jnp.matmul(x * x, mask, precision=HIGHEST)                              # [K, n]
-    g2 = jnp.matmul((q[:, None, :] * x[None]).reshape(b * k, n), mask, precision=HIGHEST)
-    return ab * g1[None] - 2.0 * jnp.sqrt(ab) * g2.reshape(b, k, n)
+    r = q[:, None, :] - jnp.sqrt(ab) * x[None]                                   # [B, K, n]
+    return jnp.matmul((r * r).reshape(b * k, n), mask, precision=HIGHEST).reshape(b, k, n)
 
 
 def _tile_dist(x, full, ab, groups):
@@ -290,10 +291,16 @@ class _Host:
 
 
 def _layout(plan: StepPlan, outs: np.ndarray, n: int) -> np.ndarray:
-    """Output element of every logit column (tile layout; ``n`` marks padding)."""
-    order = np.arange(outs.shape[0]) if plan.path == "dense" else np.concatenate(
-        [g.tiles for g in plan.tiles.groups])
-    perm = outs[order].reshape(-1)
+    """Output element of every logit column; ``n`` marks padding columns.
+
+    Dense entries keep the natural element order (padded at the end to the common width), tiled
+    entries use their group-major tile order, so no branch has to permute its [B, K, n] logits;
+    only the values (per chunk, [K, n]) and the final output (once per call) are permuted.
+    """
+    width = outs.size
+    if plan.path == "dense":
+        return np.concatenate([np.arange(n), np.full(width - n, n)]).astype(np.int32)
+    perm = outs[np.concatenate([g.tiles for g in plan.tiles.groups])].reshape(-1)
     return np.where(perm >= 0, perm, n).astype(np.int32)
 
 
@@ -403,8 +410,7 @@ class PcaLocality(DenoiserBase):
         def branch(path, arrays, q_, x, ab_, perm_):
             if path == "dense":
                 d = _masked_dist_dense(q_, x, ab_, arrays[0].astype(jnp.float32))
-                d = jnp.concatenate([d, jnp.zeros(d.shape[:2] + (1,), d.dtype)], axis=2)
-                return d[:, :, perm_]
+                return d if width == n else jnp.pad(d, ((0, 0), (0, 0), (0, width - n)))
             full = _full_dist(q_, x, ab_)
             groups = []
             for ins, block, base in arrays:

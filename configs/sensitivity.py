@@ -1,0 +1,45 @@
+"""Sensitivity fields (Jacobian rows) of several denoisers across noise levels (ALGORITHMS.md §9).
+
+    python experiments/sensitivity.py --config configs/sensitivity.py:fashion_mnist --workdir workdirs/sensitivity_fmnist
+
+Models: the Wiener filter of the training set (always); the gradient-descent linear denoisers of
+``config.linear_weights`` (written by ``experiments/linear_gd.py``) when that file exists; and each
+trained network in ``config.networks`` (name -> checkpoint directory, built with
+``denoisers.make("network", checkpoint=...)``) when its directory exists. Missing ones are
+skipped and listed in ``metrics.json``. Overrides, e.g. ``--config.num_inputs=32
+--config.networks.unet=checkpoints/other --config.pixels='((14, 14), (5, 5))'``.
+``"smoke"`` is a seconds-long variant on a synthetic 8x8 set for tests.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "fashion_mnist"):
+    c = ml_collections.ConfigDict()
+    c.dataset = arg
+    c.stats_split = "train"
+    c.stats_limit = ml_collections.config_dict.placeholder(int)  # images for the Wiener statistics
+    c.test_split = "test"
+    c.num_inputs = 16              # M clean test images, one noisy input each per level
+    c.resolution = ml_collections.config_dict.placeholder(int)
+    c.timesteps = (50, 100, 200, 300, 500, 700)    # DDPM linear schedule, ab = alphas_cumprod[t]
+    c.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))  # first is the centre; (row, col)
+    c.seed = 0
+    c.linear_weights = "workdirs/linear_gd_fmnist/linear_weights.npz"
+    c.linear_tolerance = 1e-5      # use a linear W only at levels it was trained for
+    c.networks = ml_collections.ConfigDict({
+        "unet": "checkpoints/fashion_mnist_unet_cpu",
+        "dit": "checkpoints/fashion_mnist_dit_cpu",
+    })
+    c.pixel_batch = 0              # >0: pull back this many cotangents at a time (less memory)
+    c.radius_masses = (0.5, 0.9)
+    c.iou_masses = (0.5, 0.9)      # IoU of the supports holding these fractions of the mass
+    if arg == "smoke":
+        c.dataset = "synthetic"
+        c.stats_limit = 256
+        c.num_inputs = 4
+        c.timesteps = (100, 600)
+        c.pixels = ((4, 4), (1, 6))
+        c.linear_weights = ""
+        c.networks = ml_collections.ConfigDict({})
+    return c

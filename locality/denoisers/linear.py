@@ -1,0 +1,456 @@
+"""Linear (affine) denoisers trained by gradient descent, and their registry entry.
+
+ALGORITHMS.md §4: a denoiser ``D_t(x) = W_t x + b_t`` (``W_t`` [n, n], ``b_t`` [n], NHWC
+flattening) trained with optax on
+
+    L(W, b) = E_{x0 ~ train, eps ~ N(0, I)} || W (sqrt(ab) x0 + sqrt(1 - ab) eps) + b - x0 ||^2
+
+with fresh noise every batch must converge to the Wiener filter
+``W* = sqrt(ab) S (ab S + (1 - ab) I)^-1``, ``b* = (I - sqrt(ab) W*) mu``. The exact minimiser
+of ``L`` under the *empirical* training distribution is that formula with the biased covariance
+``S_N = (N - 1) / N * S`` (normal equations ``W E[x_t x_t^T] + b E[x_t]^T = E[x0 x_t^T]``,
+``W E[x_t] + b = E[x0]``; :func:`least_squares_linear`); for N = 60,000 the two differ by
+about 1/N relative.
+
+Optimisation (:func:`train_linear`). With ``center=True`` (default) the model is written as
+``D(x) = W (x - sqrt(ab) mu) + c`` with ``mu`` the training mean, an exact reparameterisation
+(``b = c - sqrt(ab) W mu``) that removes the rank-one ``ab mu mu^T`` term from the Hessian
+``2 E[x_t x_t^T]`` (on Fashion-MNIST ``||mu||^2 = 262``, above the largest data eigenvalue 79)
+and decouples ``c``, whose optimum is ``mu`` for every ``W`` (its init). ``W`` starts at 0: the
+target ``W*`` is near 0 in every low-variance direction. The loss is the per-image squared error
+``||D(x_t) - x0||^2`` averaged over the batch. Default: Adam at a constant learning rate with
+*tail averaging*: the returned ``(W, b)`` is the uniform average of the iterates over the last
+``tail`` fraction of the steps (Polyak & Juditsky 1992; for least squares, Jain et al. 2018,
+"Parallelizing stochastic gradient descent for least squares regression"). Once the bias has
+decayed the error is set by the gradient noise, and averaging brings it down at the statistical
+rate ``E||W - W*||_F^2 ~ L* tr(Sc^-1) / M`` (``M`` samples averaged over, ``L*`` the optimal loss,
+``Sc`` the covariance of ``x_t``) instead of stalling at a learning-rate-dependent floor. A cosine
+decay (``schedule="cosine"``, ``tail=0``) is offered as the alternative.
+
+Steps run in chunks of ``log_every`` inside one jitted ``lax.scan`` (buffers donated); after each
+chunk the history records the chunk's mean training loss and, for the current estimate (the tail
+average once averaging has begun), the relative Frobenius error ``||W - W*||_F / ||W*||_F``, the
+relative error of ``b``, the relative excess loss ``(L(W, b) - L*) / L*`` (exact, from the
+moments) and the cosine between the sensitivity fields (ALGORITHMS.md §9) of ``W`` and ``W*`` at
+one pixel.
+
+Registry: ``make("linear", weights={ab: (W, b), ...} | "path.npz", shape=(H, W, C))`` returns
+a :class:`Linear` pytree denoiser; a call with ``ab`` uses the stored pair whose ``ab`` is
+nearest to it (``argmin |ab_k - ab|``; ties go to the smaller ``ab_k``), optionally refusing
+levels farther than ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+import time
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array
+from locality.denoisers.registry import register
+
+FORMAT_VERSION = 1
+Weights = Mapping[float, Tuple[np.ndarray, np.ndarray]]
+
+
+# ----------------------------------------------------------------------------- closed form
+
+
+def least_squares_linear(images, ab: float) -> Tuple[np.ndarray, np.ndarray]:
+    """float64 ``(W, b)`` minimising the training objective exactly (ALGORITHMS.md §4).
+
+    The expectation over the empirical distribution of ``images`` [N, H, W, C] and Gaussian
+    noise in closed form: ``W = sqrt(ab) S_N (ab S_N + (1 - ab) I)^-1``, ``b = (I - sqrt(ab) W) mu``
+    with the biased (1/N) covariance ``S_N``; i.e. the Wiener filter of the empirical moments.
+    """
+    from locality.denoisers.wiener import dense_wiener_matrices
+    from locality.stats import moments
+
+    arr = as_train_array(images, "images")
+    ab = _check_ab(ab)
+    mean, cov, count = moments(arr)
+    return dense_wiener_matrices(cov * ((count - 1) / count), mean, ab)
+
+
+def asymptotic_error(cov_n, ab: float, samples: float, w_ref=None) -> float:
+    """Predicted root-mean-square ``||W - W*||_F`` of an estimate averaged over ``samples`` draws.
+
+    Ordinary-least-squares asymptotics: ``Cov(vec W_hat) ~ Sigma_res (x) Sc^-1 / M`` with ``Sc``
+    the covariance of ``x_t`` and ``Sigma_res`` that of the optimal residual, so
+    ``E||W_hat - W*||_F^2 ~ L* tr(Sc^-1) / M`` with ``L* = tr(Sigma_res)``. Tail-averaged SGD
+    attains this rate (Jain et al. 2018; module docstring). Exact for Gaussian data with a residual
+    independent of ``x_t``; an approximation otherwise. Returns the error relative to
+    ``||w_ref||_F`` when ``w_ref`` is given.
+
+    Args:
+      cov_n: [n, n] covariance of the data under the sampling law (biased, 1/N).
+      ab: noise level; samples: ``M`` = batch size x number of averaged steps.
+    """
+    lam = np.clip(np.linalg.eigvalsh(np.asarray(cov_n, np.float64)), 0.0, None)
+    ab = _check_ab(ab)
+    sc = ab * lam + (1.0 - ab)
+    loss_opt = float(np.sum(lam * (1.0 - ab) / sc))
+    err = float(np.sqrt(loss_opt * np.sum(1.0 / sc) / float(samples)))
+    if w_ref is not None:
+        err /= float(np.linalg.norm(np.asarray(w_ref, np.float64)))
+    return err
+
+
+def _check_ab(ab) -> float:
+    v = float(ab)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"ab = {v} is outside (0, 1)")
+    return v
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class LinearFit:
+    """Result of :func:`train_linear`.
+
+    Attributes:
+      W: [n, n] float32; b: [n] float32 (``D(x) = W x + b`` on flattened NHWC inputs).
+      ab: the noise level trained for.
+      shape: image shape (H, W, C).
+      history: ``step``, ``loss`` (mean training loss over the chunk ending at ``step``),
+        ``rel_frob`` (``||W - W*||_F / ||W*||_F``), ``bias_rel`` (``||b - b*|| / ||b*||``),
+        ``cosine`` (field cosine vs ``W*`` at ``pixel``) and ``excess`` (``(L(W, b) - L*) / L*``
+        against the exact least-squares optimum), each a float64 numpy array; row 0 is the
+        initialisation (no loss measured yet: NaN). Rows after the start of tail averaging
+        describe the running average.
+      seconds: wall time of the optimisation (compilation included).
+      loss_opt: ``L*``, the optimal expected per-image loss.
+    """
+
+    W: np.ndarray
+    b: np.ndarray
+    ab: float
+    shape: Tuple[int, int, int]
+    history: Dict[str, np.ndarray]
+    seconds: float
+    loss_opt: float
+
+
+def _make_optimizer(name: str, lr: float, steps: int, schedule: str):
+    if schedule == "cosine":
+        sched = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.0)
+    elif schedule == "constant":
+        sched = optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}")
+    if name == "adam":
+        return optax.adam(sched)
+    if name == "sgd":
+        return optax.sgd(sched, momentum=0.9)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {name!r}")
+
+
+def _abs_row(w, shape, pixel):
+    h, wd, c = shape
+    i, j = pixel
+    return jnp.sum(jnp.abs(w.reshape(h, wd, c, h, wd, c)[i, j]), axis=(0, 3))
+
+
+def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, key,
+                 optimizer: str = "adam", schedule: str = "constant", tail: float = 0.5,
+                 log_every: int = 100, center: bool = True,
+                 reference: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                 pixel: Optional[Tuple[int, int]] = None,
+                 callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> LinearFit:
+    """Train ``D(x) = W x + b`` on ``E||D(x_t) - x0||^2``, fresh noise every batch (§4).
+
+    Args:
+      images: [N, H, W, C] float32 in [-1, 1] (the training set; sampled with replacement).
+      ab: alpha-bar of the noise level, in (0, 1).
+      steps: optimisation steps; batch_size: images (and noise draws) per step; lr: peak
+        learning rate.
+      key: a ``jax.random`` key; step ``s`` uses ``fold_in(key, s)`` for its images and noise.
+      optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9); schedule: ``"constant"`` or ``"cosine"``
+        (decay to 0 over ``steps``).
+      tail: fraction of the final steps whose iterates are averaged into the result (0: return
+        the last iterate).
+      log_every: steps per jitted chunk and per history record.
+      center: train ``W (x - sqrt(ab) mu) + c`` (an exact reparameterisation; module docstring).
+      reference: ``(W*, b*)`` for the history; default :func:`least_squares_linear`.
+      pixel: pixel of the field cosine; default the centre.
+      callback: called as ``callback(step, record)`` after every chunk (progress logging).
+
+    Returns:
+      a :class:`LinearFit`.
+    """
+    arr = as_train_array(images, "images")
+    ab = _check_ab(ab)
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1; got {v}")
+    if not float(lr) > 0:
+        raise ValueError(f"lr must be > 0; got {lr}")
+    shape = tuple(int(s) for s in arr.shape[1:])
+    h, w, c = shape
+    n = h * w * c
+    if pixel is None:
+        pixel = (h // 2, w // 2)
+    from locality.sensitivity import check_pixels
+
+    (pixel,) = check_pixels([pixel], h, w)
+    from locality.denoisers.wiener import dense_wiener_matrices
+    from locality.stats import moments
+
+    mu64, cov, count = moments(arr)
+    cov_n = cov * ((count - 1) / count)                         # biased: the empirical law
+    w_ls, b_ls = dense_wiener_matrices(cov_n, mu64, ab)         # exact minimiser of the loss
+    # Excess loss L(W, b) - L(W_ls, b_ls) = tr(D Sc D^T) + ||D m + b - b_ls||^2 with D = W - W_ls,
+    # Sc = ab S_N + (1 - ab) I the covariance and m = sqrt(ab) mu the mean of x_t; the optimum
+    # L(W_ls, b_ls) = sum_i lam_i (1 - ab) / (ab lam_i + 1 - ab).
+    lam = np.clip(np.linalg.eigvalsh(cov_n), 0.0, None)
+    loss_opt = float(np.sum(lam * (1.0 - ab) / (ab * lam + (1.0 - ab))))
+    if reference is None:
+        reference = (w_ls, b_ls)
+    w_ref = np.asarray(reference[0], np.float64)
+    b_ref = np.asarray(reference[1], np.float64)
+    if w_ref.shape != (n, n) or b_ref.shape != (n,):
+        raise ValueError(f"reference must be (W [{n}, {n}], b [{n}]); got {w_ref.shape}, "
+                         f"{b_ref.shape}")
+
+    data = jnp.asarray(arr.reshape(arr.shape[0], n))
+    mu = jnp.asarray(mu64, jnp.float32)
+    sa, sn = float(np.sqrt(ab)), float(np.sqrt(1.0 - ab))
+    shift = sa * mu if center else jnp.zeros_like(mu)
+    opt = _make_optimizer(optimizer, float(lr), int(steps), schedule)
+    if not 0.0 <= float(tail) < 1.0:
+        raise ValueError(f"tail must be in [0, 1); got {tail}")
+    tail_start = int(round(int(steps) * (1.0 - float(tail)))) if tail > 0 else int(steps)
+    params = {"W": jnp.zeros((n, n), jnp.float32), "c": jnp.array(mu, copy=True)}
+    opt_state = opt.init(params)
+
+    w_ref_d = jnp.asarray(w_ref, jnp.float32)
+    b_ref_d = jnp.asarray(b_ref, jnp.float32)
+    consts = (data, shift, key)
+
+    def run_chunk(p, s, avg, start, consts, length):
+        data, shift, key = consts
+
+        def loss_fn(p, x0, eps):
+            x_t = sa * x0 + sn * eps
+            pred = jnp.matmul(x_t - shift, p["W"].T, precision=HIGHEST) + p["c"]
+            return jnp.mean(jnp.sum(jnp.square(pred - x0), axis=-1))
+
+        def one_step(carry, step):
+            p, s, avg = carry
+            k_idx, k_eps = jax.random.split(jax.random.fold_in(key, step))
+            x0 = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
+            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+            loss, g = jax.value_and_grad(loss_fn)(p, x0, eps)
+            upd, s = opt.update(g, s, p)
+            p = optax.apply_updates(p, upd)
+            # Running uniform average of the iterates after step `tail_start` (step is 0-based;
+            # the iterate after it is number step + 1).
+            wgt = jnp.where(step + 1 > tail_start, 1.0 / (step + 1 - tail_start), 0.0)
+            avg = jax.tree_util.tree_map(lambda a, q: a + wgt * (q - a), avg, p)
+            return (p, s, avg), loss
+
+        (p, s, avg), losses = jax.lax.scan(one_step, (p, s, avg), start + jnp.arange(length))
+        return p, s, avg, jnp.mean(losses)
+
+    run_chunk = jax.jit(run_chunk, static_argnums=(5,), donate_argnums=(0, 1, 2))
+
+    def measure(p, shift, w_ref_d, b_ref_d, ls):
+        wm = p["W"]
+        b = p["c"] - jnp.matmul(wm, shift, precision=HIGHEST)
+        w_ls_d, b_ls_d, sc, m = ls
+        d = wm - w_ls_d
+        excess = (jnp.sum(jnp.matmul(d, sc, precision=HIGHEST) * d)
+                  + jnp.sum(jnp.square(jnp.matmul(d, m, precision=HIGHEST) + b - b_ls_d)))
+        rel = jnp.linalg.norm(wm - w_ref_d) / jnp.linalg.norm(w_ref_d)
+        brel = jnp.linalg.norm(b - b_ref_d) / jnp.maximum(jnp.linalg.norm(b_ref_d), 1e-30)
+        f, f_ref = _abs_row(wm, shape, pixel), _abs_row(w_ref_d, shape, pixel)
+        cos = jnp.sum(f * f_ref) / jnp.maximum(jnp.linalg.norm(f) * jnp.linalg.norm(f_ref), 1e-30)
+        return rel, brel, cos, excess, b
+
+    ls = tuple(jnp.asarray(a, jnp.float32) for a in
+               (w_ls, b_ls, ab * cov_n + (1.0 - ab) * np.eye(n), np.sqrt(ab) * mu64))
+    measure = functools.partial(jax.jit(measure), shift=shift, w_ref_d=w_ref_d, b_ref_d=b_ref_d,
+                                ls=ls)
+
+    hist = {k: [] for k in ("step", "loss", "rel_frob", "bias_rel", "cosine", "excess")}
+
+    def record(step, loss, p):
+        rel, brel, cos, excess, _ = measure(p)
+        rec = {"step": int(step), "loss": float(loss), "rel_frob": float(rel),
+               "bias_rel": float(brel), "cosine": float(cos),
+               "excess": float(excess) / loss_opt if loss_opt > 0 else float(excess)}
+        for k_, v in rec.items():
+            hist[k_].append(v)
+        if callback is not None:
+            callback(int(step), rec)
+
+    t0 = time.perf_counter()
+    avg = jax.tree_util.tree_map(jnp.copy, params)
+    record(0, float("nan"), params)
+    done = 0
+    while done < steps:
+        length = min(int(log_every), int(steps) - done)
+        params, opt_state, avg, loss = run_chunk(params, opt_state, avg, jnp.int32(done), consts,
+                                                 length)
+        done += length
+        record(done, loss, avg if done > tail_start else params)
+    final = avg if steps > tail_start else params
+    b_final = measure(final)[-1]
+    w_final = np.asarray(final["W"])
+    seconds = time.perf_counter() - t0
+    return LinearFit(W=w_final, b=np.asarray(b_final), ab=ab, shape=shape,
+                     history={k: np.asarray(v, np.float64) for k, v in hist.items()},
+                     seconds=seconds, loss_opt=loss_opt)
+
+
+# ----------------------------------------------------------------------------- denoiser
+
+
+@flax.struct.dataclass
+class Linear(DenoiserBase):
+    """Affine denoisers ``W_k x + b_k`` at noise levels ``ab_k``; a call uses the nearest level.
+
+    Attributes:
+      ab_values: [T] float32, ascending.
+      weights: [T, n, n] float32; biases: [T, n] float32 (flattened NHWC order).
+      shape: (H, W, C); tolerance: if set, a concrete ``ab`` farther than this from every
+        ``ab_k`` raises ``ValueError`` (under ``jit`` the nearest level is used silently).
+    """
+
+    ab_values: jax.Array
+    weights: jax.Array
+    biases: jax.Array
+    shape: Tuple[int, int, int] = flax.struct.field(pytree_node=False)
+    tolerance: Optional[float] = flax.struct.field(pytree_node=False, default=None)
+    name = "linear"
+
+    def index(self, ab):
+        """Index of the stored level nearest to ``ab`` (ties: the smaller ``ab_k``)."""
+        return jnp.argmin(jnp.abs(self.ab_values - jnp.asarray(ab, jnp.float32)))
+
+    def jacobian(self, ab) -> jax.Array:
+        """The constant Jacobian [n, n] used at ``ab`` (the stored ``W`` of the nearest level)."""
+        return self.weights[self.index(ab)]
+
+    def apply(self, x_t, ab):
+        k = self.index(ab)
+        flat = x_t.reshape(x_t.shape[0], -1)
+        out = jnp.matmul(flat, self.weights[k].T, precision=HIGHEST) + self.biases[k]
+        return out.reshape(x_t.shape)
+
+    def __call__(self, x_t, ab):
+        if self.tolerance is not None and not isinstance(ab, jax.core.Tracer):
+            gap = float(np.min(np.abs(np.asarray(self.ab_values, np.float64) - float(ab))))
+            if gap > self.tolerance:
+                raise ValueError(
+                    f"linear: ab = {float(ab):.6g} is {gap:.3g} away from the nearest trained "
+                    f"level (levels {np.asarray(self.ab_values).tolist()}); tolerance is "
+                    f"{self.tolerance}. Train a linear denoiser at this level or raise tolerance.")
+        return super().__call__(x_t, ab)
+
+
+def save_linear(path: str, weights: Weights, shape: Tuple[int, int, int]) -> str:
+    """Write ``{ab: (W, b)}`` and the image shape to an ``.npz`` atomically (temp file + rename)."""
+    ab, w, b, shape = _stack(weights, shape)
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, ab=ab, W=w, b=b, shape=np.asarray(shape, np.int64),
+                     version=np.int64(FORMAT_VERSION))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_linear(path: str) -> Tuple[Dict[float, Tuple[np.ndarray, np.ndarray]],
+                                   Tuple[int, int, int]]:
+    """Read a file written by :func:`save_linear`: ``({ab: (W, b)}, (H, W, C))``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"linear weights file {path} does not exist; train one with "
+                                "experiments/linear_gd.py (it writes linear_weights.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise ValueError(f"linear weights file {path} is unreadable ({type(e).__name__}: {e}); "
+                         "delete it and retrain") from e
+    need = {"ab", "W", "b", "shape", "version"}
+    if not need <= set(arrays):
+        raise ValueError(f"linear weights file {path} lacks {sorted(need - set(arrays))}")
+    if int(arrays["version"]) != FORMAT_VERSION:
+        raise ValueError(f"linear weights file {path} has format version {int(arrays['version'])}; "
+                         f"expected {FORMAT_VERSION}")
+    shape = tuple(int(s) for s in arrays["shape"])
+    weights = {float(a): (arrays["W"][k], arrays["b"][k]) for k, a in enumerate(arrays["ab"])}
+    return weights, shape
+
+
+def _stack(weights: Weights, shape):
+    if not isinstance(weights, Mapping) or not weights:
+        raise TypeError("weights must be a non-empty mapping {ab: (W, b)} or a path to an .npz "
+                        "written by save_linear")
+    items = sorted((_check_ab(a), wb) for a, wb in weights.items())
+    abs_ = [a for a, _ in items]
+    if len(set(np.float32(abs_).tolist())) != len(abs_):
+        raise ValueError(f"weights has duplicate noise levels (in float32): {abs_}")
+    ws, bs = [], []
+    n = None
+    for a, wb in items:
+        if not isinstance(wb, (tuple, list)) or len(wb) != 2:
+            raise TypeError(f"weights[{a}] must be a pair (W, b)")
+        wm, b = np.asarray(wb[0], np.float32), np.asarray(wb[1], np.float32)
+        n = wm.shape[0] if n is None else n
+        if wm.shape != (n, n) or b.shape != (n,):
+            raise ValueError(f"weights[{a}] has W {wm.shape} and b {b.shape}; expected W [n, n] "
+                             f"and b [n] with the same n = {n} at every level")
+        if not (np.all(np.isfinite(wm)) and np.all(np.isfinite(b))):
+            raise ValueError(f"weights[{a}] contains NaN or inf")
+        ws.append(wm)
+        bs.append(b)
+    if shape is None:
+        side = int(round(np.sqrt(n)))
+        if side * side != n:
+            raise ValueError(f"cannot infer the image shape from n = {n}; pass shape=(H, W, C)")
+        shape = (side, side, 1)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or int(np.prod(shape)) != n:
+        raise ValueError(f"shape {shape} has {int(np.prod(shape))} elements but W is {n} x {n}; "
+                         "pass shape=(H, W, C) with H * W * C = n")
+    return (np.asarray(abs_, np.float32), np.stack(ws), np.stack(bs), shape)
+
+
+@register("linear")
+def make_linear(*, weights: Union[Weights, str, os.PathLike], shape=None,
+                tolerance: Optional[float] = None) -> Linear:
+    """Affine denoisers from ``{ab: (W [n, n], b [n])}`` or a :func:`save_linear` file.
+
+    ``shape`` (H, W, C) is read from a file; for a mapping it is required unless
+    ``n`` is a perfect square, in which case ``(sqrt(n), sqrt(n), 1)`` is assumed.
+    A call with ``ab`` uses the level nearest to it (module docstring).
+    """
+    if isinstance(weights, (str, os.PathLike)):
+        weights, file_shape = load_linear(os.fspath(weights))
+        if shape is not None and tuple(shape) != file_shape:
+            raise ValueError(f"shape {tuple(shape)} disagrees with the file's {file_shape}")
+        shape = file_shape
+    ab, w, b, shape = _stack(weights, shape)
+    if tolerance is not None and not float(tolerance) >= 0:
+        raise ValueError(f"tolerance must be >= 0 or None; got {tolerance}")
+    return Linear(ab_values=jnp.asarray(ab), weights=jnp.asarray(w), biases=jnp.asarray(b),
+                  shape=shape, tolerance=None if tolerance is None else float(tolerance))
