@@ -64,14 +64,27 @@ def _contract(weights, values, precision):
     return jnp.einsum("bkm,kmd->bmd", weights, values, precision=precision)
 
 
-def from_chunk(logits, values, valid=None, precision=jax.lax.Precision.HIGHEST) -> SoftmaxAcc:
+def from_chunk(logits, values, valid=None, precision=jax.lax.Precision.HIGHEST,
+               layout: str = "bkm") -> SoftmaxAcc:
     """Accumulator of one chunk.
 
     Args:
-      logits: [B, K, M] float32.
+      logits: [B, K, M] float32 (``layout="bkm"``) or [B, M, K] (``layout="bmk"``: the items on
+        the last, contiguous axis, which is what GEMMs with items as columns produce).
       values: [K, M, D] or [K, 1, D] (shared across the M softmaxes).
       valid: optional bool [K]; False rows (padding) get zero weight.
     """
+    if layout == "bmk":
+        if valid is not None:
+            logits = jnp.where(valid[None, None, :], logits, -jnp.inf)
+        m = jnp.max(logits, axis=2)
+        m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+        w = jnp.exp(logits - m_safe[:, :, None])
+        if values.shape[1] == 1 and w.shape[1] != 1:
+            num = jnp.einsum("bmk,kd->bmd", w, values[:, 0, :], precision=precision)
+        else:
+            num = jnp.einsum("bmk,kmd->bmd", w, values, precision=precision)
+        return SoftmaxAcc(m, num, jnp.sum(w, axis=2))
     if valid is not None:
         logits = jnp.where(valid[None, :, None], logits, -jnp.inf)
     m = jnp.max(logits, axis=1)  # [B, M]
@@ -94,8 +107,8 @@ def finalize(acc: SoftmaxAcc) -> jax.Array:
     return acc.num / acc.den[..., None]
 
 
-def _chunk_mean_from_chunk(logits, values, valid, precision) -> ChunkMeanAcc:
-    acc = from_chunk(logits, values, valid, precision)
+def _chunk_mean_from_chunk(logits, values, valid, precision, layout="bkm") -> ChunkMeanAcc:
+    acc = from_chunk(logits, values, valid, precision, layout)
     any_valid = jnp.any(valid) if valid is not None else jnp.array(True)
     mean = jnp.where(any_valid, finalize(acc), 0.0)
     return ChunkMeanAcc(mean, any_valid.astype(jnp.float32))
@@ -160,7 +173,7 @@ def chunk(data, chunk_size: int, num_shards: int = 1) -> Chunked:
 
 def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, d: int,
            mode: str = "exact", mesh: Optional[Mesh] = None,
-           precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+           precision=jax.lax.Precision.HIGHEST, layout: str = "bkm") -> jax.Array:
     """Softmax-weighted average over all chunks -> [B, M, D].
 
     Args:
@@ -171,6 +184,7 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
       batch, m, d: output sizes B, M, D.
       mode: ``"exact"`` (the true softmax over all items) or ``"chunk_mean"`` (released quirk).
       mesh: optional ``Mesh`` with an axis named ``"data"``: chunks are sharded over it.
+      layout: ``"bkm"`` (logits [B, K, M]) or ``"bmk"`` (logits [B, M, K]).
     """
     if mode not in ("exact", "chunk_mean"):
         raise ValueError(f"mode must be 'exact' or 'chunk_mean', got {mode!r}")
@@ -180,8 +194,8 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
             data_c, valid_c = xs
             logits, values = chunk_fn(ctx, data_c)
             if mode == "exact":
-                return merge(acc, from_chunk(logits, values, valid_c, precision)), None
-            part = _chunk_mean_from_chunk(logits, values, valid_c, precision)
+                return merge(acc, from_chunk(logits, values, valid_c, precision, layout)), None
+            part = _chunk_mean_from_chunk(logits, values, valid_c, precision, layout)
             return ChunkMeanAcc(acc.total + part.total, acc.count + part.count), None
 
         init = empty(batch, m, d) if mode == "exact" else ChunkMeanAcc(

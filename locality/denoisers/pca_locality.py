@@ -226,37 +226,37 @@ class StepPlan:
 TILE_EFFICIENCY = 0.7
 
 
-def _masked_dist_dense(q, x, ab, mask):
-    """``sum_j M[j, m] (q[b, j] - sqrt(ab) X[k, j])^2`` -> [B, K, n]: one GEMM of the squared
-    residuals against M. (Expanding the square instead needs a second, batch-independent GEMM
-    ``(X^2) @ M``; the residual form does the same single large GEMM with no cancellation.)"""
-    b, n = q.shape
-    k = x.shape[0]
-    r = q[:, None, :] - jnp.sqrt(ab) * x[None]                                   # [B, K, n]
-    return jnp.matmul((r * r).reshape(b * k, n), mask, precision=HIGHEST).reshape(b, k, n)
+def _masked_dist_dense(q, x, ab, mask_t):
+    """``dist[b, m, k] = sum_j M[j, m] (q[b, j] - sqrt(ab) X[k, j])^2`` -> [B, n, K].
+
+    One GEMM of ``M^T`` (``mask_t`` [n, n]) against the squared residuals with the items as
+    columns. (Expanding the square instead needs a second, batch-independent GEMM ``(X^2) @ M``;
+    the residual form does the same single large GEMM and has no cancellation.)"""
+    r = q[:, :, None] - jnp.sqrt(ab) * x.T[None]                                 # [B, n, K]
+    return jnp.matmul(mask_t[None], r * r, precision=HIGHEST)
 
 
 def _tile_dist(x, full, ab, groups):
-    """Masked distances in tile layout -> [B, K, sum_g T_g * O].
+    """Masked distances in tile layout -> [B, sum_g T_g * O, K].
 
-    ``groups``: per group ``(ins [T, U], blockq [T, U, B*O], block [T, U, O], base [T])`` where
-    ``blockq[t, u, b*O + o] = q[b, ins[t, u]] * block[t, u, o]`` (batch-dependent, built once per
-    call). Per tile: ``ab (X_g^2) @ block - 2 sqrt(ab) X_g @ blockq (+ full distance)``, as batched
-    GEMMs over tiles.
+    ``groups``: per group ``(ins [T, U], blockq_t [T, B*O, U], block_t [T, O, U], base [T])``
+    with ``blockq_t[t, b*O + o, u] = q[b, ins[t, u]] * block[t, u, o]`` (built once per chunk
+    from the queries). Per tile: ``ab block^T @ X_g^2 - 2 sqrt(ab) blockq^T @ X_g
+    (+ the full distance for complement tiles)``, as batched GEMMs over tiles with the items as
+    the last (contiguous) axis, so the result is laid out without transposing item axes.
     """
-    b = full.shape[0]
-    k = x.shape[0]
+    b, k = full.shape
     xt = x.T                                                                     # [n, K]
     parts = []
-    for ins, blockq, block, base in groups:
-        xg = jnp.swapaxes(xt[ins], 1, 2)                                         # [T, K, U]
-        t, _, o = block.shape
-        g1 = jnp.matmul(xg * xg, block, precision=HIGHEST)                       # [T, K, O]
-        g2 = jnp.matmul(xg, blockq, precision=HIGHEST).reshape(t, k, b, o)       # [T, K, B, O]
-        d = ab * g1[:, :, None, :] - 2.0 * jnp.sqrt(ab) * g2
-        d = d + base[:, None, None, None] * full.T[None, :, :, None]
-        parts.append(jnp.transpose(d, (2, 1, 0, 3)).reshape(b, k, t * o))
-    return jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+    for ins, blockq_t, block_t, base in groups:
+        t, o, _ = block_t.shape
+        xg = xt[ins]                                                             # [T, U, K]
+        g1 = jnp.matmul(block_t, xg * xg, precision=HIGHEST)                     # [T, O, K]
+        g2 = jnp.matmul(blockq_t, xg, precision=HIGHEST).reshape(t, b, o, k)     # [T, B, O, K]
+        d = ab * g1[:, None] - 2.0 * jnp.sqrt(ab) * g2
+        d = d + base[:, None, None, None] * full[None, :, None, :]
+        parts.append(jnp.swapaxes(d, 0, 1).reshape(b, t * o, k))
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 def _full_dist(q, x, ab):
@@ -357,11 +357,12 @@ class PcaLocality(DenoiserBase):
         arrays, perms, poss = [], [], []
         for p in plans:
             if p.path == "dense":
-                m = p.mask
+                m = np.ascontiguousarray(p.mask.T)
                 arrays.append((jnp.asarray(m.astype(np.uint8) if m.dtype == bool else m.astype(np.float32)),))
             else:
-                arrays.append(tuple((jnp.asarray(g.ins), jnp.asarray(g.block), jnp.asarray(g.base))
-                                    for g in p.tiles.groups))
+                arrays.append(tuple((jnp.asarray(g.ins),
+                                     jnp.asarray(np.ascontiguousarray(np.swapaxes(g.block, 1, 2))),
+                                     jnp.asarray(g.base)) for g in p.tiles.groups))
             perm = _layout(p, outs, n)
             pos = np.zeros(n, np.int32)
             valid = perm < n
@@ -410,14 +411,14 @@ class PcaLocality(DenoiserBase):
         def branch(path, arrays, q_, x, ab_, perm_):
             if path == "dense":
                 d = _masked_dist_dense(q_, x, ab_, arrays[0].astype(jnp.float32))
-                return d if width == n else jnp.pad(d, ((0, 0), (0, 0), (0, width - n)))
+                return d if width == n else jnp.pad(d, ((0, 0), (0, width - n), (0, 0)))
             full = _full_dist(q_, x, ab_)
             groups = []
-            for ins, block, base in arrays:
+            for ins, block_t, base in arrays:
                 qg = q_[:, ins]                                        # [B, T, U]
-                blockq = jnp.einsum("btu,tuo->tubo", qg, block).reshape(
-                    block.shape[0], block.shape[1], b * block.shape[2])
-                groups.append((ins, blockq, block, base))
+                blockq_t = (qg[:, :, None, :] * block_t[None]).transpose(1, 0, 2, 3).reshape(
+                    block_t.shape[0], b * block_t.shape[1], block_t.shape[2])
+                groups.append((ins, blockq_t, block_t, base))
             return _tile_dist(x, full, ab_, groups)
 
         def chunk_fn(ctx, data):
@@ -433,7 +434,8 @@ class PcaLocality(DenoiserBase):
 
         out = streaming.stream(chunk_fn, self.chunked,
                                (q, ab, scale, idx, perm, self.table_arrays),
-                               batch=b, m=width, d=1, mode=self.softmax, mesh=self.mesh)
+                               batch=b, m=width, d=1, mode=self.softmax, mesh=self.mesh,
+                               layout="bmk")
         out = out[:, :, 0][:, self.table_pos[idx]]
         return out.reshape(x_t.shape)
 
