@@ -99,7 +99,8 @@ def dense_flops(b, n_train, n):
     return 2.0 * (b + 1) * n_train * n * n
 
 
-def bench_dataset(name, train, test, ts, thr, b, repeats, oracle_n, run_sampling, out):
+def bench_dataset(name, train, test, ts, thr, b, repeats, oracle_n, run_sampling, out,
+                  sampling_repeats=2):
     sched = schedules.ddpm_linear()
     st = stats.gaussian_stats(train)
     flat = jnp.asarray(train.reshape(len(train), -1))
@@ -142,28 +143,34 @@ def bench_dataset(name, train, test, ts, thr, b, repeats, oracle_n, run_sampling
         print(name, t, json.dumps(res["per_t"][int(t)]), flush=True)
     if run_sampling:
         x_T = jax.random.normal(jax.random.key(1), (b,) + train.shape[1:])
-        t0 = time.perf_counter()
-        r_ours = sampling.ddim(ours, x_T, sched, 10)
-        jax.block_until_ready(r_ours.images)
-        t_ours_run = time.perf_counter() - t0
-        # released port of the whole run: same DDIM semantics, baseline denoiser per step
         timesteps = schedules.ddim_timesteps(10)
-        t0 = time.perf_counter()
-        x = x_T
-        for i, t in enumerate(timesteps):
-            ab = float(sched.alphas_cumprod[t])
-            ab_prev = float(sched.alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-            mask, _ = pl.masks(st, ab, thr)
-            x0 = released_denoise(x, ab, flat, mask)
-            eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab + 1e-8)
-            x0c = jnp.clip((x - np.sqrt(1 - ab) * eps) / np.sqrt(ab), -1, 1)
-            x = np.sqrt(ab_prev) * x0c + np.sqrt(1 - ab_prev) * eps
-        jax.block_until_ready(x0)
-        t_base_run = time.perf_counter() - t0
+
+        def run_ours():
+            r = sampling.ddim(ours, x_T, sched, 10)
+            return jax.block_until_ready(r.images), r
+
+        def run_port():
+            # released port of the whole run: same DDIM semantics, baseline denoiser per step
+            x = x_T
+            for i, t in enumerate(timesteps):
+                ab = float(sched.alphas_cumprod[t])
+                ab_prev = float(sched.alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+                mask, _ = pl.masks(st, ab, thr)
+                x0 = released_denoise(x, ab, flat, mask)
+                eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab + 1e-8)
+                x0c = jnp.clip((x - np.sqrt(1 - ab) * eps) / np.sqrt(ab), -1, 1)
+                x = np.sqrt(ab_prev) * x0c + np.sqrt(1 - ab_prev) * eps
+            return jax.block_until_ready(x0)
+
+        run_ours()  # compile once; the port's per-chunk function is compiled by the per-t calls
+        t_o, t_p = [], []
+        for _ in range(sampling_repeats):  # interleaved, so load changes hit both alike
+            t0 = time.perf_counter(); img_o, r_ours = run_ours(); t_o.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); img_p = run_port(); t_p.append(time.perf_counter() - t0)
         res["sampling_10_steps"] = {
-            "seconds_ours": t_ours_run, "seconds_released_port": t_base_run,
-            "speedup": t_base_run / t_ours_run,
-            "max_abs_diff_final_images": float(np.abs(np.asarray(r_ours.images) - np.asarray(x0)).max()),
+            "seconds_ours": t_o, "seconds_released_port": t_p,
+            "speedup_median": float(np.median(t_p) / np.median(t_o)),
+            "max_abs_diff_final_images": float(np.abs(np.asarray(img_o) - np.asarray(img_p)).max()),
             "paths": [p.path for p in ours.prepare(r_ours.abs).plans.plans],
             "densities": list(ours.prepare(r_ours.abs).densities().values()),
         }

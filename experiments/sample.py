@@ -51,6 +51,11 @@ def nearest_distance(samples, train):
 
 def run(config, workdir: str) -> str:
     common.prepare_workdir(workdir, config)
+    if "methods" not in config and "method" in config:  # single-method configs (configs/peers.py)
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.methods = config.method
+            config.method_kwargs = {config.method: config.method_kwargs.to_dict()}
     methods = [m for m in config.methods.split(",") if m]
     if not methods:
         raise ValueError("config.methods is empty; e.g. --config.methods=wiener,optimal")
@@ -81,10 +86,10 @@ def run(config, workdir: str) -> str:
         logging.info("sampling %s %s", method, kwargs)
         with common.Timer() as t:
             if config.sampler == "ddim":
-                res = sampling.ddim(den, x_T, sched, config.num_steps, progress=config.progress)
+                res = sampling.ddim(den, x_T, sched, config.num_steps, progress=config.get("progress", True))
             elif config.sampler == "ddpm":
                 res = sampling.ddpm(den, x_T, sched, key=jax.random.fold_in(key, 1),
-                                    num_steps=config.num_steps, progress=config.progress)
+                                    num_steps=config.num_steps, progress=config.get("progress", True))
             elif config.sampler == "edm":
                 sig = schedules.edm_sigmas(config.num_steps)
                 res = sampling.edm(den, x_T * sig[0], sig)

@@ -1,7 +1,8 @@
 """Denoisers by name: ``make(name, **kwargs) -> denoise(x_t, ab)``; ``names()`` lists them.
 
-Every module below registers its factories on import.
+Every module below registers its factories on import (cheap: no data, no checkpoints read).
 """
 
 from locality.denoisers.registry import Denoiser, make, names, register  # noqa: F401
-from locality.denoisers import linear, optimal, pca_locality, wiener  # noqa: F401  (registration)
+from locality.denoisers import (  # noqa: F401  (registration)
+    linear, local_score, network, optimal, pca_locality, pspc, scfdm, wiener)

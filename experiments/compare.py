@@ -1,0 +1,137 @@
+"""Compare analytical denoisers with a trained network along DDIM trajectories (ALGORITHMS.md §10).
+
+    python experiments/compare.py --config configs/compare.py:fashion_mnist --workdir workdirs/compare_fashion_mnist
+
+Writes ``table.md`` / ``table.csv`` (final-step mean and median r2, MSE, Pearson r; trajectory and
+single-step), ``r2_vs_t.png``, ``mse_vs_t.png``, ``grid.png`` (network, each method and the
+training image nearest to the network's sample), ``metrics.json`` and ``config.json``.
+A method label maps to the registered method of the same name, or to ``method_kwargs.<label>.method``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import common  # noqa: E402
+from locality import data, denoisers, metrics, plotting, sampling, schedules, stats  # noqa: E402
+
+NEEDS_STATS = {"wiener", "wiener_dense", "pca_locality"}
+
+
+def build(label: str, kwargs: dict, train, st):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", label)
+    if method in NEEDS_STATS:
+        kwargs["stats"] = st
+    if method not in ("wiener", "wiener_dense"):
+        kwargs["train"] = train
+    return method, denoisers.make(method, **kwargs)
+
+
+def sample_batches(den, x_T, sched, num_steps, batch):
+    """DDIM over ``x_T`` in batches; returns stacked x0_hats [S, N, ...], xts, abs, timesteps."""
+    outs = [sampling.ddim(den, x_T[i:i + batch], sched, num_steps) for i in range(0, len(x_T), batch)]
+    return (np.concatenate([np.asarray(o.x0_hats) for o in outs], axis=1),
+            np.concatenate([np.asarray(o.xts) for o in outs], axis=1), outs[0].abs, outs[0].timesteps)
+
+
+def run(config, workdir: str) -> str:
+    common.prepare_workdir(workdir, config)
+    train = data.load(config.dataset, split=config.split, limit=config.limit)
+    st = stats.gaussian_stats(train, cache_dir=common.stats_cache_dir())
+    sched = schedules.ddpm_linear()
+    x_T = np.asarray(jax.random.normal(jax.random.key(config.seed),
+                                       (config.num_samples,) + train.shape[1:], jnp.float32))
+    net = denoisers.make("network", checkpoint=config.checkpoint)
+    with common.Timer() as t_net:
+        net_x0, net_xt, abs_, ts = sample_batches(net, x_T, sched, config.num_steps, config.batch_size)
+    logging.info("network sampled in %.1fs", t_net.seconds)
+    slow = set(filter(None, config.slow_methods.split(",")))
+    small = train[:config.peer_limit] if config.peer_limit else train
+    results, finals, rows = {}, {"network": net_x0[-1]}, []
+    labels = [m for m in config.methods.split(",") if m]
+    for label in labels:
+        kw = config.method_kwargs[label].to_dict() if label in config.method_kwargs else {}
+        tr = small if label in slow else train
+        method, den = build(label, kw, tr, st)
+        with common.Timer() as t:
+            x0, xt, _, _ = sample_batches(den, x_T, sched, config.num_steps, config.batch_size)
+            single = np.stack([np.concatenate([np.asarray(net(jnp.asarray(xt[s, i:i + config.batch_size]), float(abs_[s])))
+                                               for i in range(0, len(x_T), config.batch_size)])
+                               for s in range(len(ts))])
+        traj = metrics.per_step(x0, net_x0, reduce="none")     # {metric: [S, N]}
+        one = metrics.per_step(x0, single, reduce="none")
+        res = {"method": method, "kwargs": kw, "train_size": int(len(tr)), "seconds": t.seconds,
+               "timesteps": ts, "trajectory": {k: v.mean(1) for k, v in traj.items()},
+               "single_step": {k: v.mean(1) for k, v in one.items()}}
+        for kind, m in (("trajectory", traj), ("single_step", one)):
+            for name, v in m.items():
+                res[f"final_{kind}_{name}_mean"] = float(v[-1].mean())
+                res[f"final_{kind}_{name}_median"] = float(np.median(v[-1]))
+        results[label] = res
+        finals[label] = x0[-1]
+        rows.append(res)
+        logging.info("%s: final trajectory r2 %.3f (median %.3f), single-step r2 %.3f, %.1fs", label,
+                     res["final_trajectory_r2_mean"], res["final_trajectory_r2_median"],
+                     res["final_single_step_r2_mean"], t.seconds)
+    # table
+    cols = ["final_trajectory_r2_mean", "final_trajectory_r2_median", "final_trajectory_mse_mean",
+            "final_trajectory_pearson_mean", "final_single_step_r2_mean", "final_single_step_mse_mean"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "train_size"] + cols + ["seconds"])
+    md = ["| method | N | traj r2 mean | traj r2 median | traj MSE | traj Pearson | single-step r2 | single-step MSE | s |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for label in sorted(results, key=lambda l: -results[l]["final_trajectory_r2_mean"]):
+        r = results[label]
+        w.writerow([label, r["train_size"]] + [f"{r[c]:.4f}" for c in cols] + [f"{r['seconds']:.1f}"])
+        md.append(f"| {label} | {r['train_size']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
+                  + f" | {r['seconds']:.0f} |")
+    common.atomic_write_text(os.path.join(workdir, "table.csv"), buf.getvalue())
+    cmd = (f"python experiments/compare.py --config configs/compare.py:{config.dataset} "
+           f"--workdir {workdir}")
+    header = (f"{config.dataset}: {config.num_samples} samples, DDIM {config.num_steps} steps, "
+              f"network {config.checkpoint}. Reproduce: `{cmd}`\n\n")
+    common.atomic_write_text(os.path.join(workdir, "table.md"), header + "\n".join(md) + "\n")
+    t_axis = [int(t) for t in ts]
+    for metric in ("r2", "mse"):
+        plotting.save_curves(t_axis, {l: results[l]["trajectory"][metric] for l in results},
+                             os.path.join(workdir, f"{metric}_vs_t.png"), xlabel="timestep t",
+                             ylabel=f"{metric} vs network (trajectory)", invert_x=True,
+                             logy=(metric == "mse"), title=f"{config.dataset}: {metric} per step")
+    k = min(8, config.num_samples)
+    nn = denoisers.make("nearest", train=train)
+    grid = {"network": net_x0[-1][:k]}
+    grid.update({l: finals[l][:k] for l in results})
+    grid["nearest train"] = np.asarray(nn(jnp.asarray(net_x0[-1][:k]), 0.5))
+    plotting.save_rows(grid, os.path.join(workdir, "grid.png"), title="final samples, shared noise")
+    common.write_json(os.path.join(workdir, "metrics.json"),
+                      {"dataset": config.dataset, "checkpoint": config.checkpoint,
+                       "network_seconds": t_net.seconds, "methods": results, "command": cmd})
+    return header + "\n".join(md)
+
+
+_CONFIG = None
+
+
+def main(argv):
+    del argv
+    print(run(_CONFIG.value, flags.FLAGS.workdir))
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare.py:<dataset>")
+    flags.DEFINE_string("workdir", None, "output directory")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
