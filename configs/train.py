@@ -1,0 +1,123 @@
+"""Training configs for the reference networks (ALGORITHMS.md §11).
+
+``get_config("<dataset>,<preset>[,<arch>]")``; dataset one of ``fashion_mnist``, ``mnist``,
+``cifar10_catsdogs``, ``lfw_faces``, ``natural_patches``; preset ``paper`` (the paper's network
+sizes) or ``cpu`` (a small net that reaches recognisable samples in well under an hour on one
+CPU core); arch ``unet`` (default) or ``dit``.
+
+Commands (run from the repository root)::
+
+    # Fashion-MNIST, small UNet, CPU (about 40 min on one core):
+    taskset -c 1 python experiments/train.py --config configs/train.py:fashion_mnist,cpu,unet \
+        --workdir workdirs/fashion_mnist_unet_cpu
+    # Fashion-MNIST, tiny DiT, CPU:
+    python experiments/train.py --config configs/train.py:fashion_mnist,cpu,dit \
+        --workdir workdirs/fashion_mnist_dit_cpu
+    # The paper's 28 px UNet (ch 64, mult 1,2,2; 200 epochs; accelerator recommended):
+    python experiments/train.py --config configs/train.py:fashion_mnist,paper,unet \
+        --workdir workdirs/fashion_mnist_unet_paper
+    # Cats/dogs 32 px, paper UNet (ch 128, mult 1,2,3,4) or the CPU-sized one:
+    python experiments/train.py --config configs/train.py:cifar10_catsdogs,paper,unet \
+        --workdir workdirs/catsdogs_unet_paper
+    python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
+        --workdir workdirs/catsdogs_unet_cpu
+
+Any field can be overridden, e.g. ``--config.train.num_steps=200 --config.model.ch=16``.
+Rerunning a command with the same ``--workdir`` resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# name -> (training-set size, native resolution, channels) of the project's offline sources.
+DATASETS = {
+    "fashion_mnist": (60_000, 28, 1),
+    "mnist": (10_000, 28, 1),
+    "cifar10_catsdogs": (2_000, 32, 3),
+    "lfw_faces": (100, 25, 1),
+    "natural_patches": (10_000, 32, 3),
+}
+FLIP = {"cifar10_catsdogs": True, "lfw_faces": True, "natural_patches": True}
+
+
+def _patch_size(res: int) -> int:
+    for p in (2, 4, 5, 1):
+        if res % p == 0:
+            return p
+    return 1
+
+
+def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict:
+    parts = [p.strip() for p in arg.split(",")]
+    if len(parts) not in (2, 3):
+        raise ValueError(f"config arg must be '<dataset>,<preset>[,<arch>]', got {arg!r}")
+    dataset, preset = parts[0], parts[1]
+    arch = parts[2] if len(parts) == 3 else "unet"
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    if preset not in ("paper", "cpu"):
+        raise ValueError(f"unknown preset {preset!r}; choose 'paper' or 'cpu'")
+    if arch not in ("unet", "dit"):
+        raise ValueError(f"unknown arch {arch!r}; choose 'unet' or 'dit'")
+    n, res, _ = DATASETS[dataset]
+
+    config = ml_collections.ConfigDict()
+    config.name = f"{dataset}_{arch}_{preset}"
+
+    if arch == "unet":
+        if preset == "paper":
+            big = res > 28
+            model = dict(arch="unet", ch=128 if big else 64,
+                         ch_mult=(1, 2, 3, 4) if big else (1, 2, 2), num_res_blocks=2,
+                         attn_resolutions=(), mid_attn=True, dropout=0.15, num_groups=32,
+                         padding="zeros", use_norm=True)
+        else:
+            model = dict(arch="unet", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                         attn_resolutions=(), mid_attn=True, dropout=0.0, num_groups=8,
+                         padding="zeros", use_norm=True)
+    else:
+        model = dict(arch="dit", size="small" if preset == "paper" else "tiny",
+                     patch_size=_patch_size(res), dropout=0.0)
+    config.model = model
+
+    t = ml_collections.ConfigDict()
+    t.dataset = dataset
+    t.resolution = None
+    t.data_limit = None
+    t.seed = 0
+    t.random_flip = FLIP.get(dataset, False)
+    t.grad_clip = 1.0
+    t.weight_decay = 0.0
+    t.b1, t.b2, t.adam_eps = 0.9, 0.999, 1e-8
+    t.num_samples = 64
+    t.sample_steps = 10
+    t.progress = True
+    if preset == "paper":
+        # 200 epochs at batch 128 (the released checkpoints are "epoch 200"), DDPM optimiser.
+        t.batch_size = 128
+        t.num_steps = 200 * max(n // 128, 1)
+        t.lr = 2e-4
+        t.warmup_steps = min(5000, t.num_steps // 10)
+        t.cosine_decay = False
+        t.min_lr_ratio = 0.0
+        t.ema_decay = 0.9999
+        t.ema_warmup = True
+        t.checkpoint_every = 5000 if t.num_steps > 20_000 else 1000
+        t.keep_checkpoints = 3
+        t.log_every = 100
+    else:
+        # Sized for ~40 min on one (shared) CPU core: ~1 s per step of 32 images at 28 px.
+        t.batch_size = 32
+        t.num_steps = 2400
+        t.lr = 1e-3
+        t.warmup_steps = 100
+        t.cosine_decay = False  # constant lr: the run can be stopped or extended at any step
+        t.min_lr_ratio = 0.0
+        t.ema_decay = 0.999
+        t.ema_warmup = True
+        t.checkpoint_every = 200
+        t.keep_checkpoints = 2
+        t.log_every = 25
+    config.train = t
+    return config

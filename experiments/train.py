@@ -1,0 +1,55 @@
+"""Train a reference eps-network (UNet or DiT) on one of the project's datasets.
+
+    python experiments/train.py --config configs/train.py:fashion_mnist,cpu,unet \
+        --workdir workdirs/fashion_mnist_unet_cpu [--config.train.num_steps=...]
+    # afterwards, optionally copy the EMA weights for inference only:
+    python experiments/train.py ... --export_to checkpoints/fashion_mnist_unet_cpu
+
+Rerunning with the same ``--workdir`` resumes from the latest checkpoint. The workdir receives the
+resolved ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``metrics.json``, ``loss.png``,
+``samples_<step>.png`` and ``summary.txt`` (see :func:`locality.train.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/train.py:<dataset>,<preset>[,<arch>]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds checkpoints).")
+flags.DEFINE_string("export_to", None, "After training, write the final EMA weights, config, "
+                    "loss curve and sample grid to this directory (inference-only checkpoint).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from locality import train as train_lib
+
+    config = FLAGS.config
+    model_config = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    cfg = train_lib.TrainConfig(**config.train.to_dict())
+    workdir = Path(FLAGS.workdir)
+    logging.info("training %s in %s", config.name, workdir)
+    state, summary = train_lib.train(model_config, cfg, workdir)
+    logging.info("done: %s", json.dumps(summary))
+    print(json.dumps(summary, indent=2))
+
+    if FLAGS.export_to:
+        out = Path(FLAGS.export_to)
+        meta = train_lib.read_checkpoint_config(workdir)
+        train_lib.export_params(out, meta, state.ema_params, int(summary["steps"]))
+        for name in ("loss.png", f"samples_{int(summary['steps']):07d}.png", "metrics.json"):
+            if (workdir / name).exists():
+                shutil.copy(workdir / name, out / name)
+        print(f"exported EMA weights to {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

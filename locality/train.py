@@ -1,0 +1,724 @@
+"""Trainer for the eps-prediction networks (ALGORITHMS.md §1 and §11).
+
+Objective: the DDPM "simple" loss (Ho et al. 2020, eq. 14 / Algorithm 1)
+
+    L = E_{x0, t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2
+
+(mean over pixels and batch) on the linear schedule :func:`locality.schedules.ddpm_linear`.
+
+Pieces:
+
+- :class:`TrainConfig` -- typed hyper-parameters (the entry point converts its ConfigDict).
+- :class:`TrainState` -- ``step``, ``params``, ``ema_params``, ``opt_state`` (a pytree).
+- :func:`make_optimizer` -- grad-norm clipping + AdamW (Loshchilov & Hutter 2019) with linear
+  warmup and optional cosine decay.
+- :func:`make_train_step` -- the jitted, buffer-donating ``train_step(state, batch, rng)``,
+  data-parallel over a ``jax.sharding.Mesh`` of all devices (batch sharded, state replicated).
+- :func:`batch_at` -- the deterministic input pipeline: the batch at step ``s`` is a pure function
+  of ``(seed, s)`` (epoch permutation from ``(seed, epoch)``), so a resumed run sees exactly the
+  batches an uninterrupted one would.
+- :class:`Checkpoints` -- orbax ``CheckpointManager`` (atomic saves, keep N) plus a
+  ``config.json`` that makes the checkpoint directory self-describing; clear errors for corrupt or
+  mismatched checkpoints; :func:`load_params` / :func:`export_params` for inference.
+- :func:`train` -- the loop: resume from the latest checkpoint, log ``metrics.jsonl``, show a
+  tqdm bar, write a DDIM-10 sample grid and the loss curve at every checkpoint.
+
+Determinism: the step's key is ``fold_in(PRNGKey(seed), step)`` (inside ``train_step``) and the
+data order is a function of ``(seed, epoch)``; therefore a run killed after any checkpoint and
+restarted continues bit-identically to an uninterrupted run on the same device layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from locality import schedules as schedules_lib
+from locality.nets import abstract_params, build_model, count_params, init_params
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+FORMAT_VERSION = 1
+# TrainConfig fields that may change between a run and its resumption without affecting the
+# trajectory of the steps already taken.
+_RESUMABLE_FIELDS = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "num_samples", "sample_steps", "progress")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory cannot be used: corrupt, incomplete, or written for another model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (the model is described separately by a dict, see
+    :func:`locality.nets.build_model`).
+
+    Attributes:
+      dataset / resolution / data_limit: arguments of ``locality.data.load``.
+      batch_size: global batch (split over devices; must be divisible by the device count).
+      num_steps: total optimiser steps.
+      lr, warmup_steps, cosine_decay, min_lr_ratio: peak learning rate, linear warmup from 0, and
+        optionally cosine decay from the end of warmup to ``min_lr_ratio * lr`` at ``num_steps``.
+      weight_decay: decoupled AdamW decay on weights with ndim > 1 (not biases / norms).
+      b1, b2, adam_eps: Adam moments.
+      grad_clip: global-norm clipping threshold (``<= 0`` disables).
+      ema_decay: EMA decay ``d``; with ``ema_warmup`` the decay at step ``s`` is
+        ``min(d, (1 + s) / (10 + s))`` (the warmup of Tarvainen & Valpola 2017 / tf.train EMA).
+      seed: the one seed (init, per-step keys, data order, flips, sample noise).
+      random_flip: random horizontal flips (per image, from ``(seed, step)``).
+      checkpoint_every, keep_checkpoints: save every K steps (and at the end), keep N.
+      log_every: steps between ``metrics.jsonl`` lines.
+      num_samples, sample_steps: the DDIM sample grid written at every checkpoint (0 disables).
+      progress: show a tqdm bar.
+    """
+
+    dataset: str = "fashion_mnist"
+    resolution: Optional[int] = None
+    data_limit: Optional[int] = None
+    batch_size: int = 128
+    num_steps: int = 10_000
+    lr: float = 2e-4
+    warmup_steps: int = 1000
+    cosine_decay: bool = False
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    seed: int = 0
+    random_flip: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    num_samples: int = 64
+    sample_steps: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that evolves during training (a pytree; checkpointed as a whole).
+
+    ``step`` int32 scalar = number of optimiser updates applied; ``params`` / ``ema_params`` the
+    network weights and their exponential moving average; ``opt_state`` the optax state.
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup ``lr * s / warmup`` then constant or cosine decay to ``min_lr_ratio * lr``."""
+    warm = max(cfg.warmup_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = cfg.lr * jnp.minimum(step / warm, 1.0) if cfg.warmup_steps else cfg.lr
+        if not cfg.cosine_decay:
+            return jnp.asarray(warmup, jnp.float32)
+        span = max(cfg.num_steps - cfg.warmup_steps, 1)
+        frac = jnp.clip((step - cfg.warmup_steps) / span, 0.0, 1.0)
+        cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        return jnp.where(step < cfg.warmup_steps, warmup, cfg.lr * cos).astype(jnp.float32)
+
+    return schedule
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """``clip_by_global_norm(grad_clip)`` then AdamW with :func:`learning_rate_schedule`."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.grad_clip and cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+    """EMA decay used for the update that produces step ``step + 1`` (see :class:`TrainConfig`)."""
+    if not warmup:
+        return jnp.float32(decay)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema_params, params, decay):
+    """``ema <- decay * ema + (1 - decay) * params``, leaf-wise."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def create_train_state(model, cfg: TrainConfig, image_shape) -> TrainState:
+    """Fresh state: params from ``seed`` (:func:`locality.nets.init_params`), EMA = params,
+    optimiser initialised."""
+    tx = make_optimizer(cfg)
+    params = init_params(model, tuple(image_shape), seed=cfg.seed)
+
+    @jax.jit
+    def fresh(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+    return fresh(params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and train step
+
+
+def diffusion_loss(params, apply_fn, x0, rng, alphas_cumprod):
+    """DDPM eps-MSE on a batch ``x0`` [B, H, W, C] (Ho et al. 2020, Algorithm 1).
+
+    ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``; the net gets
+    ``t`` as float. Returns the scalar mean squared error.
+    """
+    k_t, k_eps, k_drop = jax.random.split(rng, 3)
+    b = x0.shape[0]
+    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    ab = alphas_cumprod[t][:, None, None, None]
+    x_t = schedules_lib.add_noise(x0, eps, ab)
+    pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32), train=True,
+                    rngs={"dropout": k_drop})
+    return jnp.mean(jnp.square(pred - eps))
+
+
+def make_mesh(devices=None) -> Mesh:
+    """1-D data-parallel mesh ``("data",)`` over ``devices`` (default: all devices)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
+                    schedule: Optional[schedules_lib.DiscreteSchedule] = None) -> Callable:
+    """The jitted ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    ``rng`` is the run's base key; the step's key is ``fold_in(rng, state.step)``. ``batch``
+    [B, H, W, C] is sharded over the mesh axis ``"data"``; the state is replicated; the state
+    argument is donated. ``metrics``: ``loss``, ``grad_norm`` (before clipping), ``lr``.
+    Identical requests (same model, config, mesh and schedule) share one jitted function, so a
+    resumed run in the same process reuses the compiled program.
+    """
+    mesh = mesh or make_mesh()
+    schedule = schedule or schedules_lib.ddpm_linear()
+    irrelevant = _STEP_IRRELEVANT + (() if cfg.cosine_decay else ("num_steps", "min_lr_ratio"))
+    step_cfg = dataclasses.replace(cfg, **{f: getattr(TrainConfig, f) for f in irrelevant})
+    return _make_train_step(model, step_cfg, mesh, schedule.name,
+                            schedule.alphas_cumprod.tobytes())
+
+
+# TrainConfig fields that do not enter the compiled step.
+_STEP_IRRELEVANT = ("dataset", "resolution", "data_limit", "random_flip", "checkpoint_every",
+                    "keep_checkpoints", "log_every", "num_samples", "sample_steps", "progress",
+                    "seed")
+
+
+@functools.lru_cache(maxsize=8)
+def _make_train_step(model, cfg: TrainConfig, mesh: Mesh, schedule_name: str,
+                     alphas_cumprod_bytes: bytes) -> Callable:
+    del schedule_name
+    alphas_cumprod = jnp.asarray(np.frombuffer(alphas_cumprod_bytes, np.float32))
+    tx = make_optimizer(cfg)
+    lr_fn = learning_rate_schedule(cfg)
+
+    def step_fn(state: TrainState, batch, rng):
+        key = jax.random.fold_in(rng, state.step)
+        loss, grads = jax.value_and_grad(diffusion_loss)(state.params, model.apply, batch, key,
+                                                         alphas_cumprod)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup)
+        ema = ema_update(state.ema_params, params, decay)
+        new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
+        return new, metrics
+
+    repl = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P("data"))
+    return jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic input pipeline
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the ``n`` training images in ``epoch``: a function of ``(seed, epoch)`` only."""
+    return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """Indices of the batch at ``step``: epochs of ``n // batch_size`` full batches (the last
+    partial batch of an epoch is dropped), each epoch a fresh permutation."""
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch_size={batch_size} exceeds the number of training images {n}")
+    epoch, i = divmod(int(step), per_epoch)
+    return epoch_permutation(seed, epoch, n)[i * batch_size:(i + 1) * batch_size]
+
+
+class BatchSource:
+    """``images`` [N, H, W, C] in memory -> the batch at any step (caches the current epoch's
+    permutation). Flips (if enabled) are drawn from ``(seed, step)``."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, random_flip: bool = False):
+        self.images = np.asarray(images, np.float32)
+        self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
+        self.n = self.images.shape[0]
+        self.per_epoch = self.n // batch_size
+        if self.per_epoch < 1:
+            raise ValueError(f"batch_size={batch_size} exceeds the number of images {self.n}")
+        self._epoch, self._perm = None, None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, i = divmod(int(step), self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.n)
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        batch = self.images[idx]
+        if self.random_flip:
+            flip = np.random.default_rng([int(self.seed), int(step), 0xF11F]).random(len(idx)) < 0.5
+            batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+        return batch
+
+
+def batch_at(images: np.ndarray, seed: int, step: int, batch_size: int,
+             random_flip: bool = False) -> np.ndarray:
+    """Functional form of :class:`BatchSource`: the batch [B, H, W, C] seen at ``step``."""
+    return BatchSource(images, batch_size, seed, random_flip)(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def resolve_checkpoint_dir(path) -> Path:
+    """A checkpoint directory is one holding ``config.json`` and step subdirectories; a workdir
+    holding ``checkpoints/`` resolves to that subdirectory."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists() and any(p.name.isdigit() for p in path.iterdir()):
+        return path
+    if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).exists():
+        return path / CHECKPOINT_SUBDIR
+    if (path / CONFIG_FILE).exists():
+        return path
+    raise CheckpointError(
+        f"no checkpoint found at {path}: expected {path}/{CONFIG_FILE} with step directories "
+        f"(or a workdir with {CHECKPOINT_SUBDIR}/). Fix: pass the --workdir of a training run or "
+        f"a directory written by locality.train.export_params.")
+
+
+def read_checkpoint_config(path) -> dict:
+    """The ``config.json`` of a checkpoint directory: ``model``, ``image_shape``, ``train``, ..."""
+    ckpt_dir = resolve_checkpoint_dir(path)
+    cfg_path = ckpt_dir / CONFIG_FILE
+    try:
+        meta = json.loads(cfg_path.read_text())
+        meta["model"], meta["image_shape"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} is corrupt or incomplete ({e!r}). Fix: restore it "
+                              f"from the run's workdir/{CONFIG_FILE}, or retrain.") from e
+    return meta
+
+
+def _manager(directory: Path, keep: Optional[int] = None, read_only: bool = False):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class Checkpoints:
+    """Checkpoint directory of a training run (``workdir/checkpoints``).
+
+    Layout: ``config.json`` (model config, image shape, schedule, train config) and one orbax
+    step directory per saved step with items ``params``, ``ema_params``, ``opt_state``. Saves are
+    atomic (orbax writes to a temporary directory and renames), only the newest
+    ``keep`` are kept. :meth:`restore_latest` raises :class:`CheckpointError` (naming the path
+    and the fix) for a corrupt checkpoint or one written for a different model, and never
+    deletes or overwrites anything.
+    """
+
+    def __init__(self, directory, meta: Mapping[str, Any], keep: int = 3):
+        self.directory = Path(directory)
+        self.meta = _jsonable(dict(meta))
+        cfg_path = self.directory / CONFIG_FILE
+        if cfg_path.exists():
+            old = read_checkpoint_config(self.directory)
+            self._check_compatible(old)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.manager = _manager(self.directory, keep=keep)
+        if not cfg_path.exists():
+            _atomic_write_text(cfg_path, json.dumps(self.meta, indent=2, sort_keys=True))
+
+    def _check_compatible(self, old: Mapping[str, Any]):
+        path = self.directory / CONFIG_FILE
+        for key in ("model", "image_shape", "schedule"):
+            if old.get(key) != self.meta.get(key):
+                raise CheckpointError(
+                    f"{path} was written for {key}={old.get(key)!r} but this run asks for "
+                    f"{key}={self.meta.get(key)!r}. Fix: use a fresh --workdir for the new "
+                    f"configuration, or rerun with the configuration stored in {path}.")
+        old_train, new_train = old.get("train", {}), self.meta.get("train", {})
+        diff = sorted(k for k in set(old_train) | set(new_train)
+                      if k not in _RESUMABLE_FIELDS and old_train.get(k) != new_train.get(k))
+        if diff:
+            raise CheckpointError(
+                f"{path} was written with different training settings {diff} "
+                f"(stored {[old_train.get(k) for k in diff]}, requested "
+                f"{[new_train.get(k) for k in diff]}); resuming would not reproduce the run. "
+                f"Fix: use a fresh --workdir, or rerun with the stored settings.")
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return sorted(self.manager.all_steps())
+
+    def save(self, state: TrainState):
+        import orbax.checkpoint as ocp
+
+        step = int(jax.device_get(state.step))
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            ema_params=ocp.args.StandardSave(state.ema_params),
+            opt_state=ocp.args.StandardSave(state.opt_state)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, template: TrainState) -> Optional[TrainState]:
+        """Restore the newest checkpoint into the structure/shardings of ``template``; ``None``
+        when there is none."""
+        import orbax.checkpoint as ocp
+
+        step = self.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            template)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                ema_params=ocp.args.StandardRestore(abstract.ema_params),
+                opt_state=ocp.args.StandardRestore(abstract.opt_state)))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise _restore_error(self.directory, step, self.all_steps(), e) from e
+        return TrainState(step=jnp.asarray(step, jnp.int32), params=out["params"],
+                          ema_params=out["ema_params"], opt_state=out["opt_state"])
+
+    def close(self):
+        self.manager.close()
+
+
+def _restore_error(directory: Path, step: int, steps, err: Exception) -> CheckpointError:
+    earlier = [s for s in steps if s < step]
+    fix = (f"delete {directory / str(step)} to resume from step {earlier[-1]}"
+           if earlier else f"delete {directory / str(step)} to start over")
+    return CheckpointError(
+        f"cannot restore checkpoint step {step} from {directory / str(step)}: it is corrupt, "
+        f"incomplete or has other shapes than the model in {directory / CONFIG_FILE} "
+        f"({type(err).__name__}: {str(err)[:300]}). Fix: {fix}, or use a fresh --workdir.")
+
+
+def load_params(checkpoint, use_ema: bool = True, step: Optional[int] = None):
+    """Load ``(model_config, params, meta)`` from a checkpoint directory (or a workdir).
+
+    Args:
+      checkpoint: a directory written by :func:`train` (``workdir`` or ``workdir/checkpoints``)
+        or by :func:`export_params`.
+      use_ema: EMA weights (default) or the raw training weights.
+      step: a saved step; default the latest.
+    Raises:
+      CheckpointError: missing/corrupt files, or weights whose shapes do not match the config.
+    """
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = resolve_checkpoint_dir(checkpoint)
+    meta = read_checkpoint_config(ckpt_dir)
+    model = build_model(meta["model"])
+    manager = _manager(ckpt_dir, read_only=True)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"{ckpt_dir} holds a {CONFIG_FILE} but no saved step. Fix: "
+                                  f"train longer (checkpoints are written every checkpoint_every "
+                                  f"steps) or point to another directory.")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"step {step} is not saved in {ckpt_dir}; available: {steps}")
+        item = "ema_params" if use_ema else "params"
+        item_dir = ckpt_dir / str(step) / item
+        if not item_dir.exists():
+            raise CheckpointError(f"{item_dir} does not exist (exported checkpoints hold only "
+                                  f"EMA weights). Fix: use_ema=True, or load the training workdir.")
+        target = abstract_params(model, tuple(meta["image_shape"]))
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(target)}))
+        except Exception as e:
+            raise _restore_error(ckpt_dir, step, steps, e) from e
+    finally:
+        manager.close()
+    return meta["model"], out[item], meta
+
+
+def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
+    """Write an inference-only checkpoint (``config.json`` + EMA weights of ``step``) that
+    ``make("network", checkpoint=directory)`` loads."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(directory / CONFIG_FILE, json.dumps(_jsonable(dict(meta)), indent=2,
+                                                           sort_keys=True))
+    manager = _manager(directory, keep=1)
+    manager.save(int(step), args=ocp.args.Composite(
+        ema_params=ocp.args.StandardSave(jax.device_get(ema_params))), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
+    """Tile ``images`` [N, H, W, C] in [-1, 1] into one [rows*(H+pad)+pad, ..., C] array in [0, 1]."""
+    images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    n, h, w, c = images.shape
+    ncols = ncols or int(math.ceil(math.sqrt(n)))
+    nrows = int(math.ceil(n / ncols))
+    grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_image_grid(path, images, ncols=None, scale: int = 4):
+    """Write an image grid PNG (nearest-neighbour upscaled by ``scale``); temp name then rename."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(images, ncols)
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    if grid.shape[-1] == 1:
+        plt.imsave(tmp, grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        plt.imsave(tmp, grid)
+    os.replace(tmp, path)
+
+
+def save_loss_curve(metrics_path, png_path):
+    """Plot ``loss`` against ``step`` from ``metrics.jsonl`` (log scale) to ``png_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eps-MSE (mean over log interval)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(png_path).with_name(Path(png_path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def sample_images(model, params, x_T, num_steps: int = 10,
+                  schedule: Optional[schedules_lib.DiscreteSchedule] = None) -> np.ndarray:
+    """Deterministic DDIM (ALGORITHMS.md §1, via :func:`locality.sampling.ddim`) with the network
+    wrapped as a denoiser; returns the final images [B, H, W, C]."""
+    from locality import sampling
+    from locality.denoisers.network import NetworkDenoiser
+
+    schedule = schedule or schedules_lib.ddpm_linear()
+    denoise = NetworkDenoiser.create(model, params, schedule)
+    return np.asarray(sampling.ddim(denoise, x_T, schedule, num_steps=num_steps).images)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
+          images: Optional[np.ndarray] = None,
+          on_step: Optional[Callable[[int], None]] = None) -> tuple[TrainState, dict]:
+    """Train (or resume training) the network ``model_config`` with ``cfg`` in ``workdir``.
+
+    Args:
+      model_config: ``{"arch": ..., ...}`` (see :func:`locality.nets.build_model`).
+      cfg: hyper-parameters.
+      workdir: run directory: ``config.json`` (resolved), ``checkpoints/``, ``metrics.jsonl``,
+        ``metrics.json`` (final summary), ``loss.png``, ``samples_<step>.png``, ``summary.txt``.
+      images: training images [N, H, W, C] in [-1, 1]; default ``locality.data.load(cfg.dataset,
+        "train", resolution=cfg.resolution, limit=cfg.data_limit)``.
+      on_step: called with the completed step count after every step (and after any checkpoint
+        of that step was written).
+    Returns:
+      ``(state, summary)``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if images is None:
+        from locality import data
+
+        images = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
+                           limit=cfg.data_limit)
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or not np.all(np.isfinite(images)):
+        raise ValueError(f"training images must be finite [N, H, W, C]; got shape {images.shape}")
+    image_shape = tuple(int(s) for s in images.shape[1:])
+    model_config = _jsonable(dict(model_config))
+    model = build_model(model_config)
+    schedule = schedules_lib.ddpm_linear()
+
+    mesh = make_mesh()
+    ndev = mesh.devices.size
+    if cfg.batch_size % ndev:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {ndev} devices; "
+                         f"choose a multiple of {ndev}")
+    meta = {"format": FORMAT_VERSION, "model": model_config, "image_shape": list(image_shape),
+            "schedule": schedule.name, "train": dataclasses.asdict(cfg)}
+    _atomic_write_text(workdir / CONFIG_FILE, json.dumps(_jsonable(meta), indent=2, sort_keys=True))
+    ckpts = Checkpoints(workdir / CHECKPOINT_SUBDIR, meta, keep=cfg.keep_checkpoints)
+
+    repl = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    state = jax.device_put(create_train_state(model, cfg, image_shape), repl)
+    restored = ckpts.restore_latest(state)
+    if restored is not None:
+        state = jax.device_put(restored, repl)
+    start = int(jax.device_get(state.step))
+    n_params = count_params(state.params)
+    if start >= cfg.num_steps and (workdir / "metrics.json").exists():
+        ckpts.close()  # already finished: keep the summary of the run that did the work
+        return state, json.loads((workdir / "metrics.json").read_text())
+
+    train_step = make_train_step(model, cfg, mesh, schedule)
+    base_key = jax.device_put(jax.random.PRNGKey(cfg.seed), repl)
+    source = BatchSource(images, cfg.batch_size, cfg.seed, cfg.random_flip)
+    sample_noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), (cfg.num_samples, *image_shape)) \
+        if cfg.num_samples else None
+    metrics_path = workdir / "metrics.jsonl"
+
+    def write_artifacts(state):
+        step = int(jax.device_get(state.step))
+        if metrics_path.exists():
+            save_loss_curve(metrics_path, workdir / "loss.png")
+        if sample_noise is not None:
+            imgs = sample_images(model, state.ema_params, sample_noise, cfg.sample_steps, schedule)
+            save_image_grid(workdir / f"samples_{step:07d}.png", imgs)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.num_steps, initial=start, disable=not cfg.progress, desc="train",
+               dynamic_ncols=True)
+    pending, t_log, s_log, t0 = [], time.perf_counter(), start, time.perf_counter()
+    compile_s = None
+    last_loss = float("nan")
+    with open(metrics_path, "a") as mf:
+        for step in range(start, cfg.num_steps):
+            batch = jax.device_put(source(step), data_sharding)
+            state, m = train_step(state, batch, base_key)
+            pending.append(m)
+            done = step + 1
+            if compile_s is None:
+                jax.block_until_ready(m)
+                compile_s = time.perf_counter() - t0
+                t_log, s_log = time.perf_counter(), done
+                pending = pending[-1:]
+            if done % cfg.log_every == 0 or done == cfg.num_steps:
+                ms = jax.device_get(pending)
+                now = time.perf_counter()
+                rate = (done - s_log) / max(now - t_log, 1e-9) if done > s_log else float("nan")
+                row = {"step": done,
+                       "loss": float(np.mean([x["loss"] for x in ms])),
+                       "grad_norm": float(np.mean([x["grad_norm"] for x in ms])),
+                       "lr": float(ms[-1]["lr"]),
+                       "steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
+                       "eta_s": (cfg.num_steps - done) / rate if rate > 0 else None,
+                       "wall_s": now - t0}
+                last_loss = row["loss"]
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.2f}")
+                pending, t_log, s_log = [], now, done
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+                ckpts.save(state)
+                write_artifacts(state)
+            if on_step is not None:
+                on_step(done)
+    bar.close()
+    ckpts.close()
+
+    total_s = time.perf_counter() - t0
+    summary = {"steps": cfg.num_steps, "resumed_from": start, "final_loss": last_loss,
+               "num_params": n_params, "compile_s": compile_s, "wall_s": total_s,
+               "devices": ndev, "image_shape": list(image_shape),
+               "checkpoint_dir": str(workdir / CHECKPOINT_SUBDIR)}
+    _atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
+    _atomic_write_text(workdir / "summary.txt",
+                       f"trained {model_config.get('arch')} ({n_params:,} params) on {cfg.dataset} "
+                       f"{image_shape} for {cfg.num_steps} steps (resumed from {start}); "
+                       f"final loss {last_loss:.4f}; {total_s / 60:.1f} min on {ndev} device(s).\n"
+                       f"samples: {workdir}/samples_{cfg.num_steps:07d}.png, curve: loss.png\n")
+    return state, summary

@@ -1,0 +1,248 @@
+"""Trainer: EMA and lr math, deterministic batches, overfitting, data parallelism, exact resume,
+and checkpoint errors."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from locality import schedules
+from locality.nets import build_model
+from locality.train import (BatchSource, CheckpointError, TrainConfig, batch_indices,
+                            create_train_state, diffusion_loss, ema_decay_at, ema_update,
+                            learning_rate_schedule, load_params, make_mesh, make_train_step, train)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.1)
+
+
+def _images(n=32, hw=8, c=1, seed=0):
+    return np.random.RandomState(seed).uniform(-1, 1, (n, hw, hw, c)).astype(np.float32)
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def test_ema_and_lr_math():
+    rng = np.random.RandomState(0)
+    ema = {"a": rng.randn(3, 2).astype(np.float32), "b": rng.randn(4).astype(np.float32)}
+    new = {"a": rng.randn(3, 2).astype(np.float32), "b": rng.randn(4).astype(np.float32)}
+    out = ema_update(ema, new, 0.9)
+    for k in ema:
+        np.testing.assert_allclose(out[k], 0.9 * ema[k] + 0.1 * new[k], rtol=1e-6)
+    # Warmup decay min(d, (1 + s) / (10 + s)).
+    for s in (0, 5, 100, 10_000):
+        assert float(ema_decay_at(s, 0.999, True)) == pytest.approx(min(0.999, (1 + s) / (10 + s)))
+        assert float(ema_decay_at(s, 0.999, False)) == pytest.approx(0.999)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, num_steps=110, cosine_decay=True, min_lr_ratio=0.1)
+    lr = learning_rate_schedule(cfg)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4)
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(60)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-5)  # cosine midpoint
+    assert float(lr(110)) == pytest.approx(1e-4, rel=1e-5)
+
+
+def test_batches_are_deterministic_epoch_permutations():
+    n, b = 10, 3
+    epoch0 = np.concatenate([batch_indices(7, s, n, b) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 9  # 3 full batches, no repeats, last partial dropped
+    np.testing.assert_array_equal(batch_indices(7, 4, n, b), batch_indices(7, 4, n, b))
+    assert not np.array_equal(batch_indices(7, 3, n, b), batch_indices(7, 0, n, b))  # new epoch
+    assert not np.array_equal(batch_indices(8, 0, n, b), batch_indices(7, 0, n, b))
+    imgs = _images(10, 4)
+    src = BatchSource(imgs, b, seed=7)
+    np.testing.assert_array_equal(src(5), imgs[batch_indices(7, 5, n, b)])
+    flipped = BatchSource(imgs, b, seed=7, random_flip=True)
+    ref = imgs[batch_indices(7, 5, n, b)]
+    got = flipped(5)
+    is_flip = [np.array_equal(g, r[:, ::-1]) for g, r in zip(got, ref)]
+    assert all(f or np.array_equal(g, r) for f, g, r in zip(is_flip, got, ref))
+    draws = np.concatenate([[np.array_equal(g, r[:, ::-1]) for g, r in
+                             zip(flipped(s), imgs[batch_indices(7, s, n, b)])] for s in range(30)])
+    assert 0.2 < draws.mean() < 0.8  # about half of the images are flipped
+    np.testing.assert_array_equal(flipped(5), BatchSource(imgs, b, 7, True)(5))
+
+
+def test_train_step_ema_and_overfitting_a_tiny_batch():
+    model = build_model({**TINY, "dropout": 0.0})
+    cfg = TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, grad_clip=1.0, ema_decay=0.5,
+                      ema_warmup=False)
+    x0 = _images(4, 8, seed=1)
+    state = create_train_state(model, cfg, (8, 8, 1))
+    ab = jnp.asarray(schedules.ddpm_linear().alphas_cumprod)
+    eval_keys = jax.random.split(jax.random.PRNGKey(123), 16)
+    eval_loss = jax.jit(lambda p: jnp.mean(jax.vmap(
+        lambda k: diffusion_loss(p, model.apply, x0, k, ab))(eval_keys)))
+    before = float(eval_loss(state.params))
+    step = make_train_step(model, cfg)
+    key = jax.random.PRNGKey(0)
+
+    state, m = step(state, x0, key)  # lr(0) = 0 during warmup: only the EMA bookkeeping runs
+    assert int(state.step) == 1 and float(m["lr"]) == 0.0 and np.isfinite(float(m["loss"]))
+    # Second step: EMA = d * ema1 + (1 - d) * params2 (numpy), with d = 0.5.
+    ema0 = jax.tree.map(np.asarray, state.ema_params)
+    state, m = step(state, x0, key)
+    assert int(state.step) == 2
+    moved = 0.0
+    for e0, p1, e1 in zip(jax.tree.leaves(ema0), jax.tree.leaves(state.params),
+                          jax.tree.leaves(state.ema_params)):
+        np.testing.assert_allclose(np.asarray(e1), 0.5 * e0 + 0.5 * np.asarray(p1), rtol=1e-5,
+                                   atol=1e-7)
+        moved = max(moved, float(np.max(np.abs(np.asarray(p1) - e0))))
+    assert moved > 1e-5  # the parameters did change
+
+    for _ in range(248):
+        state, _ = step(state, x0, key)
+    after = float(eval_loss(state.params))
+    assert before > 0.8  # eps-MSE of a near-zero initial prediction is about 1
+    assert after < 0.3 * before, (before, after)
+
+
+def test_data_parallel_step_equals_single_device():
+    """One step on 8 simulated CPU devices (batch sharded) equals the 1-device step."""
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from locality.nets import build_model
+        from locality.train import TrainConfig, create_train_state, make_mesh, make_train_step
+        assert len(jax.devices()) == 8, jax.devices()
+        model = build_model(dict(arch="unet", ch=8, ch_mult=(1,), num_res_blocks=1,
+                                 num_groups=4, dropout=0.1))
+        cfg = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=0)
+        x = np.random.RandomState(0).uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+        out = {}
+        for n in (1, 8):
+            mesh = make_mesh(jax.devices()[:n])
+            state = create_train_state(model, cfg, (8, 8, 1))
+            step = make_train_step(model, cfg, mesh)
+            for _ in range(2):
+                state, m = step(state, x, jax.random.PRNGKey(0))
+            assert len(state.params["head"]["Conv_0"]["kernel"].sharding.device_set) == n
+            out[n] = (jax.tree.map(np.asarray, state.params), float(m["loss"]))
+        (p1, l1), (p8, l8) = out[1], out[8]
+        assert abs(l1 - l8) < 1e-5 * abs(l1), (l1, l8)
+        err = max(float(np.max(np.abs(a - b))) for a, b in
+                  zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+        scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(p1))
+        assert err < 1e-5 * scale, (err, scale)
+        print("OK", l1, l8, err)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    res = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointing: one uninterrupted reference run shared by the tests below.
+
+CFG = TrainConfig(batch_size=8, num_steps=6, lr=1e-3, warmup_steps=2, checkpoint_every=3,
+                  keep_checkpoints=2, log_every=2, num_samples=4, sample_steps=2, progress=False,
+                  ema_decay=0.9, ema_warmup=True, random_flip=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref")
+    state, summary = train(TINY, CFG, workdir, images=_images())
+    return workdir, state, summary
+
+
+def test_run_writes_artifacts(reference_run):
+    workdir, state, summary = reference_run
+    for name in ("config.json", "metrics.jsonl", "metrics.json", "loss.png", "summary.txt",
+                 "samples_0000003.png", "samples_0000006.png", "checkpoints/config.json"):
+        assert (workdir / name).exists(), name
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert summary["steps"] == 6 and int(state.step) == 6
+    meta = json.loads((workdir / "checkpoints" / "config.json").read_text())
+    assert meta["model"]["ch"] == 8 and meta["image_shape"] == [8, 8, 1]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
+        ["3", "6"]
+    _, ema, _ = load_params(workdir)
+    assert _leaves_equal(ema, state.ema_params)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bit_identical(reference_run, tmp_path):
+    _, ref_state, _ = reference_run
+
+    def kill_at_4(step):
+        if step == 4:  # after the step-3 checkpoint, before the step-6 one
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        train(TINY, CFG, tmp_path, images=_images(), on_step=kill_at_4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == \
+        ["3"]
+    state, summary = train(TINY, CFG, tmp_path, images=_images())  # fresh manager, resumes
+    assert summary["resumed_from"] == 3
+    assert _leaves_equal(state.params, ref_state.params)
+    assert _leaves_equal(state.ema_params, ref_state.ema_params)
+    assert _leaves_equal(state.opt_state, ref_state.opt_state)
+
+
+def _tree_snapshot(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_corrupt_checkpoint_raises_and_keeps_last_good(reference_run, tmp_path):
+    ref_dir, ref_state, _ = reference_run
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    step6 = workdir / "checkpoints" / "6"
+    for f in step6.rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # truncate the array data files
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    good = _tree_snapshot(workdir / "checkpoints" / "3")
+    with pytest.raises(CheckpointError) as err:
+        train(TINY, dataclasses.replace(CFG, num_steps=9), workdir, images=_images())
+    msg = str(err.value)
+    assert str(step6) in msg and "resume from step 3" in msg
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_params(workdir, step=6)
+    assert _tree_snapshot(workdir / "checkpoints" / "3") == good  # untouched
+    # Following the fix in the message works: drop step 6, resume from step 3 exactly.
+    shutil.rmtree(step6)
+    state, summary = train(TINY, CFG, workdir, images=_images())
+    assert summary["resumed_from"] == 3
+    assert _leaves_equal(state.params, ref_state.params)
+
+
+def test_mismatched_config_raises_without_touching_checkpoints(reference_run, tmp_path):
+    ref_dir, _, _ = reference_run
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    before = _tree_snapshot(workdir / "checkpoints")
+    with pytest.raises(CheckpointError, match="fresh --workdir") as err:
+        train({**TINY, "ch": 16}, CFG, workdir, images=_images())
+    assert "config.json" in str(err.value) and "model" in str(err.value)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train(TINY, dataclasses.replace(CFG, batch_size=4), workdir, images=_images())
+    assert _tree_snapshot(workdir / "checkpoints") == before
+    # Weights that do not fit the stored config (edited config.json) -> clear error on load.
+    cfg_path = workdir / "checkpoints" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    meta["model"]["ch"] = 16
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="other shapes"):
+        load_params(workdir)
