@@ -30,7 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 NEEDS_STATS = {"wiener", "wiener_dense", "pca_locality"}
 
 
-def build(method: str, kwargs: dict, train, st, shard: bool):
+def build(method: str, kwargs: dict, train, st, shard: bool, progress: bool = False):
     """Build a registered denoiser with the arguments its factory takes."""
     kwargs = dict(kwargs)
     if method in NEEDS_STATS:
@@ -39,6 +39,8 @@ def build(method: str, kwargs: dict, train, st, shard: bool):
         kwargs["train"] = train
     if shard and method in ("optimal", "pca_locality"):
         kwargs["shard"] = True
+    if progress and method == "pca_locality":
+        kwargs.setdefault("progress", True)
     return denoisers.make(method, **kwargs)
 
 
@@ -82,7 +84,8 @@ def run(config, workdir: str) -> str:
     for method in methods:
         kwargs = config.method_kwargs.get(method, {}) if method in config.method_kwargs else {}
         kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
-        den = build(method, kwargs, train, st, config.shard)
+        den = build(method, kwargs, train, st, config.get("shard", False),
+                    config.get("progress", True))
         logging.info("sampling %s %s", method, kwargs)
         with common.Timer() as t:
             if config.sampler == "ddim":

@@ -173,7 +173,8 @@ def chunk(data, chunk_size: int, num_shards: int = 1) -> Chunked:
 
 def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, d: int,
            mode: str = "exact", mesh: Optional[Mesh] = None,
-           precision=jax.lax.Precision.HIGHEST, layout: str = "bkm") -> jax.Array:
+           precision=jax.lax.Precision.HIGHEST, layout: str = "bkm",
+           progress: Optional[str] = None) -> jax.Array:
     """Softmax-weighted average over all chunks -> [B, M, D].
 
     Args:
@@ -185,13 +186,20 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
       mode: ``"exact"`` (the true softmax over all items) or ``"chunk_mean"`` (released quirk).
       mesh: optional ``Mesh`` with an axis named ``"data"``: chunks are sharded over it.
       layout: ``"bkm"`` (logits [B, K, M]) or ``"bmk"`` (logits [B, M, K]).
+      progress: a label to show a progress bar over chunks (host callback per chunk; ignored
+        when sharded).
     """
     if mode not in ("exact", "chunk_mean"):
         raise ValueError(f"mode must be 'exact' or 'chunk_mean', got {mode!r}")
 
+    total = chunked.num_chunks
+    show = progress is not None and mesh is None
+
     def local(ctx, data, valid):
         def body(acc, xs):
-            data_c, valid_c = xs
+            data_c, valid_c, i = xs
+            if show:
+                jax.debug.callback(functools.partial(_chunk_progress, progress, total), i)
             logits, values = chunk_fn(ctx, data_c)
             if mode == "exact":
                 return merge(acc, from_chunk(logits, values, valid_c, precision, layout)), None
@@ -200,7 +208,8 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
 
         init = empty(batch, m, d) if mode == "exact" else ChunkMeanAcc(
             jnp.zeros((batch, m, d), jnp.float32), jnp.zeros((), jnp.float32))
-        acc, _ = jax.lax.scan(body, init, (data, valid))
+        idx = jnp.arange(valid.shape[0], dtype=jnp.int32)
+        acc, _ = jax.lax.scan(body, init, (data, valid, idx))
         return acc
 
     if mesh is None:
@@ -225,6 +234,25 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
     if mode == "exact":
         return finalize(acc)
     return acc.total / acc.count
+
+
+_BARS = {}
+
+
+def _chunk_progress(label: str, total: int, i) -> None:
+    """Host side of the per-chunk progress bar (one bar per label, reopened every pass)."""
+    from tqdm.auto import tqdm
+
+    i = int(i)
+    bar = _BARS.get(label)
+    if i == 0 or bar is None:
+        if bar is not None:
+            bar.close()
+        bar = _BARS[label] = tqdm(total=total, desc=label, leave=False, position=1)
+    bar.update(1)
+    if i + 1 >= total:
+        bar.close()
+        _BARS.pop(label, None)
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -322,6 +322,7 @@ class PcaLocality(DenoiserBase):
     tile: int = flax.struct.field(pytree_node=False, default=4)
     fixed_mask: bool = flax.struct.field(pytree_node=False, default=False)
     mesh: Optional[jax.sharding.Mesh] = flax.struct.field(pytree_node=False, default=None)
+    progress: bool = flax.struct.field(pytree_node=False, default=False)
     name = "pca_locality"
 
     # ---- plans
@@ -435,7 +436,7 @@ class PcaLocality(DenoiserBase):
         out = streaming.stream(chunk_fn, self.chunked,
                                (q, ab, scale, idx, perm, self.table_arrays),
                                batch=b, m=width, d=1, mode=self.softmax, mesh=self.mesh,
-                               layout="bmk")
+                               layout="bmk", progress="chunks" if self.progress else None)
         out = out[:, :, 0][:, self.table_pos[idx]]
         return out.reshape(x_t.shape)
 
@@ -450,7 +451,7 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
                       temperature: float = 1.0, softmax: str = "exact", chunk_size: int = 512,
                       mask=None, threshold_mode: str = "global", path: str = "auto",
                       tile: Optional[int] = None, abs=None, mesh=None,
-                      shard: bool = False) -> PcaLocality:
+                      shard: bool = False, progress: bool = False) -> PcaLocality:
     """The paper's analytical denoiser (ALGORITHMS.md §5).
 
     Args:
@@ -471,6 +472,7 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
         8 at 32 px; larger tiles run the batched GEMMs closer to the dense rate).
       abs: optional noise levels to plan for up front (``prepare``).
       mesh / shard: shard the training set over devices (``shard=True``: all devices).
+      progress: show a progress bar over the training-set chunks of every call.
     """
     if not isinstance(stats, GaussianStats):
         raise TypeError(f"pca_locality: stats must be a GaussianStats, got {type(stats).__name__}")
@@ -500,7 +502,7 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
                       shape=tuple(arr.shape[1:]), host=host, plans=_PlanTable(plans),
                       threshold=float(threshold), threshold_mode=threshold_mode,
                       temperature=float(temperature), softmax=softmax, path=path, tile=int(tile),
-                      fixed_mask=fixed, mesh=mesh)
+                      fixed_mask=fixed, mesh=mesh, progress=bool(progress))
     if fixed:
         m = np.asarray(mask)
         if m.shape != (n, n):
