@@ -31,8 +31,7 @@ from experiments import common  # noqa: E402
 from locality import denoisers, plotting, schedules  # noqa: E402
 from locality.denoisers import local_score, pspc  # noqa: E402,F401  (registration)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/calibrate.py:<method>,<dataset>")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_CONFIG = _WORKDIR = None  # defined when run as a program (tests import several entry points)
 
 METHODS = ("ls", "els", "bbels", "pspc_square")
 
@@ -133,4 +132,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/calibrate.py:<method>,<dataset>")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
     app.run(main)

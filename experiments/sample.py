@@ -24,8 +24,7 @@ from ml_collections import config_flags  # noqa: E402
 from experiments import common  # noqa: E402
 from locality import data, denoisers, metrics, plotting, sampling, schedules, stats  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sample.py:<method>,<dataset>")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_CONFIG = _WORKDIR = None  # defined when run as a program (tests import several entry points)
 
 NEEDS_STATS = {"wiener", "wiener_dense", "pca_locality"}
 
@@ -145,4 +144,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sample.py:<method>,<dataset>")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
     app.run(main)

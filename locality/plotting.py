@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from locality._io import atomic_path
 
 
 def _plt():
@@ -20,18 +21,8 @@ def _plt():
 
 def atomic_savefig(fig, path: str, dpi: int = 100) -> str:
     """Save ``fig`` to ``path`` through a temporary file in the same directory, then rename."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".png",
-                               dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path, suffix=os.path.splitext(path)[1] or ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=(os.path.splitext(path)[1][1:] or "png"))
     return path
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import flax
 import numpy as np
+
+from locality._io import atomic_path
 
 CACHE_VERSION = 1
 
@@ -130,17 +131,9 @@ def _default_cache_dir() -> Optional[str]:
 
 
 def _atomic_savez(path: str, **arrays) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class StaleCacheError(RuntimeError):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from locality._io import atomic_path  # noqa: F401  (re-exported for the data modules)
 
 _CHUNK = 1 << 20
 
@@ -26,27 +27,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yields a temporary path next to `path`; on success it is renamed to `path`.
-
-    If the body raises, the temporary file is removed and `path` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; cache files are meant to be shareable.
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

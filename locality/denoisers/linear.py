@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import tempfile
 import time
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -53,6 +52,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from locality._io import atomic_path
 import optax
 
 from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array
@@ -363,18 +364,10 @@ class Linear(DenoiserBase):
 def save_linear(path: str, weights: Weights, shape: Tuple[int, int, int]) -> str:
     """Write ``{ab: (W, b)}`` and the image shape to an ``.npz`` atomically (temp file + rename)."""
     ab, w, b, shape = _stack(weights, shape)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, ab=ab, W=w, b=b, shape=np.asarray(shape, np.int64),
                      version=np.int64(FORMAT_VERSION))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

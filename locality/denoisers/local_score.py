@@ -76,7 +76,6 @@ import json
 import logging
 import os
 import time
-import tempfile
 from collections import Counter
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -84,6 +83,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from locality._io import atomic_path
 
 from locality import schedules, streaming
 from locality.denoisers.base import (HIGHEST, DenoiserBase, _is_tracer, as_train_array,
@@ -263,17 +264,9 @@ class SizeSchedule:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_path(path, suffix=".json") as tmp:
+        with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 SizeSpec = Union[int, str, Sequence[int], SizeSchedule, Callable[[float], int]]
