@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from locality import data, denoisers, sampling, schedules, stats  # noqa: E402
+from locality._io import atomic_write_text  # noqa: E402
 from locality.denoisers import pca_locality as pl  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -196,11 +197,7 @@ def main():
     bench_dataset("cifar10_catsdogs", cd[:1800], cd[1800:], (300,), 0.05, 8, args.repeats,
                   300, False, out)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from locality import data, denoisers, stats  # noqa: E402
+from locality._io import atomic_write_text  # noqa: E402
 
 
 def median_time(fn, repeats):
@@ -84,11 +85,7 @@ def main():
     out["optimal_speedup_vs_numpy"] = out["optimal_seconds_numpy"] / out["optimal_seconds_ours"]
     out["optimal_max_abs_diff_vs_numpy"] = float(np.abs(np.asarray(opt(x_t, ab)) - numpy_optimal(
         x_t.astype(np.float64), flat.astype(np.float64), ab)).max())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
