@@ -18,8 +18,20 @@ $(VENV)/.installed: pyproject.toml
 data: setup
 	$(BIN)/python -m locality.data.fetch fashion_mnist
 
+# The compact end-to-end job (~15 min on 2 CPU cores): GD-trained linear denoisers at the DDIM
+# levels, every registered method against the committed UNet (8 samples), sensitivity fields of
+# Wiener / linear / UNet / DiT, and the report.
 quickstart: data
-	$(BIN)/python experiments/sample.py --config configs/sample.py:quickstart --workdir $(WORKDIR)
+	$(BIN)/python experiments/linear_gd.py --config configs/linear_gd.py:fashion_mnist,ddim \
+		--config.steps=400 --workdir $(WORKDIR)/linear_gd_ddim
+	$(BIN)/python experiments/compare.py --config configs/compare.py:fashion_mnist,quick \
+		--config.method_kwargs.linear.weights=$(WORKDIR)/linear_gd_ddim/linear_weights.npz \
+		--workdir $(WORKDIR)/compare_fashion_mnist
+	$(BIN)/python experiments/sensitivity.py --config configs/sensitivity.py:fashion_mnist,quick \
+		--config.linear_weights=$(WORKDIR)/linear_gd_ddim/linear_weights.npz \
+		--workdir $(WORKDIR)/sensitivity_fashion_mnist
+	$(BIN)/python experiments/report.py --results $(WORKDIR) --out $(WORKDIR)/REPORT.md --readme=
+	@echo "report: $(WORKDIR)/REPORT.md"
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests

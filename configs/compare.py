@@ -6,6 +6,14 @@ For every method: S samples (default 64) from the same initial noise as the netw
 of the paper's release; per step r2 / MSE / Pearson r of x0_hat, trajectory-vs-trajectory and
 single-step (the network evaluated on the method's own states). Override the network with
 ``--config.checkpoint=PATH`` and the methods with ``--config.methods=pca_locality,wiener``.
+
+The argument is ``<dataset>`` or ``<dataset>,quick`` (8 samples, smaller subsets for the slow
+peers: the README's main job). Methods whose cost grows with N H^2 W^2 run on a fixed random
+subset of the training set (``method_kwargs.<label>.limit``, or ``peer_limit`` for
+``slow_methods``); the table reports the N each method used. ``linear`` needs GD-trained weights
+at the sampler's ten timesteps (``experiments/linear_gd.py`` with ``configs/linear_gd.py:<dataset>,ddim``)
+and is skipped, with the reason in ``metrics.json``, when they are missing. ``network`` is the
+reference itself and ``wiener_dense`` the float64 oracle of ``wiener``; neither is a row.
 """
 
 import ml_collections
@@ -16,14 +24,25 @@ LS_SCHEDULES = {"fashion_mnist": "fashionmnist_unet_zeros_cond", "mnist": "mnist
                 "cifar10_catsdogs": "cifar10_unet_zeros_cond"}
 
 
+def _ddim_abs(num_steps: int = 10):
+    from locality import schedules
+
+    sched = schedules.ddpm_linear()
+    return tuple(float(sched.ab(int(t))) for t in schedules.ddim_timesteps(num_steps))
+
+
 def get_config(arg: str = "fashion_mnist"):
-    dataset = arg
+    parts = [p.strip() for p in arg.split(",")]
+    dataset, quick = parts[0], "quick" in parts[1:]
+    if set(parts[1:]) - {"quick"}:
+        raise ValueError(f"config arg must be '<dataset>[,quick]', got {arg!r}")
     c = ml_collections.ConfigDict()
     c.dataset = dataset
     c.split = "train"
     c.limit = ml_collections.config_dict.placeholder(int)
     c.checkpoint = f"checkpoints/{dataset}_unet_cpu"
-    c.methods = "pca_locality,pca_locality_chunk_mean,wiener,optimal,nearest,ls,els,bbels,pspc_square,scfdm"
+    c.methods = ("pca_locality,pca_locality_chunk_mean,wiener,optimal,nearest,linear,ls,els,bbels,"
+                 "pspc_square,pspc_flex,scfdm")
     thr = PCA_THRESHOLD.get(dataset, 0.005)
     sched = LS_SCHEDULES.get(dataset, 3)
     c.method_kwargs = ml_collections.ConfigDict({
@@ -31,15 +50,28 @@ def get_config(arg: str = "fashion_mnist"):
         "pca_locality_chunk_mean": {"method": "pca_locality", "threshold": thr,
                                     "softmax": "chunk_mean", "chunk_size": 512},
         "optimal": {}, "nearest": {}, "wiener": {},
-        "ls": {"patch_size": sched}, "els": {"patch_size": sched}, "bbels": {"patch_size": sched},
+        "ls": {"patch_size": sched},
+        # ELS / bbELS: ~140 s per call at N = 10,000 on this CPU; a 1,000-image subset.
+        "els": {"patch_size": sched, "limit": 1000}, "bbels": {"patch_size": sched, "limit": 1000},
         "pspc_square": {"patch_size": 5, "flip": True},
+        # crops from the network's own gradient heat maps at the sampler's ten levels
+        "pspc_flex": {"network": f"checkpoints/{dataset}_unet_cpu", "abs": _ddim_abs(),
+                      "num_probes": 2, "flip": True},
+        "linear": {"weights": f"workdirs/linear_gd_ddim_{dataset}/linear_weights.npz"},
         "scfdm": {"num_samples": 10, "sigma_s": 0.1, "seed": 0},
     })
     # methods that are too slow on the full set on a CPU run on the first `peer_limit` images
     c.peer_limit = 10000
-    c.slow_methods = "els,bbels,pspc_square,scfdm"
+    c.slow_methods = "els,bbels,pspc_square,pspc_flex,scfdm"
     c.num_samples = 64
     c.batch_size = 16
     c.num_steps = 10
     c.seed = 0
+    if quick:
+        c.num_samples = 8
+        c.batch_size = 8
+        c.peer_limit = 2000
+        c.method_kwargs.els.limit = 200
+        c.method_kwargs.bbels.limit = 200
+        c.method_kwargs.pspc_flex.num_probes = 1
     return c

@@ -6,15 +6,20 @@ Trains ``D_t(x) = W_t x + b_t`` at each of ``config.timesteps`` (DDPM linear sch
 training set with fresh noise every batch and compares it with the float64 Wiener filter of the
 same images. Overrides, e.g. ``--config.steps=8000 --config.timesteps='(100, 500)'
 --config.limit=10000``. ``"smoke"`` is a seconds-long variant on a synthetic 8x8 set for tests
-(``--config.dataset=npy:PATH`` loads an [N, H, W, C] float32 array in [-1, 1] instead).
+(``--config.dataset=npy:PATH`` loads an [N, H, W, C] float32 array in [-1, 1] instead);
+``"<dataset>,ddim"`` trains at the ten timesteps of the 10-step DDIM grid instead (the weights
+``experiments/compare.py`` samples with as the ``linear`` method).
 """
 
 import ml_collections
 
 
 def get_config(arg: str = "fashion_mnist"):
+    parts = [p.strip() for p in arg.split(",")]
+    if set(parts[1:]) - {"ddim"}:
+        raise ValueError(f"config arg must be '<dataset>[,ddim]', got {arg!r}")
     c = ml_collections.ConfigDict()
-    c.dataset = arg
+    c.dataset = parts[0]
     c.split = "train"
     c.limit = ml_collections.config_dict.placeholder(int)       # first K training images
     c.resolution = ml_collections.config_dict.placeholder(int)
@@ -34,6 +39,9 @@ def get_config(arg: str = "fashion_mnist"):
     c.max_rel_frob = 0.2           # ||W - W*||_F / ||W*||_F
     c.min_cosine = 0.98            # centre-pixel field cosine vs Wiener
     c.max_excess = 0.01            # (L(W, b) - L*) / L*
+    if "ddim" in parts[1:]:
+        # the ten timesteps of the 10-step DDIM grid, so compare.py can sample with "linear"
+        c.timesteps = (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
     if arg == "smoke":
         c.dataset = "synthetic"
         c.limit = 256

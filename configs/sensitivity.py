@@ -8,13 +8,17 @@ trained network in ``config.networks`` (name -> checkpoint directory, built with
 ``denoisers.make("network", checkpoint=...)``) when its directory exists. Missing ones are
 skipped and listed in ``metrics.json``. Overrides, e.g. ``--config.num_inputs=32
 --config.networks.unet=checkpoints/other --config.pixels='((14, 14), (5, 5))'``.
-``"smoke"`` is a seconds-long variant on a synthetic 8x8 set for tests.
+``"<dataset>,quick"`` uses 4 noisy inputs (the README's main job); ``"smoke"`` is a seconds-long variant on a synthetic 8x8 set for tests.
 """
 
 import ml_collections
 
 
 def get_config(arg: str = "fashion_mnist"):
+    parts = [p.strip() for p in arg.split(",")]
+    if set(parts[1:]) - {"quick"}:
+        raise ValueError(f"config arg must be '<dataset>[,quick]', got {arg!r}")
+    arg = parts[0]
     c = ml_collections.ConfigDict()
     c.dataset = arg
     c.stats_split = "train"
@@ -25,15 +29,18 @@ def get_config(arg: str = "fashion_mnist"):
     c.timesteps = (50, 100, 200, 300, 500, 700)    # DDPM linear schedule, ab = alphas_cumprod[t]
     c.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))  # first is the centre; (row, col)
     c.seed = 0
-    c.linear_weights = "workdirs/linear_gd_fmnist/linear_weights.npz"
+    c.linear_weights = ("workdirs/linear_gd_fmnist/linear_weights.npz" if arg == "fashion_mnist"
+                        else f"workdirs/linear_gd_{arg}/linear_weights.npz")
     c.linear_tolerance = 1e-5      # use a linear W only at levels it was trained for
     c.networks = ml_collections.ConfigDict({
-        "unet": "checkpoints/fashion_mnist_unet_cpu",
-        "dit": "checkpoints/fashion_mnist_dit_cpu",
+        "unet": f"checkpoints/{arg}_unet_cpu",
+        "dit": f"checkpoints/{arg}_dit_cpu",
     })
     c.pixel_batch = 0              # >0: pull back this many cotangents at a time (less memory)
     c.radius_masses = (0.5, 0.9)
     c.iou_masses = (0.5, 0.9)      # IoU of the supports holding these fractions of the mass
+    if "quick" in parts[1:]:
+        c.num_inputs = 4
     if arg == "smoke":
         c.dataset = "synthetic"
         c.stats_limit = 256

@@ -87,6 +87,7 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
     t.data_limit = None
     t.seed = 0
     t.random_flip = FLIP.get(dataset, False)
+    t.transform = ""  # e.g. "link:10,4,0,20,6" or "permute:0" (locality.data.transforms)
     t.grad_clip = 1.0
     t.weight_decay = 0.0
     t.b1, t.b2, t.adam_eps = 0.9, 0.999, 1e-8

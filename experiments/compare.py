@@ -39,6 +39,17 @@ def build(label: str, kwargs: dict, train, st):
     return method, denoisers.make(method, **kwargs)
 
 
+def subset(train, limit, seed: int):
+    """``limit`` training images drawn without replacement (fixed by ``seed``, kept in dataset
+    order), or all of them. A random subset, not a prefix: some sources are sorted by class."""
+    if not limit or limit >= len(train):
+        return train
+    if limit < 1:
+        raise ValueError(f"a method's training-set limit must be >= 1, got {limit}")
+    idx = np.sort(np.random.default_rng(seed).choice(len(train), int(limit), replace=False))
+    return train[idx]
+
+
 def sample_batches(den, x_T, sched, num_steps, batch):
     """DDIM over ``x_T`` in batches; returns stacked x0_hats [S, N, ...], xts, abs, timesteps."""
     outs = [sampling.ddim(den, x_T[i:i + batch], sched, num_steps) for i in range(0, len(x_T), batch)]
@@ -58,12 +69,21 @@ def run(config, workdir: str) -> str:
         net_x0, net_xt, abs_, ts = sample_batches(net, x_T, sched, config.num_steps, config.batch_size)
     logging.info("network sampled in %.1fs", t_net.seconds)
     slow = set(filter(None, config.slow_methods.split(",")))
-    small = train[:config.peer_limit] if config.peer_limit else train
-    results, finals, rows = {}, {"network": net_x0[-1]}, []
+    results, finals, rows, skipped = {}, {"network": net_x0[-1]}, [], {}
     labels = [m for m in config.methods.split(",") if m]
     for label in labels:
         kw = config.method_kwargs[label].to_dict() if label in config.method_kwargs else {}
-        tr = small if label in slow else train
+        limit = kw.pop("limit", None) or (config.peer_limit if label in slow else None)
+        tr = subset(train, limit, config.seed)
+        missing = [v for k, v in kw.items() if k in ("weights", "network", "checkpoint")
+                   and isinstance(v, str) and not os.path.exists(v)]
+        if missing:
+            skipped[label] = (f"{missing[0]} does not exist" + (
+                "; train it with python experiments/linear_gd.py --config "
+                f"configs/linear_gd.py:{config.dataset},ddim --workdir "
+                f"{os.path.dirname(missing[0])}" if label == "linear" else ""))
+            logging.warning("skipping %s: %s", label, skipped[label])
+            continue
         method, den = build(label, kw, tr, st)
         with common.Timer() as t:
             x0, xt, _, _ = sample_batches(den, x_T, sched, config.num_steps, config.batch_size)
@@ -80,6 +100,9 @@ def run(config, workdir: str) -> str:
                 res[f"final_{kind}_{name}_mean"] = float(v[-1].mean())
                 res[f"final_{kind}_{name}_median"] = float(np.median(v[-1]))
                 res[f"stepmean_{kind}_{name}"] = float(v.mean())
+            res[f"final_{kind}_r2_per_sample"] = [float(a) for a in m["r2"][-1]]
+            res[f"{kind}_r2_per_step_se"] = [float(a) for a in
+                                             m["r2"].std(1, ddof=1) / np.sqrt(m["r2"].shape[1])]
         results[label] = res
         finals[label] = x0[-1]
         rows.append(res)
@@ -108,6 +131,7 @@ def run(config, workdir: str) -> str:
         f"python experiments/compare.py --config configs/compare.py:{config.dataset} --workdir {workdir}")
     header = (f"{config.dataset}: {config.num_samples} samples, DDIM {config.num_steps} steps, "
               f"network {config.checkpoint}. Reproduce: `{cmd}`\n\n")
+    md += [f"\nskipped {label}: {why}" for label, why in skipped.items()]
     common.atomic_write_text(os.path.join(workdir, "table.md"), header + "\n".join(md) + "\n")
     t_axis = [int(t) for t in ts]
     for metric in ("r2", "mse"):
@@ -123,7 +147,8 @@ def run(config, workdir: str) -> str:
     plotting.save_rows(grid, os.path.join(workdir, "grid.png"), title="final samples, shared noise")
     common.write_json(os.path.join(workdir, "metrics.json"),
                       {"dataset": config.dataset, "checkpoint": config.checkpoint,
-                       "network_seconds": t_net.seconds, "methods": results, "command": cmd})
+                       "network_seconds": t_net.seconds, "methods": results, "command": cmd,
+                       "skipped": skipped, "num_samples": int(config.num_samples)})
     return header + "\n".join(md)
 
 

@@ -237,6 +237,7 @@ def run(config, workdir: str) -> dict:
 
     metrics = {
         "timesteps": ts, "ab": abs_, "pixels": [list(p) for p in pixels],
+        "model_order": names,   # row/column order of the cosine and IoU matrices
         "num_inputs": int(test.shape[0]), "stats_images": int(st.count),
         "models": status, "radius": radius, "cosine": cos, "iou": ious,
         "seconds_per_level": {m: float(np.mean(v)) if v else None for m, v in timings.items()},

@@ -84,6 +84,8 @@ class TrainConfig:
         ``min(d, (1 + s) / (10 + s))`` (the warmup of Tarvainen & Valpola 2017 / tf.train EMA).
       seed: the one seed (init, per-step keys, data order, flips, sample noise).
       random_flip: random horizontal flips (per image, from ``(seed, step)``).
+      transform: a :mod:`locality.data.transforms` spec applied to the training images once,
+        before training (``"link:SR,SC,DR,DC,K"``, ``"permute:SEED"``; ``""`` = none).
       checkpoint_every, keep_checkpoints: save every K steps (and at the end), keep N.
       log_every: steps between ``metrics.jsonl`` lines.
       num_samples, sample_steps: the DDIM sample grid written at every checkpoint (0 disables).
@@ -108,6 +110,7 @@ class TrainConfig:
     ema_warmup: bool = False
     seed: int = 0
     random_flip: bool = False
+    transform: str = ""
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -121,6 +124,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        from locality.data import transforms
+
+        transforms.parse(self.transform)  # a bad spec fails here, before any data is read
+        if self.transform and self.random_flip:
+            raise ValueError(f"transform={self.transform!r} fixes pixel positions, which random "
+                             "flips would break; set random_flip=False")
         if self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}")
 
@@ -623,6 +632,10 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         images = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
                            limit=cfg.data_limit)
     images = np.asarray(images, np.float32)
+    if cfg.transform:
+        from locality.data import transforms
+
+        images = transforms.apply(images, cfg.transform)
     if images.ndim != 4 or not np.all(np.isfinite(images)):
         raise ValueError(f"training images must be finite [N, H, W, C]; got shape {images.shape}")
     image_shape = tuple(int(s) for s in images.shape[1:])

@@ -62,3 +62,27 @@ def test_compare_entry_point(tiny_data, tmp_path):
     assert m["methods"]["pca_locality_chunk_mean"]["method"] == "pca_locality"
     for f in ("table.md", "table.csv", "r2_vs_t.png", "grid.png"):
         assert (tmp_path / f).exists()
+
+
+def test_compare_subset_and_skips(tiny_data, tmp_path):
+    idx_train = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float32)
+    sub = compare.subset(idx_train, 10, seed=3)
+    picked = sub[:, 0, 0, 0].astype(int)
+    assert len(set(picked)) == 10 and np.all(np.diff(picked) > 0)      # distinct, in order
+    assert picked.max() >= 10                                             # not a prefix
+    np.testing.assert_array_equal(compare.subset(idx_train, 10, seed=3), sub)
+    assert compare.subset(idx_train, None, 0) is idx_train
+    cfg = compare_cfg.get_config("fashion_mnist")
+    cfg.checkpoint = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
+                                  "fashion_mnist_unet_cpu")
+    cfg.methods = "wiener,linear,els"
+    cfg.method_kwargs.linear.weights = str(tmp_path / "missing.npz")
+    cfg.method_kwargs.els.limit = 5
+    cfg.num_samples = 2
+    cfg.batch_size = 2
+    cfg.num_steps = 2
+    compare.run(cfg, str(tmp_path / "w"))
+    m = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert "missing.npz does not exist" in m["skipped"]["linear"]
+    assert m["methods"]["els"]["train_size"] == 5
+    assert "skipped linear" in (tmp_path / "w" / "table.md").read_text()

@@ -1,0 +1,381 @@
+"""Gather every run's ``metrics.json`` into one report with verdicts on the paper's claims.
+
+    python experiments/report.py                      # results/ -> results/REPORT.md + README table
+    python experiments/report.py --results workdirs/quickstart --out workdirs/quickstart/REPORT.md --readme=
+
+Scans the sub-directories of ``--results`` and recognises each run by its ``metrics.json``:
+comparisons (``experiments/compare.py``), sensitivity fields (``experiments/sensitivity.py``),
+GD-trained linear denoisers (``experiments/linear_gd.py``) and data-statistics experiments
+(``experiments/data_stats.py``); trained networks are read from ``--checkpoints``. Every number
+in the report is read from those files and printed next to the command that regenerates it; the
+verdicts are computed from the numbers, whatever they say. The README's results table is the
+block between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from locality._io import atomic_write_text  # noqa: E402
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+PEERS = ("wiener", "optimal", "ls", "els", "bbels", "pspc_square", "pspc_flex", "scfdm", "linear",
+         "nearest")
+OURS = "pca_locality"
+
+
+def _load(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def discover(results: str) -> Dict[str, List[tuple]]:
+    """{kind: [(run dir, metrics, config)]} for every run under ``results``."""
+    runs = {"compare": [], "sensitivity": [], "linear_gd": [], "data_stats": []}
+    if not os.path.isdir(results):
+        raise FileNotFoundError(f"--results {results!r} is not a directory; run the experiments "
+                                "first (see the README)")
+    for name in sorted(os.listdir(results)):
+        d = os.path.join(results, name)
+        m = _load(os.path.join(d, "metrics.json"))
+        if not isinstance(m, dict):
+            continue
+        cfg = _load(os.path.join(d, "config.json")) or {}
+        if "methods" in m and "checkpoint" in m:
+            runs["compare"].append((d, m, cfg))
+        elif "radius" in m and "cosine" in m:
+            runs["sensitivity"].append((d, m, cfg))
+        elif "converged_all" in m:
+            runs["linear_gd"].append((d, m, cfg))
+        elif "parts" in m:
+            runs["data_stats"].append((d, m, cfg))
+    return runs
+
+
+def _cmd(exp: str, arg: str, d: str, extra: str = "") -> str:
+    return f"python experiments/{exp}.py --config configs/{exp}.py:{arg} --workdir {d}{extra}"
+
+
+def _f(x, nd=3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _rel(path: str, out_dir: str) -> str:
+    return os.path.relpath(path, out_dir)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def compare_section(d, m, out_dir):
+    ds = m["dataset"]
+    res = m["methods"]
+    cmd = m.get("command") or _cmd("compare", ds, d)
+    r2 = {k: v["final_trajectory_r2_mean"] for k, v in res.items()}
+    lines = [f"### Score comparison on {ds}", "",
+             f"Network `{m['checkpoint']}`, {m.get('num_samples', '?')} samples, 10-step DDIM from "
+             f"shared noise. Reproduce: `{cmd}`", ""]
+    table = os.path.join(d, "table.md")
+    if os.path.exists(table):
+        body = open(table).read().split("\n\n", 1)[-1]
+        lines += [body.strip(), ""]
+    rows = []
+    if OURS in res:
+        ours = res[OURS]
+        a = np.asarray(ours.get("final_trajectory_r2_per_sample", []), np.float64)
+        verdicts = []
+        for peer in PEERS:
+            if peer not in res:
+                continue
+            b = np.asarray(res[peer].get("final_trajectory_r2_per_sample", []), np.float64)
+            diff = r2[OURS] - r2[peer]
+            se = (np.std(a - b, ddof=1) / np.sqrt(len(a))) if len(a) > 1 and len(a) == len(b) \
+                else float("nan")
+            sig = "" if not np.isfinite(se) else (" (within 2 paired SE: a tie)" if abs(diff) < 2 * se
+                                                  else f" (paired SE {se:.3f})")
+            word = "better" if diff > 0 else "worse"
+            verdicts.append(f"- {OURS} vs {peer}: final r2 {r2[OURS]:.3f} vs {r2[peer]:.3f}, "
+                            f"{word} by {abs(diff):.3f}{sig}")
+            rows.append((peer, diff, se))
+        best = max(r2, key=r2.get)
+        lines += [f"**Final step:** best method `{best}` (r2 {r2[best]:.3f}).", ""] + verdicts + [""]
+        # per noise level
+        ts = ours["timesteps"]
+        hdr = "| t | " + " | ".join(str(t) for t in ts) + " |"
+        per = ["| best (trajectory r2) |", "| best (single-step r2) |", f"| {OURS} rank (single-step) |"]
+        for i in range(len(ts)):
+            tr = {k: v["trajectory"]["r2"][i] for k, v in res.items()}
+            ss = {k: v["single_step"]["r2"][i] for k, v in res.items()}
+            order = sorted(ss, key=ss.get, reverse=True)
+            per[0] += f" {max(tr, key=tr.get)} |"
+            per[1] += f" {order[0]} |"
+            per[2] += f" {order.index(OURS) + 1}/{len(order)} |"
+        lines += ["**Per noise level** (which method agrees best with the network at each DDIM step):",
+                  "", hdr, "|---" * (len(ts) + 1) + "|"] + per + [""]
+    for fig in ("r2_vs_t.png", "grid.png"):
+        if os.path.exists(os.path.join(d, fig)):
+            lines.append(f"![{ds} {fig}]({_rel(os.path.join(d, fig), out_dir)})")
+    lines.append("")
+    skipped = m.get("skipped") or {}
+    for k, why in skipped.items():
+        lines.append(f"- skipped `{k}`: {why}")
+    readme = None
+    if OURS in r2:
+        beaten = [p for p, diff, se in rows if diff < 0 and not (np.isfinite(se) and abs(diff) < 2 * se)]
+        ties = [p for p, diff, se in rows if np.isfinite(se) and abs(diff) < 2 * se]
+        verdict = ("matches the network better than every peer" if not beaten and not ties else
+                   (f"beaten by {', '.join(beaten)}" if beaten else "no peer is better") +
+                   (f"; tied with {', '.join(ties)}" if ties else ""))
+        readme = (f"pca_locality vs network, final r2 ({ds})",
+                  f"{r2[OURS]:.3f} (Wiener {_f(r2.get('wiener'))}, optimal "
+                  f"{_f(r2.get('optimal'))}, LS {_f(r2.get('ls'))}, best `{max(r2, key=r2.get)}`)",
+                  verdict, cmd)
+    return lines, readme
+
+
+def sensitivity_section(d, m, cfg, out_dir):
+    ds = cfg.get("dataset", "?")
+    ts = m["timesteps"]
+    cmd = _cmd("sensitivity", ds, d)
+    first = ",".join(str(v) for v in m["pixels"][0])
+    ok = [k for k, v in m["models"].items() if v["status"] == "ok"]
+    # matrix order; runs written before "model_order" existed used wiener, linear, then networks
+    # in sorted order
+    names = m.get("model_order") or (["wiener"] + (["linear"] if "linear" in ok else [])
+                                     + sorted(k for k in ok if k not in ("wiener", "linear")))
+    lines = [f"### Sensitivity fields on {ds}", "", f"Reproduce: `{cmd}`", "",
+             "| model | 50% radius at t = " + ", ".join(map(str, ts)) + " | cosine to Wiener |",
+             "|---|---|---|"]
+    shrink = {}
+    for k in names:
+        r = m["radius"][k][first]["0.5"]
+        idx = names.index(k)
+        cos = [m["cosine"][str(t)][first][0][idx] for t in ts]
+        lines.append(f"| {k} | " + " ".join(_f(v, 2) for v in r) + " | "
+                     + " ".join(_f(v) for v in cos) + " |")
+        vals = [v for v in r if v is not None]
+        shrink[k] = bool(vals) and vals[0] < vals[-1]
+    nets = [k for k in names if k not in ("wiener", "linear")]
+    cos_nets = {k: [m["cosine"][str(t)][first][0][names.index(k)] for t in ts] for k in nets}
+    lines += ["", "Fields shrink with decreasing noise (50% radius at the lowest t < at the highest): "
+              + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in shrink.items()) + ".", ""]
+    for fig in (f"fields_r{m['pixels'][0][0]}_c{m['pixels'][0][1]}.png", "radius.png",
+                "similarity_vs_t.png"):
+        if os.path.exists(os.path.join(d, fig)):
+            lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+    lines.append("")
+    readme = None
+    if nets:
+        lo = min(min(v) for v in cos_nets.values())
+        hi = max(max(v) for v in cos_nets.values())
+        readme = (f"network fields vs Wiener ({ds})",
+                  f"cosine {lo:.2f}-{hi:.2f} ({', '.join(nets)}) over t = {ts[0]}-{ts[-1]}",
+                  "agree and shrink with decreasing noise" if all(shrink.values()) and lo > 0.8
+                  else "partly: " + ", ".join(f"{k} shrinks: {v}" for k, v in shrink.items()), cmd)
+    return lines, readme
+
+
+def linear_section(d, m, cfg, out_dir):
+    ds = cfg.get("dataset", "?")
+    ddim = tuple(m["timesteps"]) == (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
+    cmd = _cmd("linear_gd", f"{ds},ddim" if ddim else ds, d)
+    lines = [f"### Gradient-descent linear denoisers on {ds}", "", f"Reproduce: `{cmd}`", "",
+             "| t | rel. Frobenius error to W* | field cosine | excess loss | converged |",
+             "|---|---|---|---|---|"]
+    for t in m["timesteps"]:
+        f = m["levels"][str(t)]["final"]
+        lines.append(f"| {t} | {f['rel_frob']:.4f} | {f['cosine']:.4f} | {f['excess']:.2e} | "
+                     f"{m['levels'][str(t)]['converged']} |")
+    for fig in ("rel_frob.png", "cosine.png"):
+        if os.path.exists(os.path.join(d, fig)):
+            lines.append(f"\n![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+    lines.append("")
+    worst = max(m["levels"][str(t)]["final"]["rel_frob"] for t in m["timesteps"])
+    readme = (f"GD linear denoisers -> Wiener ({ds})",
+              f"rel. error <= {worst:.3f} at all {len(m['timesteps'])} levels",
+              "converge to the Wiener filter" if m["converged_all"] else
+              "do not all converge (see report)", cmd)
+    return lines, readme
+
+
+def data_stats_section(d, m, cfg, out_dir):
+    ds = m.get("dataset", cfg.get("dataset", "?"))
+    cmd = _cmd("data_stats", ds, d)
+    ts = m["timesteps"]
+    lines = [f"### Data-statistics experiments ({ds})", "", f"Reproduce: `{cmd}`", ""]
+    readme = []
+    if "link" in m:
+        lk = m["link"]
+        p = ",".join(map(str, lk["pixels"][0]))
+        lines += [f"**Injected long-range link** `{lk['spec']}`: fraction of the field of the "
+                  f"destination-block pixel ({p}) that lies in the distant source block, at t = "
+                  f"{', '.join(map(str, ts))}.", "", "| model | linked mass |", "|---|---|"]
+        for k, st in lk["models"].items():
+            if st["status"] == "ok":
+                lines.append(f"| {k} | " + " ".join(_f(v) for v in lk["linked_mass"][k][p]) + " |")
+            else:
+                lines.append(f"| {k} | skipped: {st['reason']} |")
+        lines.append("")
+        mass = {k: float(np.mean(v[p])) for k, v in lk["linked_mass"].items()}
+        if "unet_linked" in mass and "unet_original" in mass:
+            readme.append((f"link injection: UNet field mass on the linked block ({ds})",
+                           f"{mass['unet_linked']:.3f} trained on linked data vs "
+                           f"{mass['unet_original']:.3f} on original (Wiener {mass['wiener_linked']:.3f}"
+                           f" vs {mass['wiener_original']:.3f})",
+                           "the field follows the injected correlation" if mass["unet_linked"] >
+                           max(2 * mass["unet_original"], 0.05) else "no clear transfer", cmd))
+        for fig in (f"link_fields_r{lk['pixels'][0][0]}_c{lk['pixels'][0][1]}.png", "link_mass.png"):
+            if os.path.exists(os.path.join(d, fig)):
+                lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+        lines.append("")
+    if "permute" in m:
+        pm = m["permute"]
+        lines += [f"**Permuted pixels** `{pm['spec']}` (Wiener equivariance error "
+                  f"{max(pm['wiener_equivariance_max_rel_err']):.1e}): 50% radius of the fields "
+                  "on the data grid and on the permuted grid, and cosine to the Wiener field of "
+                  "the original data (mean over pixels), at t = " + ", ".join(map(str, ts)) + ".",
+                  "", "| model | r50 data grid | r50 permuted grid | cosine to Wiener |",
+                  "|---|---|---|---|"]
+        for k, st in pm["models"].items():
+            if st["status"] != "ok":
+                lines.append(f"| {k} | skipped: {st['reason']} | | |")
+                continue
+            s = pm["summary"][k]
+            lines.append(f"| {k} | " + " ".join(_f(v, 2) for v in s["radius50_data_grid"]) + " | "
+                         + " ".join(_f(v, 2) for v in s["radius50_permuted_grid"]) + " | "
+                         + " ".join(_f(v) for v in s["cosine_to_wiener_original"]) + " |")
+        lines.append("")
+        for k in ("unet_permuted", "dit_permuted"):
+            if k in pm["summary"]:
+                s = pm["summary"][k]
+                rd, rp = np.mean(s["radius50_data_grid"]), np.mean(s["radius50_permuted_grid"])
+                readme.append((f"{k.split('_')[0].upper() if k.startswith('dit') else 'UNet'} "
+                               f"trained on permuted pixels ({ds})",
+                               f"r50 {rd:.1f} px on the data grid vs {rp:.1f} px on its own grid; "
+                               f"cosine to Wiener {np.mean(s['cosine_to_wiener_original']):.2f}",
+                               "locality follows the data, not the grid" if rd < rp else
+                               "locality follows the grid", cmd))
+        for fig in ("permute_fields_data_grid.png", "permute_radius.png",
+                    *[v for v in pm.get("samples", {}).values()]):
+            if os.path.exists(os.path.join(d, fig)):
+                lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+        lines.append("")
+    if "pcs" in m:
+        pc = m["pcs"]
+        lines += [f"**Aligned faces** ({pc['dataset']}, {pc['images']} images): fraction of the "
+                  "energy of the Wiener rows in the span of the top-k principal components (mean "
+                  "over all pixels), at t = " + ", ".join(map(str, ts)) + ".", "",
+                  "| top k | variance explained | energy of W_t rows |", "|---|---|---|"]
+        for k, v in pc["energy_all_pixels"].items():
+            lines.append(f"| {k} | {pc['explained_variance_top_k'][k]:.3f} | "
+                         + " ".join(_f(x) for x in v) + " |")
+        k0 = list(pc["energy_all_pixels"])[1] if len(pc["energy_all_pixels"]) > 1 else \
+            list(pc["energy_all_pixels"])[0]
+        e = pc["energy_all_pixels"][k0]
+        readme.append((f"faces: Wiener rows in the top-{k0} PCs ({pc['dataset']})",
+                       f"{e[-1]:.2f} at t={ts[-1]} vs {e[0]:.2f} at t={ts[0]}",
+                       "high-noise fields are built from the top PCs" if e[-1] > e[0] else
+                       "no concentration on the top PCs", cmd))
+        lines.append("")
+        for fig in ("pcs_top.png", "pcs_fields.png", "pcs_energy.png"):
+            if os.path.exists(os.path.join(d, fig)):
+                lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+        lines.append("")
+    return lines, readme
+
+
+def training_section(checkpoints: str, out_dir: str):
+    lines = ["### Trained networks", "", "| checkpoint | params | steps | final loss | samples |",
+             "|---|---|---|---|---|"]
+    if not os.path.isdir(checkpoints):
+        return []
+    for name in sorted(os.listdir(checkpoints)):
+        d = os.path.join(checkpoints, name)
+        m = _load(os.path.join(d, "metrics.json"))
+        if not m:
+            continue
+        grid = [f for f in sorted(os.listdir(d)) if f.startswith("samples_")]
+        link = f"![]({_rel(os.path.join(d, grid[-1]), out_dir)})" if grid else ""
+        lines.append(f"| `{d}` | {m['num_params']:,} | {m['steps']} | {m['final_loss']:.4f} | "
+                     f"{link} |")
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def build_report(results: str, out: str, checkpoints: str = "checkpoints"):
+    """Returns (markdown text, README rows)."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    runs = discover(results)
+    md = ["# Results", "",
+          "Generated by `python experiments/report.py` from the `metrics.json` of every run under "
+          f"`{results}`; each section names the command that regenerates it. Measured on a 2-core "
+          "CPU unless a section says otherwise.", ""]
+    rows = []
+    for d, m, _ in runs["compare"]:
+        lines, row = compare_section(d, m, out_dir)
+        md += lines
+        rows += [row] if row else []
+    for d, m, cfg in runs["sensitivity"]:
+        lines, row = sensitivity_section(d, m, cfg, out_dir)
+        md += lines
+        rows += [row] if row else []
+    for d, m, cfg in runs["linear_gd"]:
+        lines, row = linear_section(d, m, cfg, out_dir)
+        md += lines
+        rows += [row] if row else []
+    for d, m, cfg in runs["data_stats"]:
+        lines, rs = data_stats_section(d, m, cfg, out_dir)
+        md += lines
+        rows += rs
+    md += training_section(checkpoints, out_dir)
+    if not any(runs.values()):
+        md.append(f"No runs found under `{results}`.")
+    return "\n".join(md) + "\n", rows
+
+
+def readme_table(rows) -> str:
+    out = [BEGIN, "| claim | measured | verdict | command |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | `{d}` |" for a, b, c, d in rows]
+    return "\n".join(out + [END])
+
+
+def update_readme(path: str, rows) -> bool:
+    text = open(path).read()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{path} has no {BEGIN} ... {END} block; add one where the table goes")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(path, head + readme_table(rows) + tail)
+    return True
+
+
+def main(argv):
+    del argv
+    text, rows = build_report(FLAGS.results, FLAGS.out, FLAGS.checkpoints)
+    atomic_write_text(FLAGS.out, text)
+    print(f"wrote {FLAGS.out} ({len(rows)} headline rows)")
+    if FLAGS.readme:
+        update_readme(FLAGS.readme, rows)
+        print(f"updated the results table in {FLAGS.readme}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("results", "results", "directory whose sub-directories are runs")
+    flags.DEFINE_string("out", "results/REPORT.md", "report path")
+    flags.DEFINE_string("readme", "README.md", "README whose results block to update ('' = none)")
+    flags.DEFINE_string("checkpoints", "checkpoints", "directory of trained networks")
+    FLAGS = flags.FLAGS
+    app.run(main)

@@ -1,0 +1,56 @@
+"""experiments/report.py on hand-made run directories (numbers chosen here, verdicts checked)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import report
+
+
+def _compare_run(d, r2_ours, r2_peers):
+    d.mkdir(parents=True)
+    ts = [900, 0]
+    methods = {}
+    for name, per_sample in [("pca_locality", r2_ours)] + list(r2_peers.items()):
+        per_sample = np.asarray(per_sample, np.float64)
+        methods[name] = {
+            "final_trajectory_r2_mean": float(per_sample.mean()),
+            "final_trajectory_r2_per_sample": per_sample.tolist(), "timesteps": ts,
+            "trajectory": {"r2": [0.1, float(per_sample.mean())]},
+            "single_step": {"r2": [0.2, float(per_sample.mean())]}}
+    (d / "metrics.json").write_text(json.dumps({
+        "dataset": "toy", "checkpoint": "ckpt", "methods": methods, "num_samples": len(r2_ours),
+        "command": "python experiments/compare.py --config configs/compare.py:toy"}))
+
+
+def test_report_verdicts_and_readme(tmp_path):
+    res = tmp_path / "results"
+    rng = np.random.default_rng(0)
+    ours = 0.5 + 0.01 * rng.normal(size=16)
+    _compare_run(res / "compare_toy", ours, {
+        "wiener": ours - 0.2,                                  # clearly worse than ours
+        "optimal": ours + 0.3,                                 # clearly better
+        "ls": ours + 0.001 * rng.normal(size=16)})             # a tie
+    text, rows = report.build_report(str(res), str(res / "REPORT.md"), str(tmp_path / "none"))
+    assert "pca_locality vs wiener: final r2" in text and "better by 0.200" in text
+    assert "pca_locality vs optimal" in text and "worse by 0.300" in text
+    line = [l for l in text.splitlines() if l.startswith("- pca_locality vs ls")][0]
+    assert "a tie" in line
+    (claim, measured, verdict, cmd), = rows
+    assert verdict == "beaten by optimal; tied with ls"
+    assert cmd.startswith("python experiments/compare.py")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.BEGIN}\nold\n{report.END}\nafter\n")
+    report.update_readme(str(readme), rows)
+    body = readme.read_text()
+    assert "old" not in body and "beaten by optimal" in body and body.endswith("after\n")
+    bad = tmp_path / "BAD.md"
+    bad.write_text("no block")
+    with pytest.raises(ValueError, match="results:begin"):
+        report.update_readme(str(bad), rows)
+
+
+def test_report_needs_results_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the experiments"):
+        report.build_report(str(tmp_path / "nope"), str(tmp_path / "R.md"))
