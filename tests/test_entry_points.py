@@ -86,3 +86,24 @@ def test_compare_subset_and_skips(tiny_data, tmp_path):
     assert "missing.npz does not exist" in m["skipped"]["linear"]
     assert m["methods"]["els"]["train_size"] == 5
     assert "skipped linear" in (tmp_path / "w" / "table.md").read_text()
+
+
+def test_config_variants():
+    from configs import linear_gd as lgd_cfg
+    from configs import sensitivity as sens_cfg
+    from locality import schedules
+
+    q = compare_cfg.get_config("fashion_mnist,quick")
+    assert q.num_samples == 8 and q.method_kwargs.els.limit < compare_cfg.get_config(
+        "fashion_mnist").method_kwargs.els.limit
+    # pspc_flex builds its crops at exactly the sampler's levels
+    sched = schedules.ddpm_linear()
+    np.testing.assert_allclose(q.method_kwargs.pspc_flex.abs,
+                               [sched.ab(int(t)) for t in schedules.ddim_timesteps(10)])
+    assert tuple(lgd_cfg.get_config("mnist,ddim").timesteps) == tuple(
+        int(t) for t in schedules.ddim_timesteps(10))
+    assert sens_cfg.get_config("mnist,quick").networks.unet == "checkpoints/mnist_unet_cpu"
+    for mod, bad in ((compare_cfg, "fashion_mnist,fast"), (sens_cfg, "mnist,slow"),
+                     (lgd_cfg, "mnist,edm")):
+        with pytest.raises(ValueError, match="config arg"):
+            mod.get_config(bad)
