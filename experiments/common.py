@@ -50,3 +50,22 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def run_as_program(run, config_help: str) -> None:
+    """absl entry point for ``run(config, workdir)``: defines ``--config`` and ``--workdir`` and
+    runs. Called only under ``if __name__ == "__main__"``, so tests can import several entry
+    points without their flags colliding."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, config_help)
+    workdir = flags.DEFINE_string("workdir", None, "output directory")
+
+    def main(argv):
+        del argv
+        if workdir.value is None or config.value is None:
+            raise app.UsageError("--config and --workdir are required")
+        run(config.value, workdir.value)
+
+    app.run(main)

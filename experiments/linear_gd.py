@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from locality import plotting, schedules, sensitivity, stats  # noqa: E402
@@ -167,15 +166,5 @@ def run(config, workdir: str) -> dict:
     return metrics
 
 
-def main(argv):
-    del argv
-    if _WORKDIR.value is None or _CONFIG.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-    # Flags are defined only when run as a program, so tests can import several entry points.
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/linear_gd.py:fashion_mnist")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
-    app.run(main)
+    common.run_as_program(run, "configs/linear_gd.py:fashion_mnist")
