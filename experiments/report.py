@@ -75,6 +75,12 @@ def _rel(path: str, out_dir: str) -> str:
     return os.path.relpath(path, out_dir)
 
 
+def _figures(d: str, names, out_dir: str) -> List[str]:
+    """Markdown image lines for the files of ``names`` that exist in run directory ``d``."""
+    return [f"![{f}]({_rel(os.path.join(d, f), out_dir)})" for f in names
+            if os.path.exists(os.path.join(d, f))]
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -123,9 +129,7 @@ def compare_section(d, m, out_dir):
             per[2] += f" {order.index(OURS) + 1}/{len(order)} |"
         lines += ["**Per noise level** (which method agrees best with the network at each DDIM step):",
                   "", hdr, "|---" * (len(ts) + 1) + "|"] + per + [""]
-    for fig in ("r2_vs_t.png", "grid.png"):
-        if os.path.exists(os.path.join(d, fig)):
-            lines.append(f"![{ds} {fig}]({_rel(os.path.join(d, fig), out_dir)})")
+    lines += _figures(d, ("r2_vs_t.png", "grid.png"), out_dir)
     lines.append("")
     skipped = m.get("skipped") or {}
     for k, why in skipped.items():
@@ -170,10 +174,8 @@ def sensitivity_section(d, m, cfg, out_dir):
     cos_nets = {k: [m["cosine"][str(t)][first][0][names.index(k)] for t in ts] for k in nets}
     lines += ["", "Fields shrink with decreasing noise (50% radius at the lowest t < at the highest): "
               + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in shrink.items()) + ".", ""]
-    for fig in (f"fields_r{m['pixels'][0][0]}_c{m['pixels'][0][1]}.png", "radius.png",
-                "similarity_vs_t.png"):
-        if os.path.exists(os.path.join(d, fig)):
-            lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+    lines += _figures(d, (f"fields_r{m['pixels'][0][0]}_c{m['pixels'][0][1]}.png", "radius.png",
+                "similarity_vs_t.png"), out_dir)
     lines.append("")
     readme = None
     if nets:
@@ -197,9 +199,7 @@ def linear_section(d, m, cfg, out_dir):
         f = m["levels"][str(t)]["final"]
         lines.append(f"| {t} | {f['rel_frob']:.4f} | {f['cosine']:.4f} | {f['excess']:.2e} | "
                      f"{m['levels'][str(t)]['converged']} |")
-    for fig in ("rel_frob.png", "cosine.png"):
-        if os.path.exists(os.path.join(d, fig)):
-            lines.append(f"\n![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+    lines += _figures(d, ("rel_frob.png", "cosine.png"), out_dir)
     lines.append("")
     worst = max(m["levels"][str(t)]["final"]["rel_frob"] for t in m["timesteps"])
     readme = (f"GD linear denoisers -> Wiener ({ds})",
@@ -235,9 +235,8 @@ def data_stats_section(d, m, cfg, out_dir):
                            f" vs {mass['wiener_original']:.3f})",
                            "the field follows the injected correlation" if mass["unet_linked"] >
                            max(2 * mass["unet_original"], 0.05) else "no clear transfer", cmd))
-        for fig in (f"link_fields_r{lk['pixels'][0][0]}_c{lk['pixels'][0][1]}.png", "link_mass.png"):
-            if os.path.exists(os.path.join(d, fig)):
-                lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+        p0 = lk["pixels"][0]
+        lines += _figures(d, (f"link_fields_r{p0[0]}_c{p0[1]}.png", "link_mass.png"), out_dir)
         lines.append("")
     if "permute" in m:
         pm = m["permute"]
@@ -266,10 +265,8 @@ def data_stats_section(d, m, cfg, out_dir):
                                f"cosine to Wiener {np.mean(s['cosine_to_wiener_original']):.2f}",
                                "locality follows the data, not the grid" if rd < rp else
                                "locality follows the grid", cmd))
-        for fig in ("permute_fields_data_grid.png", "permute_radius.png",
-                    *[v for v in pm.get("samples", {}).values()]):
-            if os.path.exists(os.path.join(d, fig)):
-                lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+        lines += _figures(d, ("permute_fields_data_grid.png", "permute_radius.png",
+                              *pm.get("samples", {}).values()), out_dir)
         lines.append("")
     if "pcs" in m:
         pc = m["pcs"]
@@ -288,9 +285,7 @@ def data_stats_section(d, m, cfg, out_dir):
                        "high-noise fields are built from the top PCs" if e[-1] > e[0] else
                        "no concentration on the top PCs", cmd))
         lines.append("")
-        for fig in ("pcs_top.png", "pcs_fields.png", "pcs_energy.png"):
-            if os.path.exists(os.path.join(d, fig)):
-                lines.append(f"![{fig}]({_rel(os.path.join(d, fig), out_dir)})")
+        lines += _figures(d, ("pcs_top.png", "pcs_fields.png", "pcs_energy.png"), out_dir)
         lines.append("")
     return lines, readme
 
