@@ -108,6 +108,14 @@ def test_data_stats_smoke(tmp_path, monkeypatch):
     assert pc["1"][1] > pc["1"][0]
     for f in ("link_mass.png", "permute_radius.png", "pcs_energy.png", "summary.txt"):
         assert (tmp_path / "w" / f).exists()
+    # the report reads the run back: tables for every part, a headline row for the faces part
+    from experiments import report
+
+    text, rows = report.build_report(str(tmp_path), str(tmp_path / "REPORT.md"),
+                                     str(tmp_path / "no-checkpoints"))
+    assert "Injected long-range link" in text and "Permuted pixels" in text
+    assert "| wiener_linked | " + " ".join(f"{v:.3f}" for v in lk["wiener_linked"]["1,1"]) in text
+    assert [r for r in rows if r[0].startswith("faces: Wiener rows in the top-4 PCs")]
 
 
 def test_pc_energy_matches_numpy(tmp_path, monkeypatch):
