@@ -42,9 +42,9 @@ def get_config(arg: str = "fashion_mnist"):
     if "ddim" in parts[1:]:
         # the ten timesteps of the 10-step DDIM grid, so compare.py can sample with "linear"
         c.timesteps = (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
-        # at t = 0 (ab = 0.9999) the loss is ~1e-4 and a constant Adam step leaves W noisy
-        # around the identity; decaying the step to 0 lets every level settle
-        c.schedule = "cosine"
+        # t = 0 (ab = 0.9999) is the hardest level for Adam: W must travel from 0 to ~I while the
+        # gradients are ~1e-4; measured rel. error to W* at t = 0 after 2,000 steps: 0.16 with a
+        # constant step, 0.30 with cosine decay (the step shrinks before W arrives)
     if arg == "smoke":
         c.dataset = "synthetic"
         c.limit = 256
