@@ -68,6 +68,10 @@ def get_config(arg: str = "fashion_mnist"):
     c.batch_size = 16
     c.num_steps = 10
     c.seed = 0
+    if dataset == "cifar10_catsdogs":
+        # 32x32x3: ELS / bbELS cost ~4x more per image than at 28x28x1
+        c.method_kwargs.els.limit = 30
+        c.method_kwargs.bbels.limit = 30
     if quick:
         c.num_samples = 8
         c.batch_size = 8
