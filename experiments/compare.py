@@ -27,6 +27,7 @@ from experiments import common  # noqa: E402
 from locality import data, denoisers, metrics, plotting, sampling, schedules, stats  # noqa: E402
 
 NEEDS_STATS = {"wiener", "wiener_dense", "pca_locality"}
+NO_TRAIN = {"wiener", "wiener_dense", "linear"}   # closed forms / fitted weights, no training set
 
 
 def build(label: str, kwargs: dict, train, st):
@@ -34,7 +35,7 @@ def build(label: str, kwargs: dict, train, st):
     method = kwargs.pop("method", label)
     if method in NEEDS_STATS:
         kwargs["stats"] = st
-    if method not in ("wiener", "wiener_dense"):
+    if method not in NO_TRAIN:
         kwargs["train"] = train
     return method, denoisers.make(method, **kwargs)
 

@@ -107,3 +107,34 @@ def test_config_variants():
                      (lgd_cfg, "mnist,edm")):
         with pytest.raises(ValueError, match="config arg"):
             mod.get_config(bad)
+
+
+def test_compare_linear_row_equals_wiener_for_wiener_weights(tiny_data, tmp_path):
+    """A linear denoiser holding the Wiener filter's (W, b) must reproduce the Wiener row."""
+    from locality import denoisers, schedules, stats
+    from locality.denoisers import linear as linear_lib
+
+    st = stats.gaussian_stats(tiny_data)
+    wien = denoisers.make("wiener", stats=st)
+    sched = schedules.ddpm_linear()
+    shape = tiny_data.shape[1:]
+    weights = {}
+    for t in schedules.ddim_timesteps(2):
+        ab = float(sched.ab(int(t)))
+        b = np.asarray(wien(np.zeros((1,) + shape, np.float32), ab)).reshape(-1)
+        weights[ab] = (np.asarray(wien.jacobian(ab)), b)
+    path = linear_lib.save_linear(str(tmp_path / "w.npz"), weights, shape)
+    cfg = compare_cfg.get_config("fashion_mnist")
+    cfg.checkpoint = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
+                                  "fashion_mnist_unet_cpu")
+    cfg.methods = "wiener,linear"
+    cfg.method_kwargs.linear.weights = path
+    cfg.num_samples = 2
+    cfg.batch_size = 2
+    cfg.num_steps = 2
+    compare.run(cfg, str(tmp_path / "run"))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not m["skipped"]
+    for kind in ("trajectory", "single_step"):
+        np.testing.assert_allclose(m["methods"]["linear"][kind]["mse"],
+                                   m["methods"]["wiener"][kind]["mse"], rtol=1e-3, atol=1e-6)
