@@ -191,21 +191,33 @@ def sensitivity_section(d, m, cfg, out_dir):
 def linear_section(d, m, cfg, out_dir):
     ds = cfg.get("dataset", "?")
     ddim = tuple(m["timesteps"]) == (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
-    cmd = _cmd("linear_gd", f"{ds},ddim" if ddim else ds, d)
+    # the run's own workdir (where its weights live; results/ keeps a copy without the weights)
+    run_dir = os.path.dirname(m.get("weights_file") or "") or d
+    cmd = _cmd("linear_gd", f"{ds},ddim" if ddim else ds, run_dir)
     lines = [f"### Gradient-descent linear denoisers on {ds}", "", f"Reproduce: `{cmd}`", "",
-             "| t | rel. Frobenius error to W* | field cosine | excess loss | converged |",
-             "|---|---|---|---|---|"]
-    for t in m["timesteps"]:
-        f = m["levels"][str(t)]["final"]
-        lines.append(f"| {t} | {f['rel_frob']:.4f} | {f['cosine']:.4f} | {f['excess']:.2e} | "
-                     f"{m['levels'][str(t)]['converged']} |")
+             "| t | rel. Frobenius error to W* | its statistical floor | field cosine | "
+             "excess loss | converged |", "|---|---|---|---|---|---|"]
+    ts = m["timesteps"]
+    at_floor = []
+    for t in ts:
+        lv = m["levels"][str(t)]
+        f = lv["final"]
+        floor = lv.get("predicted_rel_frob")
+        # within 10 % of the error the sampling noise of a finite training run predicts
+        near = floor is not None and f["rel_frob"] <= 1.1 * floor
+        at_floor.append(bool(lv["converged"] or near))
+        lines.append(f"| {t} | {f['rel_frob']:.4f} | {_f(floor, 4)} | {f['cosine']:.4f} | "
+                     f"{f['excess']:.2e} | {lv['converged']}{' (at floor)' if near and not lv['converged'] else ''} |")
+    lines.append("")
     lines += _figures(d, ("rel_frob.png", "cosine.png"), out_dir)
     lines.append("")
-    worst = max(m["levels"][str(t)]["final"]["rel_frob"] for t in m["timesteps"])
-    readme = (f"GD linear denoisers -> Wiener ({ds})",
-              f"rel. error <= {worst:.3f} at all {len(m['timesteps'])} levels",
-              "converge to the Wiener filter" if m["converged_all"] else
-              "do not all converge (see report)", cmd)
+    bad = [t for t, ok in zip(ts, at_floor) if not ok]
+    worst = max(m["levels"][str(t)]["final"]["rel_frob"] for t in ts)
+    readme = (f"GD linear denoisers -> Wiener ({ds}, t = {ts[0]}..{ts[-1]})",
+              f"converged or within 10 % of the statistical floor at {len(ts) - len(bad)}/{len(ts)} "
+              f"levels; max rel. error {worst:.3f}",
+              "converge to the Wiener filter" if not bad else
+              f"converge except at t = {', '.join(map(str, bad))}", cmd)
     return lines, readme
 
 
