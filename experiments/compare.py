@@ -58,6 +58,17 @@ def sample_batches(den, x_T, sched, num_steps, batch):
             np.concatenate([np.asarray(o.xts) for o in outs], axis=1), outs[0].abs, outs[0].timesteps)
 
 
+def plot_curves(results: dict, ts, workdir: str, dataset: str) -> None:
+    """``r2_vs_t.png`` and ``mse_vs_t.png`` (trajectory metrics per step) from ``results``
+    (the ``methods`` of a ``metrics.json``), so figures can be redrawn without resampling."""
+    t_axis = [int(t) for t in ts]
+    for metric in ("r2", "mse"):
+        plotting.save_curves(t_axis, {l: results[l]["trajectory"][metric] for l in results},
+                             os.path.join(workdir, f"{metric}_vs_t.png"), xlabel="timestep t",
+                             ylabel=f"{metric} vs network (trajectory)", invert_x=True,
+                             logy=(metric == "mse"), title=f"{dataset}: {metric} per step")
+
+
 def run(config, workdir: str) -> str:
     common.prepare_workdir(workdir, config)
     train = data.load(config.dataset, split=config.split, limit=config.limit)
@@ -134,12 +145,7 @@ def run(config, workdir: str) -> str:
               f"network {config.checkpoint}. Reproduce: `{cmd}`\n\n")
     md += [f"\nskipped {label}: {why}" for label, why in skipped.items()]
     common.atomic_write_text(os.path.join(workdir, "table.md"), header + "\n".join(md) + "\n")
-    t_axis = [int(t) for t in ts]
-    for metric in ("r2", "mse"):
-        plotting.save_curves(t_axis, {l: results[l]["trajectory"][metric] for l in results},
-                             os.path.join(workdir, f"{metric}_vs_t.png"), xlabel="timestep t",
-                             ylabel=f"{metric} vs network (trajectory)", invert_x=True,
-                             logy=(metric == "mse"), title=f"{config.dataset}: {metric} per step")
+    plot_curves(results, ts, workdir, config.dataset)
     k = min(8, config.num_samples)
     nn = denoisers.make("nearest", train=train)
     grid = {"network": net_x0[-1][:k]}

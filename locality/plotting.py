@@ -116,11 +116,15 @@ def save_heatmaps(maps: Dict[str, np.ndarray], path: str, title: Optional[str] =
 def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: str, *,
                 xlabel: str = "", ylabel: str = "", title: Optional[str] = None,
                 logy: bool = False, invert_x: bool = False) -> str:
-    """Line plot of several named curves over a shared x axis."""
+    """Line plot of several named curves over a shared x axis (20 distinct colours, then the
+    line style changes, so no two curves look alike); the legend sits outside the axes."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for lab, y in curves.items():
-        ax.plot(list(x), list(y), marker="o", ms=3, label=lab)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colours = plt.get_cmap("tab20").colors
+    styles = ("-", "--", ":", "-.")
+    for i, (lab, y) in enumerate(curves.items()):
+        ax.plot(list(x), list(y), marker="o", ms=3, label=lab, color=colours[(2 * i) % 20 if i < 10
+                else (2 * i + 1) % 20], ls=styles[(i // 20) % len(styles)])
     ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
@@ -129,7 +133,7 @@ def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: st
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     atomic_savefig(fig, path)
     plt.close(fig)
     return path
