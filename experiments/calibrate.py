@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from locality import denoisers, plotting, schedules  # noqa: E402
@@ -124,14 +123,5 @@ def run(config, workdir: str) -> str:
     return summary
 
 
-def main(argv):
-    del argv
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    print(run(_CONFIG.value, _WORKDIR.value))
-
-
 if __name__ == "__main__":
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/calibrate.py:<method>,<dataset>")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
-    app.run(main)
+    common.run_as_program(run, "configs/calibrate.py:<method>,<dataset>")

@@ -52,6 +52,16 @@ class Timer:
         self.seconds = time.perf_counter() - self.t0
 
 
+def write_summary(workdir: str, lines) -> str:
+    """Write ``summary.txt`` (atomically) and log it; returns the text."""
+    text = "\n".join(lines)
+    atomic_write_text(os.path.join(workdir, "summary.txt"), text + "\n")
+    from absl import logging
+
+    logging.info("\n%s", text)
+    return text
+
+
 def run_as_program(run, config_help: str) -> None:
     """absl entry point for ``run(config, workdir)``: defines ``--config`` and ``--workdir`` and
     runs. Called only under ``if __name__ == "__main__"``, so tests can import several entry
@@ -66,6 +76,8 @@ def run_as_program(run, config_help: str) -> None:
         del argv
         if workdir.value is None or config.value is None:
             raise app.UsageError("--config and --workdir are required")
-        run(config.value, workdir.value)
+        out = run(config.value, workdir.value)
+        if isinstance(out, str):
+            print(out)
 
     app.run(main)

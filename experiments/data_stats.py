@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from experiments.sensitivity import load_images  # noqa: E402
@@ -345,8 +344,7 @@ def run(config, workdir: str) -> dict:
         metrics["pcs"] = run_pcs(config, workdir, ts, abs_)
     common.write_json(os.path.join(workdir, "metrics.json"), metrics)
     lines = summary_lines(metrics)
-    common.atomic_write_text(os.path.join(workdir, "summary.txt"), "\n".join(lines) + "\n")
-    logging.info("\n%s", "\n".join(lines))
+    common.write_summary(workdir, lines)
     return metrics
 
 

@@ -161,8 +161,7 @@ def run(config, workdir: str) -> dict:
                  + f" to the Wiener filter at every level (criteria rel_frob <= "
                  f"{config.max_rel_frob}, field cosine >= {config.min_cosine}, excess <= "
                  f"{config.max_excess})")
-    common.atomic_write_text(os.path.join(workdir, "summary.txt"), "\n".join(lines) + "\n")
-    logging.info("\n%s", "\n".join(lines))
+    common.write_summary(workdir, lines)
     return metrics
 
 

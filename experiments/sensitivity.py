@@ -265,8 +265,7 @@ def run(config, workdir: str) -> dict:
     for m, v in checks.items():
         lines.append(f"check: VJP field of {m} vs |row of its Jacobian|, max rel err "
                      f"{max(v):.2e}")
-    common.atomic_write_text(os.path.join(workdir, "summary.txt"), "\n".join(lines) + "\n")
-    logging.info("\n%s", "\n".join(lines))
+    common.write_summary(workdir, lines)
     return metrics
 
 
