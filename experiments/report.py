@@ -67,6 +67,22 @@ def _cmd(exp: str, arg: str, d: str, extra: str = "") -> str:
     return f"python experiments/{exp}.py --config configs/{exp}.py:{arg} --workdir {d}{extra}"
 
 
+def _overrides(exp: str, arg: str, cfg: dict) -> str:
+    """`` --config.K=V`` for the top-level scalar fields of a run's config.json that differ from
+    ``configs/<exp>.py:<arg>`` (so the printed command reproduces the run)."""
+    import importlib
+
+    try:
+        default = importlib.import_module(f"configs.{exp}").get_config(arg).to_dict()
+    except Exception:  # an unknown arg: print the plain command
+        return ""
+    out = []
+    for k, v in sorted(cfg.items()):
+        if isinstance(v, (int, float, str, bool)) and k in default and default[k] != v:
+            out.append(f" --config.{k}={v}")
+    return "".join(out)
+
+
 def _f(x, nd=3) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
 
@@ -131,9 +147,8 @@ def compare_section(d, m, out_dir):
                   "", hdr, "|---" * (len(ts) + 1) + "|"] + per + [""]
     lines += _figures(d, ("r2_vs_t.png", "grid.png"), out_dir)
     lines.append("")
-    skipped = m.get("skipped") or {}
-    for k, why in skipped.items():
-        lines.append(f"- skipped `{k}`: {why}")
+    if not any(line.startswith("skipped ") for line in lines):   # tables before skip lines
+        lines += [f"- skipped `{k}`: {why}" for k, why in (m.get("skipped") or {}).items()]
     readme = None
     if OURS in r2:
         beaten = [p for p, diff, se in rows if diff < 0 and not (np.isfinite(se) and abs(diff) < 2 * se)]
@@ -193,7 +208,8 @@ def linear_section(d, m, cfg, out_dir):
     ddim = tuple(m["timesteps"]) == (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
     # the run's own workdir (where its weights live; results/ keeps a copy without the weights)
     run_dir = os.path.dirname(m.get("weights_file") or "") or d
-    cmd = _cmd("linear_gd", f"{ds},ddim" if ddim else ds, run_dir)
+    arg = f"{ds},ddim" if ddim else ds
+    cmd = _cmd("linear_gd", arg, run_dir, _overrides("linear_gd", arg, cfg))
     lines = [f"### Gradient-descent linear denoisers on {ds}", "", f"Reproduce: `{cmd}`", "",
              "| t | rel. Frobenius error to W* | its statistical floor | field cosine | "
              "excess loss | converged |", "|---|---|---|---|---|---|"]

@@ -54,3 +54,13 @@ def test_report_verdicts_and_readme(tmp_path):
 def test_report_needs_results_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the experiments"):
         report.build_report(str(tmp_path / "nope"), str(tmp_path / "R.md"))
+
+
+def test_printed_commands_carry_overrides():
+    from configs import linear_gd as lgd_cfg
+
+    cfg = lgd_cfg.get_config("mnist,ddim").to_dict()
+    assert report._overrides("linear_gd", "mnist,ddim", cfg) == ""
+    cfg["steps"] = 500
+    cfg["lr"] = 0.01
+    assert report._overrides("linear_gd", "mnist,ddim", cfg) == " --config.lr=0.01 --config.steps=500"
