@@ -31,3 +31,13 @@ def optimal_np(x_t, train, ab, tau=1.0):
     w = np.exp(l)
     w /= w.sum(axis=1, keepdims=True)
     return (w @ x).reshape(np.shape(x_t))
+
+
+def noisy_uniform_data(n, shape, ab, seed=0, batch=2):
+    """``n`` uniform [-1, 1] training images and ``batch`` noisy inputs at ``ab`` made from the
+    first of them: ``(train [n, *shape], x_t [batch, *shape])`` float32."""
+    rng = np.random.default_rng(seed)
+    train = rng.uniform(-1, 1, (n,) + tuple(shape)).astype(np.float32)
+    x_t = (np.sqrt(ab) * train[:batch] + np.sqrt(1 - ab) * rng.normal(size=(batch,) + tuple(shape))
+           ).astype(np.float32)
+    return train, x_t

@@ -10,17 +10,15 @@ from locality import sampling, schedules
 from locality.denoisers import local_score as L
 from locality.denoisers.optimal import make_optimal
 
+from conftest import noisy_uniform_data
+
 AB = 0.6
 STD = dict(n=12, shape=(6, 6, 1), seed=0)  # shared by several tests so compiled programs are reused
 CS = 4
 
 
 def _data(n, shape, seed=0, batch=2):
-    rng = np.random.default_rng(seed)
-    train = rng.uniform(-1, 1, (n,) + shape).astype(np.float32)
-    x_t = (np.sqrt(AB) * train[:batch] + np.sqrt(1 - AB) * rng.normal(size=(batch,) + shape)
-           ).astype(np.float32)
-    return train, x_t
+    return noisy_uniform_data(n, shape, AB, seed, batch)
 
 
 def _softmax_read(query, patches, centres, ab):

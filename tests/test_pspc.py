@@ -9,15 +9,13 @@ from locality import sampling
 from locality.denoisers import pspc
 from locality.denoisers.optimal import make_optimal
 
+from conftest import noisy_uniform_data
+
 AB = 0.6
 
 
 def _data(n, shape, seed=0, batch=2):
-    rng = np.random.default_rng(seed)
-    train = rng.uniform(-1, 1, (n,) + shape).astype(np.float32)
-    x_t = (np.sqrt(AB) * train[:batch] + np.sqrt(1 - AB) * rng.normal(size=(batch,) + shape)
-           ).astype(np.float32)
-    return train, x_t
+    return noisy_uniform_data(n, shape, AB, seed, batch)
 
 
 def _augment(train, flip):
