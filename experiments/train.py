@@ -5,7 +5,8 @@
     # afterwards, optionally copy the EMA weights for inference only:
     python experiments/train.py ... --export_to checkpoints/fashion_mnist_unet_cpu
 
-Rerunning with the same ``--workdir`` resumes from the latest checkpoint. The workdir receives the
+Rerunning with the same ``--workdir`` resumes from the latest checkpoint; ``--time_limit_s`` stops
+a run early (with a checkpoint) so it fits a wall-clock budget. The workdir receives the
 resolved ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``metrics.json``, ``loss.png``,
 ``samples_<step>.png`` and ``summary.txt`` (see :func:`locality.train.train`).
 """
@@ -22,6 +23,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "configs/train.py:<dataset>,<preset>[,<arch>]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds checkpoints).")
+flags.DEFINE_float("time_limit_s", None, "Stop (with a checkpoint) after the first step that ends "
+                   "this many seconds into the run; rerun with the same --workdir to continue.")
 flags.DEFINE_string("export_to", None, "After training, write the final EMA weights, config, "
                     "loss curve and sample grid to this directory (inference-only checkpoint).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -37,13 +40,16 @@ def main(argv):
     cfg = train_lib.TrainConfig(**config.train.to_dict())
     workdir = Path(FLAGS.workdir)
     logging.info("training %s in %s", config.name, workdir)
-    state, summary = train_lib.train(model_config, cfg, workdir)
+    state, summary = train_lib.train(model_config, cfg, workdir, time_limit_s=FLAGS.time_limit_s)
     logging.info("done: %s", json.dumps(summary))
     print(json.dumps(summary, indent=2))
 
     if FLAGS.export_to:
         out = Path(FLAGS.export_to)
         meta = train_lib.read_checkpoint_config(workdir)
+        if summary.get("stopped_early") and not meta["train"].get("cosine_decay"):
+            # Constant lr: the stopped run is the run with num_steps = the step it reached.
+            meta["train"]["num_steps"] = int(summary["steps"])
         train_lib.export_params(out, meta, state.ema_params, int(summary["steps"]))
         for name in ("loss.png", f"samples_{int(summary['steps']):07d}.png", "metrics.json"):
             if (workdir / name).exists():

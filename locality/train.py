@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -412,7 +413,11 @@ class Checkpoints:
                     f"{path} was written for {key}={old.get(key)!r} but this run asks for "
                     f"{key}={self.meta.get(key)!r}. Fix: use a fresh --workdir for the new "
                     f"configuration, or rerun with the configuration stored in {path}.")
-        old_train, new_train = old.get("train", {}), self.meta.get("train", {})
+        # A field missing from the stored settings was added to TrainConfig after that run was
+        # written; the run used what is now its default.
+        defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+        old_train = {**defaults, **old.get("train", {})}
+        new_train = {**defaults, **self.meta.get("train", {})}
         diff = sorted(k for k in set(old_train) | set(new_train)
                       if k not in _RESUMABLE_FIELDS and old_train.get(k) != new_train.get(k))
         if diff:
@@ -609,7 +614,8 @@ def sample_images(model, params, x_T, num_steps: int = 10,
 
 def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
           images: Optional[np.ndarray] = None,
-          on_step: Optional[Callable[[int], None]] = None) -> tuple[TrainState, dict]:
+          on_step: Optional[Callable[[int], None]] = None,
+          time_limit_s: Optional[float] = None) -> tuple[TrainState, dict]:
     """Train (or resume training) the network ``model_config`` with ``cfg`` in ``workdir``.
 
     Args:
@@ -621,9 +627,17 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         "train", resolution=cfg.resolution, limit=cfg.data_limit)``.
       on_step: called with the completed step count after every step (and after any checkpoint
         of that step was written).
+      time_limit_s: stop after the first step that ends more than this many seconds after the
+        loop started (compilation included), writing a checkpoint, a log line and the sample grid
+        at that step; ``summary["steps"]`` is then the step reached, and rerunning with the same
+        ``workdir`` continues towards ``cfg.num_steps``. With the constant learning rate
+        (``cosine_decay=False``) nothing else depends on ``num_steps``, so the stopped run equals a
+        run with ``num_steps`` set to the step reached. ``None``: no limit.
     Returns:
       ``(state, summary)``.
     """
+    if time_limit_s is not None and time_limit_s < 0:
+        raise ValueError(f"time_limit_s must be >= 0 or None, got {time_limit_s}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if images is None:
@@ -687,18 +701,21 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     pending, t_log, s_log, t0 = [], time.perf_counter(), start, time.perf_counter()
     compile_s = None
     last_loss = float("nan")
+    done = start
     with open(metrics_path, "a") as mf:
         for step in range(start, cfg.num_steps):
             batch = jax.device_put(source(step), data_sharding)
             state, m = train_step(state, batch, base_key)
             pending.append(m)
             done = step + 1
+            out_of_time = (time_limit_s is not None and done < cfg.num_steps
+                           and time.perf_counter() - t0 > time_limit_s)
             if compile_s is None:
                 jax.block_until_ready(m)
                 compile_s = time.perf_counter() - t0
                 t_log, s_log = time.perf_counter(), done
                 pending = pending[-1:]
-            if done % cfg.log_every == 0 or done == cfg.num_steps:
+            if done % cfg.log_every == 0 or done == cfg.num_steps or out_of_time:
                 ms = jax.device_get(pending)
                 now = time.perf_counter()
                 rate = (done - s_log) / max(now - t_log, 1e-9) if done > s_log else float("nan")
@@ -715,23 +732,30 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                 bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.2f}")
                 pending, t_log, s_log = [], now, done
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+            if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or out_of_time:
                 ckpts.save(state)
                 write_artifacts(state)
             if on_step is not None:
                 on_step(done)
+            if out_of_time:
+                logging.info("time limit of %.0f s reached at step %d of %d; rerun with the same "
+                             "workdir to continue", time_limit_s, done, cfg.num_steps)
+                break
     bar.close()
     ckpts.close()
 
     total_s = time.perf_counter() - t0
-    summary = {"steps": cfg.num_steps, "resumed_from": start, "final_loss": last_loss,
+    stopped_early = done < cfg.num_steps
+    summary = {"steps": done, "num_steps": cfg.num_steps, "stopped_early": stopped_early,
+               "resumed_from": start, "final_loss": last_loss,
                "num_params": n_params, "compile_s": compile_s, "wall_s": total_s,
                "devices": ndev, "image_shape": list(image_shape),
                "checkpoint_dir": str(workdir / CHECKPOINT_SUBDIR)}
-    _atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
+    if not stopped_early:  # metrics.json marks a finished run (see the resume check above)
+        _atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
     _atomic_write_text(workdir / "summary.txt",
                        f"trained {model_config.get('arch')} ({n_params:,} params) on {cfg.dataset} "
-                       f"{image_shape} for {cfg.num_steps} steps (resumed from {start}); "
+                       f"{image_shape} for {done} of {cfg.num_steps} steps (resumed from {start}); "
                        f"final loss {last_loss:.4f}; {total_s / 60:.1f} min on {ndev} device(s).\n"
-                       f"samples: {workdir}/samples_{cfg.num_steps:07d}.png, curve: loss.png\n")
+                       f"samples: {workdir}/samples_{done:07d}.png, curve: loss.png\n")
     return state, summary

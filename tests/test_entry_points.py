@@ -138,3 +138,19 @@ def test_compare_linear_row_equals_wiener_for_wiener_weights(tiny_data, tmp_path
     for kind in ("trajectory", "single_step"):
         np.testing.assert_allclose(m["methods"]["linear"][kind]["mse"],
                                    m["methods"]["wiener"][kind]["mse"], rtol=1e-3, atol=1e-6)
+
+
+def test_train_presets():
+    """The ``gpu`` preset is the paper's 28 px UNet (the ``paper`` preset's 28 px model, minus
+    its dropout) at any resolution; unknown presets fail with the choices."""
+    from configs import train as train_cfg
+
+    paper28 = train_cfg.get_config("fashion_mnist,paper,unet").model.to_dict()
+    for ds in ("fashion_mnist", "cifar10_catsdogs"):
+        gpu = train_cfg.get_config(f"{ds},gpu,unet")
+        assert {k: v for k, v in gpu.model.to_dict().items() if k != "dropout"} == \
+            {k: v for k, v in paper28.items() if k != "dropout"}
+        assert not gpu.train.cosine_decay  # a run stopped by --time_limit_s stays reproducible
+    assert train_cfg.get_config("mnist,gpu,dit").model.size == "small"
+    with pytest.raises(ValueError, match="'paper', 'gpu' or 'cpu'"):
+        train_cfg.get_config("mnist,tpu")

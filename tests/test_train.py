@@ -201,6 +201,28 @@ def test_kill_and_resume_is_bit_identical(reference_run, tmp_path):
     assert _leaves_equal(state.opt_state, ref_state.opt_state)
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes_bit_identical(reference_run, tmp_path):
+    """time_limit_s=0 stops after the first step with a checkpoint there; the rerun continues and
+    ends equal to the uninterrupted run; the stopped run equals a run of num_steps=1."""
+    _, ref_state, _ = reference_run
+    state1, summary1 = train(TINY, CFG, tmp_path / "a", images=_images(), time_limit_s=0.0)
+    assert summary1["steps"] == 1 and summary1["stopped_early"] and int(state1.step) == 1
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["1"]
+    assert (tmp_path / "a" / "samples_0000001.png").exists()
+    assert not (tmp_path / "a" / "metrics.json").exists()  # not a finished run
+    one, _ = train(TINY, dataclasses.replace(CFG, num_steps=1), tmp_path / "b", images=_images())
+    assert _leaves_equal(state1.params, one.params)
+    assert _leaves_equal(state1.ema_params, one.ema_params)
+    state, summary = train(TINY, CFG, tmp_path / "a", images=_images())
+    assert summary["resumed_from"] == 1 and summary["steps"] == 6
+    assert not summary["stopped_early"]
+    assert _leaves_equal(state.params, ref_state.params)
+    assert _leaves_equal(state.ema_params, ref_state.ema_params)
+    with pytest.raises(ValueError, match="time_limit_s"):
+        train(TINY, CFG, tmp_path / "c", images=_images(), time_limit_s=-1.0)
+
+
 def _tree_snapshot(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -246,3 +268,20 @@ def test_mismatched_config_raises_without_touching_checkpoints(reference_run, tm
     cfg_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="other shapes"):
         load_params(workdir)
+
+
+def test_resumes_a_run_stored_before_a_config_field_existed(reference_run, tmp_path):
+    """A stored config without a field that TrainConfig gained later (here ``transform``) means
+    that field's default: resuming with the default works, another value is refused."""
+    ref_dir, ref_state, _ = reference_run
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    cfg_path = workdir / "checkpoints" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    del meta["train"]["transform"]
+    cfg_path.write_text(json.dumps(meta))
+    state, summary = train(TINY, dataclasses.replace(CFG, num_steps=7), workdir, images=_images())
+    assert summary["resumed_from"] == 6 and int(state.step) == 7
+    with pytest.raises(CheckpointError, match="transform"):
+        train(TINY, dataclasses.replace(CFG, num_steps=8, random_flip=False,
+                                        transform="permute:0"), workdir, images=_images())
