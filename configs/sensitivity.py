@@ -28,6 +28,8 @@ def get_config(arg: str = "fashion_mnist"):
     c.resolution = ml_collections.config_dict.placeholder(int)
     c.timesteps = (50, 100, 200, 300, 500, 700)    # DDPM linear schedule, ab = alphas_cumprod[t]
     c.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))  # first is the centre; (row, col)
+    if arg == "cifar10_catsdogs":  # the same four positions on the 32 px grid
+        c.pixels = ((16, 16), (8, 16), (16, 6), (24, 24))
     c.seed = 0
     c.linear_weights = ("workdirs/linear_gd_fmnist/linear_weights.npz" if arg == "fashion_mnist"
                         else f"workdirs/linear_gd_{arg}/linear_weights.npz")

@@ -85,7 +85,7 @@ def run(config, workdir: str) -> dict:
             train, ab, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
             key=jax.random.fold_in(key, t), optimizer=config.optimizer, schedule=config.schedule,
             tail=config.tail, log_every=config.log_every, center=config.center,
-            reference=(w_star, b_star), pixel=pixel, callback=progress)
+            init=config.get("init", "zeros"), reference=(w_star, b_star), pixel=pixel, callback=progress)
         averaged = config.batch_size * (config.steps - int(round(config.steps * (1 - config.tail))))
         predicted = (linear_lib.asymptotic_error(cov_n, ab, averaged, w_star)
                      if config.tail > 0 else None)

@@ -55,6 +55,28 @@ def test_gd_converges_to_float64_wiener(ab):
                * (1 - ab) / (ab * np.linalg.eigvalsh(cov * (n - 1) / n) + 1 - ab)), rel=1e-6)
 
 
+def test_isotropic_init_starts_at_the_isotropic_wiener_gain_and_helps_near_ab_1():
+    """init="isotropic": the history's first record is W = g I with g from the float64 trace
+    (checked through rel_frob against W*), and at ab = 0.9999, where a zero start must travel to
+    about I on gradients of order 1 - ab, the same budget ends much closer to W*."""
+    x = _gaussian_images()
+    mean, cov, n = moments(x)
+    cov_n = cov * (n - 1) / n
+    ab = 0.9999
+    w_star, _ = dense_wiener_matrices(cov_n, mean, ab)
+    s2 = np.trace(cov_n) / 16
+    g = np.sqrt(ab) * s2 / (ab * s2 + 1 - ab)
+    kw = dict(steps=400, batch_size=64, lr=3e-3, key=jax.random.PRNGKey(0), log_every=100)
+    iso = linear_lib.train_linear(x, ab, init="isotropic", **kw)
+    zero = linear_lib.train_linear(x, ab, **kw)
+    rel0 = np.linalg.norm(g * np.eye(16) - w_star) / np.linalg.norm(w_star)
+    assert iso.history["rel_frob"][0] == pytest.approx(rel0, rel=1e-4)
+    rel = lambda f: np.linalg.norm(f.W - w_star) / np.linalg.norm(w_star)
+    assert rel(iso) < 0.25 * rel(zero), (rel(iso), rel(zero))
+    with pytest.raises(ValueError, match="init"):
+        linear_lib.train_linear(x, ab, init="eye", **kw)
+
+
 def test_least_squares_solution_satisfies_normal_equations():
     x = _gaussian_images(n=200, seed=3)
     ab = 0.6

@@ -16,8 +16,12 @@ Optimisation (:func:`train_linear`). With ``center=True`` (default) the model is
 ``D(x) = W (x - sqrt(ab) mu) + c`` with ``mu`` the training mean, an exact reparameterisation
 (``b = c - sqrt(ab) W mu``) that removes the rank-one ``ab mu mu^T`` term from the Hessian
 ``2 E[x_t x_t^T]`` (on Fashion-MNIST ``||mu||^2 = 262``, above the largest data eigenvalue 79)
-and decouples ``c``, whose optimum is ``mu`` for every ``W`` (its init). ``W`` starts at 0: the
-target ``W*`` is near 0 in every low-variance direction. The loss is the per-image squared error
+and decouples ``c``, whose optimum is ``mu`` for every ``W`` (its init). ``W`` starts at 0 (the
+target ``W*`` is near 0 in every low-variance direction) or, with ``init="isotropic"``, at the
+Wiener filter of an isotropic Gaussian of the same total variance, ``g I`` with
+``g = sqrt(ab) s2 / (ab s2 + 1 - ab)`` and ``s2 = tr(S_N) / n``: near ``I`` as ``ab -> 1``, where
+``W*`` is near ``I`` in every direction of non-negligible variance and a zero start has to travel
+the whole way on gradients that scale with ``1 - ab``. The loss is the per-image squared error
 ``||D(x_t) - x0||^2`` averaged over the batch. Default: Adam at a constant learning rate with
 *tail averaging*: the returned ``(W, b)`` is the uniform average of the iterates over the last
 ``tail`` fraction of the steps (Polyak & Juditsky 1992; for least squares, Jain et al. 2018,
@@ -165,7 +169,7 @@ def _abs_row(w, shape, pixel):
 
 def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, key,
                  optimizer: str = "adam", schedule: str = "constant", tail: float = 0.5,
-                 log_every: int = 100, center: bool = True,
+                 log_every: int = 100, center: bool = True, init: str = "zeros",
                  reference: Optional[Tuple[np.ndarray, np.ndarray]] = None,
                  pixel: Optional[Tuple[int, int]] = None,
                  callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> LinearFit:
@@ -183,6 +187,7 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
         the last iterate).
       log_every: steps per jitted chunk and per history record.
       center: train ``W (x - sqrt(ab) mu) + c`` (an exact reparameterisation; module docstring).
+      init: ``"zeros"`` (``W = 0``) or ``"isotropic"`` (``W = g I``, module docstring).
       reference: ``(W*, b*)`` for the history; default :func:`least_squares_linear`.
       pixel: pixel of the field cosine; default the centre.
       callback: called as ``callback(step, record)`` after every chunk (progress logging).
@@ -197,6 +202,8 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
             raise ValueError(f"{name} must be >= 1; got {v}")
     if not float(lr) > 0:
         raise ValueError(f"lr must be > 0; got {lr}")
+    if init not in ("zeros", "isotropic"):
+        raise ValueError(f"init must be 'zeros' or 'isotropic'; got {init!r}")
     shape = tuple(int(s) for s in arr.shape[1:])
     h, w, c = shape
     n = h * w * c
@@ -232,7 +239,12 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
     if not 0.0 <= float(tail) < 1.0:
         raise ValueError(f"tail must be in [0, 1); got {tail}")
     tail_start = int(round(int(steps) * (1.0 - float(tail)))) if tail > 0 else int(steps)
-    params = {"W": jnp.zeros((n, n), jnp.float32), "c": jnp.array(mu, copy=True)}
+    if init == "zeros":
+        w0 = jnp.zeros((n, n), jnp.float32)
+    else:
+        s2 = float(np.trace(cov_n)) / n
+        w0 = jnp.eye(n, dtype=jnp.float32) * (sa * s2 / (ab * s2 + 1.0 - ab))
+    params = {"W": w0, "c": jnp.array(mu, copy=True)}
     opt_state = opt.init(params)
 
     w_ref_d = jnp.asarray(w_ref, jnp.float32)
