@@ -751,8 +751,9 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                "num_params": n_params, "compile_s": compile_s, "wall_s": total_s,
                "devices": ndev, "image_shape": list(image_shape),
                "checkpoint_dir": str(workdir / CHECKPOINT_SUBDIR)}
-    if not stopped_early:  # metrics.json marks a finished run (see the resume check above)
-        _atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
+    # Also when stopped early (a rerun then has start < num_steps and trains on), so that an
+    # export never carries the summary of an earlier, shorter run of the same workdir.
+    _atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
     _atomic_write_text(workdir / "summary.txt",
                        f"trained {model_config.get('arch')} ({n_params:,} params) on {cfg.dataset} "
                        f"{image_shape} for {done} of {cfg.num_steps} steps (resumed from {start}); "

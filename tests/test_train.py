@@ -210,7 +210,7 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_bit_identical(reference_
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()
                   if p.name.isdigit()) == ["1"]
     assert (tmp_path / "a" / "samples_0000001.png").exists()
-    assert not (tmp_path / "a" / "metrics.json").exists()  # not a finished run
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["stopped_early"]
     one, _ = train(TINY, dataclasses.replace(CFG, num_steps=1), tmp_path / "b", images=_images())
     assert _leaves_equal(state1.params, one.params)
     assert _leaves_equal(state1.ema_params, one.ema_params)
