@@ -47,8 +47,10 @@ def main(argv):
     if FLAGS.export_to:
         out = Path(FLAGS.export_to)
         meta = train_lib.read_checkpoint_config(workdir)
-        if summary.get("stopped_early") and not meta["train"].get("cosine_decay"):
-            # Constant lr: the stopped run is the run with num_steps = the step it reached.
+        if not meta["train"].get("cosine_decay"):
+            # Constant lr: the weights at step S are those of the run with num_steps = S (also
+            # when the run was stopped by --time_limit_s or extended from a shorter one; the
+            # stored config keeps the num_steps of the workdir's first run).
             meta["train"]["num_steps"] = int(summary["steps"])
         train_lib.export_params(out, meta, state.ema_params, int(summary["steps"]))
         for name in ("loss.png", f"samples_{int(summary['steps']):07d}.png", "metrics.json"):
