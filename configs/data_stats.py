@@ -15,10 +15,14 @@ The networks trained on transformed data come from (about 20 min each on one CPU
         --config.train.transform=permute:0 --workdir workdirs/fashion_mnist_dit_cpu_permute \
         --export_to checkpoints/fashion_mnist_dit_cpu_permute
 
-``"smoke"`` is a seconds-long variant on synthetic 8x8 images without networks, for tests.
+Any dataset name works the same way (``configs/data_stats.py:mnist`` reads
+``checkpoints/mnist_unet_cpu_link`` and so on; missing networks are skipped). ``"smoke"`` is a
+seconds-long variant on synthetic 8x8 images without networks, for tests.
 """
 
 import ml_collections
+
+from configs.sensitivity import NO_TEST_SPLIT
 
 
 def get_config(arg: str = "fashion_mnist"):
@@ -30,6 +34,10 @@ def get_config(arg: str = "fashion_mnist"):
     c.stats_limit = ml_collections.config_dict.placeholder(int)
     c.test_split = "test"
     c.num_inputs = 16
+    c.test_random = False
+    if arg in NO_TEST_SPLIT:       # inputs: a random (seeded) choice of training images
+        c.test_split = "train"
+        c.test_random = True
     c.timesteps = (50, 100, 200, 300, 500, 700)
     c.seed = 0
 
@@ -38,8 +46,8 @@ def get_config(arg: str = "fashion_mnist"):
     c.link = ml_collections.ConfigDict()
     c.link.spec = "link:18,10,0,0,5"
     c.link.networks = ml_collections.ConfigDict({
-        "unet_original": "checkpoints/fashion_mnist_unet_cpu",
-        "unet_linked": "checkpoints/fashion_mnist_unet_cpu_link",
+        "unet_original": f"checkpoints/{arg}_unet_cpu",
+        "unet_linked": f"checkpoints/{arg}_unet_cpu_link",
     })
 
     # (b) one fixed permutation of the 784 pixel positions.
@@ -48,10 +56,10 @@ def get_config(arg: str = "fashion_mnist"):
     c.permute.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))
     c.permute.num_samples = 16
     c.permute.networks = ml_collections.ConfigDict({
-        "unet_original": "checkpoints/fashion_mnist_unet_cpu",
-        "dit_original": "checkpoints/fashion_mnist_dit_cpu",
-        "unet_permuted": "checkpoints/fashion_mnist_unet_cpu_permute",
-        "dit_permuted": "checkpoints/fashion_mnist_dit_cpu_permute",
+        "unet_original": f"checkpoints/{arg}_unet_cpu",
+        "dit_original": f"checkpoints/{arg}_dit_cpu",
+        "unet_permuted": f"checkpoints/{arg}_unet_cpu_permute",
+        "dit_permuted": f"checkpoints/{arg}_dit_cpu_permute",
     })
 
     # (c) aligned faces: Wiener rows against the top principal components.

@@ -333,7 +333,11 @@ def run(config, workdir: str) -> dict:
     metrics = {"timesteps": ts, "ab": abs_, "parts": parts}
     if {"link", "permute"} & set(parts):
         train = load_images(config, config.stats_split, config.stats_limit)
-        test = load_images(config, config.test_split, config.num_inputs)[: config.num_inputs]
+        if config.get("test_random", False):  # a source sorted by class: no prefix
+            test = common.subset(load_images(config, config.test_split, None), config.num_inputs,
+                                 config.seed)
+        else:
+            test = load_images(config, config.test_split, config.num_inputs)[: config.num_inputs]
         metrics["dataset"] = config.dataset
         metrics["num_inputs"] = int(test.shape[0])
         if "link" in parts:

@@ -169,3 +169,9 @@ def test_sensitivity_inputs_for_sources_without_a_test_split():
         assert (c.test_split, c.test_random) == (("test", False) if has_test else ("train", True))
     c = sens_cfg.get_config("cifar10_catsdogs")
     assert c.pixels[0] == (16, 16)
+    from configs import data_stats as ds_cfg
+
+    d = ds_cfg.get_config("mnist")
+    assert (d.test_split, d.test_random) == ("train", True)
+    assert d.link.networks.unet_linked == "checkpoints/mnist_unet_cpu_link"
+    assert ds_cfg.get_config("fashion_mnist").test_split == "test"
