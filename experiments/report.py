@@ -77,9 +77,14 @@ def _overrides(exp: str, arg: str, cfg: dict) -> str:
     except Exception:  # an unknown arg: print the plain command
         return ""
     out = []
+    scalar = (int, float, str, bool)
     for k, v in sorted(cfg.items()):
-        if isinstance(v, (int, float, str, bool)) and k in default and default[k] != v:
+        if isinstance(v, scalar) and k in default and default[k] != v:
             out.append(f" --config.{k}={v}")
+        elif (isinstance(v, list) and all(isinstance(x, scalar) for x in v)
+              and isinstance(default.get(k), (list, tuple)) and list(default[k]) != v):
+            items = ", ".join(json.dumps(x) for x in v) + ("," if len(v) == 1 else "")
+            out.append(f" --config.{k}='({items})'")
     return "".join(out)
 
 
@@ -166,7 +171,7 @@ def compare_section(d, m, out_dir):
 def sensitivity_section(d, m, cfg, out_dir):
     ds = cfg.get("dataset", "?")
     ts = m["timesteps"]
-    cmd = _cmd("sensitivity", ds, d)
+    cmd = _cmd("sensitivity", ds, d, _overrides("sensitivity", ds, cfg))
     first = ",".join(str(v) for v in m["pixels"][0])
     ok = [k for k, v in m["models"].items() if v["status"] == "ok"]
     # matrix order; runs written before "model_order" existed used wiener, linear, then networks
@@ -240,7 +245,7 @@ def linear_section(d, m, cfg, out_dir):
 
 def data_stats_section(d, m, cfg, out_dir):
     ds = m.get("dataset", cfg.get("dataset", "?"))
-    cmd = _cmd("data_stats", ds, d)
+    cmd = _cmd("data_stats", ds, d, _overrides("data_stats", ds, cfg))
     ts = m["timesteps"]
     lines = [f"### Data-statistics experiments ({ds})", "", f"Reproduce: `{cmd}`", ""]
     readme = []

@@ -64,3 +64,12 @@ def test_printed_commands_carry_overrides():
     cfg["steps"] = 500
     cfg["lr"] = 0.01
     assert report._overrides("linear_gd", "mnist,ddim", cfg) == " --config.lr=0.01 --config.steps=500"
+    # tuples (stored as JSON lists) print as Python tuple literals that ml_collections parses
+    from configs import data_stats as ds_cfg
+
+    d = json.loads(json.dumps(ds_cfg.get_config("mnist").to_dict()))
+    assert report._overrides("data_stats", "mnist", d) == ""
+    d["parts"] = ["link", "permute"]
+    d["timesteps"] = [50]
+    assert report._overrides("data_stats", "mnist", d) == \
+        " --config.parts='(\"link\", \"permute\")' --config.timesteps='(50,)'"
