@@ -4,6 +4,8 @@
         --workdir workdirs/fashion_mnist_unet_cpu [--config.train.num_steps=...]
     # afterwards, optionally copy the EMA weights for inference only:
     python experiments/train.py ... --export_to checkpoints/fashion_mnist_unet_cpu
+    # or export the latest checkpoint of a stopped run without training further:
+    python experiments/train.py ... --export_to checkpoints/fashion_mnist_unet_cpu --export_only
 
 Rerunning with the same ``--workdir`` resumes from the latest checkpoint; ``--time_limit_s`` stops
 a run early (with a checkpoint) so it fits a wall-clock budget. The workdir receives the
@@ -14,7 +16,6 @@ resolved ``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``metrics.json``,
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -27,6 +28,8 @@ flags.DEFINE_float("time_limit_s", None, "Stop (with a checkpoint) after the fir
                    "this many seconds into the run; rerun with the same --workdir to continue.")
 flags.DEFINE_string("export_to", None, "After training, write the final EMA weights, config, "
                     "loss curve and sample grid to this directory (inference-only checkpoint).")
+flags.DEFINE_bool("export_only", False, "Do not train: export the latest checkpoint of --workdir "
+                  "to --export_to (e.g. a run stopped by --time_limit_s or killed).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -39,24 +42,20 @@ def main(argv):
     model_config = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     cfg = train_lib.TrainConfig(**config.train.to_dict())
     workdir = Path(FLAGS.workdir)
+    if FLAGS.export_only:
+        if not FLAGS.export_to:
+            raise app.UsageError("--export_only needs --export_to DIR (where to write the weights)")
+        step = train_lib.export_workdir(workdir, FLAGS.export_to)
+        print(f"exported the EMA weights of step {step} of {workdir} to {FLAGS.export_to}")
+        return
     logging.info("training %s in %s", config.name, workdir)
-    state, summary = train_lib.train(model_config, cfg, workdir, time_limit_s=FLAGS.time_limit_s)
+    _, summary = train_lib.train(model_config, cfg, workdir, time_limit_s=FLAGS.time_limit_s)
     logging.info("done: %s", json.dumps(summary))
     print(json.dumps(summary, indent=2))
 
     if FLAGS.export_to:
-        out = Path(FLAGS.export_to)
-        meta = train_lib.read_checkpoint_config(workdir)
-        if not meta["train"].get("cosine_decay"):
-            # Constant lr: the weights at step S are those of the run with num_steps = S (also
-            # when the run was stopped by --time_limit_s or extended from a shorter one; the
-            # stored config keeps the num_steps of the workdir's first run).
-            meta["train"]["num_steps"] = int(summary["steps"])
-        train_lib.export_params(out, meta, state.ema_params, int(summary["steps"]))
-        for name in ("loss.png", f"samples_{int(summary['steps']):07d}.png", "metrics.json"):
-            if (workdir / name).exists():
-                shutil.copy(workdir / name, out / name)
-        print(f"exported EMA weights to {out}")
+        step = train_lib.export_workdir(workdir, FLAGS.export_to, step=int(summary["steps"]))
+        print(f"exported the EMA weights of step {step} to {FLAGS.export_to}")
 
 
 if __name__ == "__main__":

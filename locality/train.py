@@ -537,6 +537,43 @@ def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
     manager.close()
 
 
+def export_workdir(workdir, out, step: Optional[int] = None) -> int:
+    """Export the EMA weights of a training ``workdir`` at ``step`` (default: the latest saved) to
+    ``out`` with :func:`export_params`, plus the run's loss curve, the sample grid of that step and
+    ``metrics.json`` when it describes that step. Returns the exported step.
+
+    With a constant learning rate (``cosine_decay=False``) the weights at step S are those of the
+    run with ``num_steps = S`` (also for a run stopped by ``time_limit_s``, killed, or extended
+    from a shorter one), so the exported config records ``num_steps = S``.
+    """
+    import shutil
+
+    workdir, out = Path(workdir), Path(out)
+    _, ema_params, meta = load_params(workdir, use_ema=True, step=step)
+    if step is None:
+        manager = _manager(resolve_checkpoint_dir(workdir), read_only=True)
+        try:
+            step = int(manager.latest_step())
+        finally:
+            manager.close()
+    meta = json.loads(json.dumps(meta))
+    if not meta["train"].get("cosine_decay"):
+        meta["train"]["num_steps"] = int(step)
+    export_params(out, meta, ema_params, int(step))
+    names = ["loss.png", f"samples_{int(step):07d}.png"]
+    metrics = workdir / "metrics.json"
+    if metrics.exists():
+        try:
+            if int(json.loads(metrics.read_text()).get("steps", -1)) == int(step):
+                names.append("metrics.json")
+        except (json.JSONDecodeError, TypeError, ValueError):
+            pass
+    for name in names:
+        if (workdir / name).exists():
+            shutil.copy(workdir / name, out / name)
+    return int(step)
+
+
 # ----------------------------------------------------------------------------------------------
 # Artifacts
 

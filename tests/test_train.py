@@ -19,7 +19,8 @@ from locality import schedules
 from locality.nets import build_model
 from locality.train import (BatchSource, CheckpointError, TrainConfig, batch_indices,
                             create_train_state, diffusion_loss, ema_decay_at, ema_update,
-                            learning_rate_schedule, load_params, make_mesh, make_train_step, train)
+                            export_workdir, learning_rate_schedule, load_params, make_mesh,
+                            make_train_step, train)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.1)
@@ -285,3 +286,25 @@ def test_resumes_a_run_stored_before_a_config_field_existed(reference_run, tmp_p
     with pytest.raises(CheckpointError, match="transform"):
         train(TINY, dataclasses.replace(CFG, num_steps=8, random_flip=False,
                                         transform="permute:0"), workdir, images=_images())
+
+
+def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
+    """Exporting the latest step gives the run's final EMA weights; exporting step 3 of the
+    6-step run gives the EMA weights of an independent 3-step run (constant lr), and records
+    num_steps = 3."""
+    ref_dir, ref_state, _ = reference_run
+    assert export_workdir(ref_dir, tmp_path / "last") == 6
+    _, ema, meta = load_params(tmp_path / "last")
+    assert _leaves_equal(ema, ref_state.ema_params) and meta["train"]["num_steps"] == 6
+    for name in ("loss.png", "samples_0000006.png", "metrics.json"):
+        assert (tmp_path / "last" / name).exists(), name
+
+    assert export_workdir(ref_dir, tmp_path / "s3", step=3) == 3
+    three, _ = train(TINY, dataclasses.replace(CFG, num_steps=3), tmp_path / "run3",
+                     images=_images())
+    _, ema3, meta3 = load_params(tmp_path / "s3")
+    assert _leaves_equal(ema3, three.ema_params) and meta3["train"]["num_steps"] == 3
+    assert (tmp_path / "s3" / "samples_0000003.png").exists()
+    assert not (tmp_path / "s3" / "metrics.json").exists()  # it describes step 6, not 3
+    with pytest.raises(CheckpointError, match="step 5 is not saved"):
+        export_workdir(ref_dir, tmp_path / "s5", step=5)
