@@ -3,6 +3,10 @@
     python experiments/sample.py --config configs/sample.py:quickstart --workdir workdirs/quickstart
     python experiments/sample.py --config configs/sample.py:pca_locality,fashion_mnist --workdir workdirs/pca_fmnist
     python experiments/sample.py --config configs/sample.py:wiener,cifar10_catsdogs --workdir workdirs/wiener_cats
+    # a trained network, e.g. with 250 ancestral (DDPM) steps:
+    python experiments/sample.py --config configs/sample.py:network,cifar10_catsdogs --workdir W \
+        --config.method_kwargs.network.checkpoint=checkpoints/cifar10_catsdogs_unet_cpu \
+        --config.sampler=ddpm --config.num_steps=250 --config.num_samples=64
 
 The argument is "<method>[+<method>...],<dataset>" or a preset ("quickstart"). Any field can be
 overridden, e.g. ``--config.num_samples=16 --config.limit=10000``.
@@ -23,6 +27,8 @@ def method_defaults(method: str, dataset: str) -> dict:
                 "softmax": "exact", "chunk_size": 512}
     if method == "optimal":
         return {"chunk_size": 512}
+    if method == "network":  # the committed CPU UNet; any checkpoint or training workdir works
+        return {"checkpoint": f"checkpoints/{dataset}_unet_cpu", "use_ema": True}
     return {}
 
 
