@@ -560,18 +560,47 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
     if not meta["train"].get("cosine_decay"):
         meta["train"]["num_steps"] = int(step)
     export_params(out, meta, ema_params, int(step))
-    names = ["loss.png", f"samples_{int(step):07d}.png"]
-    metrics = workdir / "metrics.json"
-    if metrics.exists():
-        try:
-            if int(json.loads(metrics.read_text()).get("steps", -1)) == int(step):
-                names.append("metrics.json")
-        except (json.JSONDecodeError, TypeError, ValueError):
-            pass
-    for name in names:
+    for name in ("loss.png", f"samples_{int(step):07d}.png"):
         if (workdir / name).exists():
             shutil.copy(workdir / name, out / name)
+    summary = None
+    try:
+        summary = json.loads((workdir / "metrics.json").read_text())
+        if int(summary.get("steps", -1)) != int(step):
+            summary = None
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        summary = None
+    if summary is None:  # a killed run, or an earlier step: summarise the log up to ``step``
+        summary = summary_from_log(workdir / "metrics.jsonl", int(step))
+        summary.update(num_params=count_params(ema_params), image_shape=list(meta["image_shape"]),
+                       checkpoint_dir=str(resolve_checkpoint_dir(workdir)))
+    _atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     return int(step)
+
+
+def summary_from_log(log_path, step: int) -> dict:
+    """A ``metrics.json``-like summary of a run up to ``step`` from its ``metrics.jsonl``:
+    ``final_loss`` is the logged loss of the last row at or before ``step``; ``wall_s`` adds up
+    the wall time of every invocation (the log's ``wall_s`` restarts at 0 on each resume)."""
+    rows = []
+    if Path(log_path).exists():
+        for line in Path(log_path).read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if isinstance(r, dict) and "step" in r and r["step"] <= step:
+                rows.append(r)
+    wall, seg_max, prev = 0.0, 0.0, None
+    for r in rows:
+        w = float(r.get("wall_s", 0.0))
+        if prev is not None and w < prev:  # a new invocation
+            wall, seg_max = wall + seg_max, 0.0
+        seg_max, prev = max(seg_max, w), w
+    last = max(rows, key=lambda r: r["step"]) if rows else {}
+    return {"steps": int(step), "num_steps": int(step), "stopped_early": False,
+            "final_loss": last.get("loss", float("nan")), "final_loss_step": last.get("step"),
+            "wall_s": wall + seg_max, "from_log": True}
 
 
 # ----------------------------------------------------------------------------------------------

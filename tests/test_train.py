@@ -20,7 +20,7 @@ from locality.nets import build_model
 from locality.train import (BatchSource, CheckpointError, TrainConfig, batch_indices,
                             create_train_state, diffusion_loss, ema_decay_at, ema_update,
                             export_workdir, learning_rate_schedule, load_params, make_mesh,
-                            make_train_step, train)
+                            make_train_step, summary_from_log, train)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.1)
@@ -305,6 +305,25 @@ def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
     _, ema3, meta3 = load_params(tmp_path / "s3")
     assert _leaves_equal(ema3, three.ema_params) and meta3["train"]["num_steps"] == 3
     assert (tmp_path / "s3" / "samples_0000003.png").exists()
-    assert not (tmp_path / "s3" / "metrics.json").exists()  # it describes step 6, not 3
+    # the workdir's metrics.json describes step 6: the export summarises the log up to step 3
+    m3 = json.loads((tmp_path / "s3" / "metrics.json").read_text())
+    rows = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert m3["steps"] == 3 and m3["from_log"] and m3["final_loss_step"] == 2
+    assert m3["final_loss"] == [r["loss"] for r in rows if r["step"] == 2][0]
+    assert m3["num_params"] == json.loads((ref_dir / "metrics.json").read_text())["num_params"]
     with pytest.raises(CheckpointError, match="step 5 is not saved"):
         export_workdir(ref_dir, tmp_path / "s5", step=5)
+
+
+def test_summary_from_log_adds_wall_time_over_resumes(tmp_path):
+    """Two invocations (wall_s restarts), a line cut by a kill, rows after the step ignored."""
+    log = tmp_path / "metrics.jsonl"
+    rows = [(10, 0.5, 1.0), (20, 0.4, 2.0), (30, 0.3, 3.0), (20, 0.4, 0.5), (30, 0.3, 1.5),
+            (40, 0.2, 2.5), (50, 0.1, 3.5)]
+    text = "\n".join(json.dumps({"step": a, "loss": b, "wall_s": c}) for a, b, c in rows)
+    log.write_text(text + "\n" + '{"step": 60, "lo')  # the last line cut by a kill
+    s = summary_from_log(log, 40)
+    assert s["final_loss"] == 0.2 and s["final_loss_step"] == 40
+    assert s["wall_s"] == 3.0 + 2.5
+    assert summary_from_log(log, 25)["final_loss"] == 0.4
+    assert np.isnan(summary_from_log(tmp_path / "missing.jsonl", 5)["final_loss"])
