@@ -161,7 +161,10 @@ def compare_section(d, m, out_dir):
         verdict = ("matches the network better than every peer" if not beaten and not ties else
                    (f"beaten by {', '.join(beaten)}" if beaten else "no peer is better") +
                    (f"; tied with {', '.join(ties)}" if ties else ""))
-        readme = (f"pca_locality vs network, final r2 ({ds})",
+        net = str(m.get("checkpoint", "")).rstrip("/")
+        other = f", network `{os.path.basename(net)}`" if net and net != f"checkpoints/{ds}_unet_cpu" \
+            else ""
+        readme = (f"pca_locality vs network, final r2 ({ds}{other})",
                   f"{r2[OURS]:.3f} (Wiener {_f(r2.get('wiener'))}, optimal "
                   f"{_f(r2.get('optimal'))}, LS {_f(r2.get('ls'))}, best `{max(r2, key=r2.get)}`)",
                   verdict, cmd)

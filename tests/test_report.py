@@ -8,7 +8,7 @@ import pytest
 from experiments import report
 
 
-def _compare_run(d, r2_ours, r2_peers):
+def _compare_run(d, r2_ours, r2_peers, checkpoint="ckpt"):
     d.mkdir(parents=True)
     ts = [900, 0]
     methods = {}
@@ -20,7 +20,7 @@ def _compare_run(d, r2_ours, r2_peers):
             "trajectory": {"r2": [0.1, float(per_sample.mean())]},
             "single_step": {"r2": [0.2, float(per_sample.mean())]}}
     (d / "metrics.json").write_text(json.dumps({
-        "dataset": "toy", "checkpoint": "ckpt", "methods": methods, "num_samples": len(r2_ours),
+        "dataset": "toy", "checkpoint": checkpoint, "methods": methods, "num_samples": len(r2_ours),
         "command": "python experiments/compare.py --config configs/compare.py:toy"}))
 
 
@@ -39,6 +39,7 @@ def test_report_verdicts_and_readme(tmp_path):
     assert "a tie" in line
     (claim, measured, verdict, cmd), = rows
     assert verdict == "beaten by optimal; tied with ls"
+    assert claim == "pca_locality vs network, final r2 (toy, network `ckpt`)"  # not the default
     assert cmd.startswith("python experiments/compare.py")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{report.BEGIN}\nold\n{report.END}\nafter\n")
@@ -49,6 +50,14 @@ def test_report_verdicts_and_readme(tmp_path):
     bad.write_text("no block")
     with pytest.raises(ValueError, match="results:begin"):
         report.update_readme(str(bad), rows)
+
+
+def test_report_claim_names_only_a_non_default_network(tmp_path):
+    res = tmp_path / "results"
+    _compare_run(res / "compare_toy", [0.5, 0.6], {"wiener": [0.1, 0.2]},
+                 checkpoint="checkpoints/toy_unet_cpu")
+    _, ((claim, *_),) = report.build_report(str(res), str(res / "R.md"), str(tmp_path / "none"))
+    assert claim == "pca_locality vs network, final r2 (toy)"
 
 
 def test_report_needs_results_dir(tmp_path):
