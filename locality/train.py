@@ -540,7 +540,8 @@ def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
 def export_workdir(workdir, out, step: Optional[int] = None) -> int:
     """Export the EMA weights of a training ``workdir`` at ``step`` (default: the latest saved) to
     ``out`` with :func:`export_params`, plus the run's loss curve, the sample grid of that step and
-    ``metrics.json`` when it describes that step. Returns the exported step.
+    a ``metrics.json``: the run's own when it describes that step (a finished or time-limited
+    run), else one summarised from ``metrics.jsonl`` (:func:`summary_from_log`). Returns the step.
 
     With a constant learning rate (``cosine_decay=False``) the weights at step S are those of the
     run with ``num_steps = S`` (also for a run stopped by ``time_limit_s``, killed, or extended
@@ -549,13 +550,13 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
     import shutil
 
     workdir, out = Path(workdir), Path(out)
-    _, ema_params, meta = load_params(workdir, use_ema=True, step=step)
     if step is None:
         manager = _manager(resolve_checkpoint_dir(workdir), read_only=True)
         try:
-            step = int(manager.latest_step())
+            step = manager.latest_step()  # None without a saved step: load_params then explains
         finally:
             manager.close()
+    _, ema_params, meta = load_params(workdir, use_ema=True, step=step)
     meta = json.loads(json.dumps(meta))
     if not meta["train"].get("cosine_decay"):
         meta["train"]["num_steps"] = int(step)
@@ -572,7 +573,8 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
         summary = None
     if summary is None:  # a killed run, or an earlier step: summarise the log up to ``step``
         summary = summary_from_log(workdir / "metrics.jsonl", int(step))
-        summary.update(num_params=count_params(ema_params), image_shape=list(meta["image_shape"]),
+        summary.update(num_steps=int(meta["train"].get("num_steps", step)),
+                       num_params=count_params(ema_params), image_shape=list(meta["image_shape"]),
                        checkpoint_dir=str(resolve_checkpoint_dir(workdir)))
     _atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     return int(step)

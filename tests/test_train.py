@@ -313,6 +313,9 @@ def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
     assert m3["num_params"] == json.loads((ref_dir / "metrics.json").read_text())["num_params"]
     with pytest.raises(CheckpointError, match="step 5 is not saved"):
         export_workdir(ref_dir, tmp_path / "s5", step=5)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        export_workdir(tmp_path / "empty", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
 
 
 def test_summary_from_log_adds_wall_time_over_resumes(tmp_path):
