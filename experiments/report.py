@@ -76,16 +76,24 @@ def _overrides(exp: str, arg: str, cfg: dict) -> str:
         default = importlib.import_module(f"configs.{exp}").get_config(arg).to_dict()
     except Exception:  # an unknown arg: print the plain command
         return ""
+    return "".join(_diff_fields(cfg, default, "config"))
+
+
+def _diff_fields(cfg: dict, default: dict, prefix: str) -> list:
+    """`` --<prefix>.K=V`` for scalar and tuple fields of ``cfg`` that differ from ``default``,
+    descending into nested dicts present in both (e.g. ``networks.unet``)."""
     out = []
     scalar = (int, float, str, bool)
     for k, v in sorted(cfg.items()):
         if isinstance(v, scalar) and k in default and default[k] != v:
-            out.append(f" --config.{k}={v}")
+            out.append(f" --{prefix}.{k}={v}")
         elif (isinstance(v, list) and all(isinstance(x, scalar) for x in v)
               and isinstance(default.get(k), (list, tuple)) and list(default[k]) != v):
             items = ", ".join(json.dumps(x) for x in v) + ("," if len(v) == 1 else "")
-            out.append(f" --config.{k}='({items})'")
-    return "".join(out)
+            out.append(f" --{prefix}.{k}='({items})'")
+        elif isinstance(v, dict) and isinstance(default.get(k), dict):
+            out += _diff_fields(v, default[k], f"{prefix}.{k}")
+    return out
 
 
 def _f(x, nd=3) -> str:
@@ -204,7 +212,10 @@ def sensitivity_section(d, m, cfg, out_dir):
     if nets:
         lo = min(min(v) for v in cos_nets.values())
         hi = max(max(v) for v in cos_nets.values())
-        readme = (f"network fields vs Wiener ({ds})",
+        nets_cfg = cfg.get("networks") or {}
+        other = [f"{k} `{os.path.basename(str(p).rstrip('/'))}`" for k, p in sorted(nets_cfg.items())
+                 if k in nets and str(p).rstrip("/") != f"checkpoints/{ds}_{k}_cpu"]
+        readme = (f"network fields vs Wiener ({ds}{', ' + ', '.join(other) if other else ''})",
                   f"cosine {lo:.2f}-{hi:.2f} ({', '.join(nets)}) over t = {ts[0]}-{ts[-1]}",
                   "agree and shrink with decreasing noise" if all(shrink.values()) and lo > 0.8
                   else "partly: " + ", ".join(f"{k} shrinks: {v}" for k, v in shrink.items()), cmd)

@@ -82,3 +82,11 @@ def test_printed_commands_carry_overrides():
     d["timesteps"] = [50]
     assert report._overrides("data_stats", "mnist", d) == \
         " --config.parts='(\"link\", \"permute\")' --config.timesteps='(50,)'"
+    # nested fields (a network path) print with their full dotted name
+    from configs import sensitivity as sens_cfg
+
+    s = json.loads(json.dumps(sens_cfg.get_config("cifar10_catsdogs").to_dict()))
+    assert report._overrides("sensitivity", "cifar10_catsdogs", s) == ""
+    s["networks"]["unet"] = "checkpoints/other"
+    assert report._overrides("sensitivity", "cifar10_catsdogs", s) == \
+        " --config.networks.unet=checkpoints/other"
