@@ -27,6 +27,11 @@ Commands (run from the repository root)::
     python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu
 
+    # Append a cosine anneal (steps 8,000 -> 13,000, lr to 0) to a finished constant-lr run:
+    python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
+        --workdir workdirs/catsdogs_unet_cpu --config.train.num_steps=13000 \
+        --config.train.cosine_decay=True --config.train.decay_start=8000
+
 Any field can be overridden, e.g. ``--config.train.num_steps=200 --config.model.ch=16``.
 Rerunning a command with the same ``--workdir`` resumes from the latest checkpoint.
 """
@@ -144,5 +149,9 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
         t.checkpoint_every = 200
         t.keep_checkpoints = 2
         t.log_every = 25
+    # With cosine_decay: the step where the decay starts (None: end of warmup). Resuming a finished
+    # constant-lr run of S steps with cosine_decay=True, decay_start=S and a larger num_steps
+    # appends an annealing phase to it.
+    t.decay_start = ml_collections.config_dict.placeholder(int)
     config.train = t
     return config

@@ -55,8 +55,13 @@ CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
 # TrainConfig fields that may change between a run and its resumption without affecting the
 # trajectory of the steps already taken.
-_RESUMABLE_FIELDS = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+_RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every",
                      "num_samples", "sample_steps", "progress")
+# TrainConfig fields that only shape the learning-rate schedule: they may change on resumption
+# when the new schedule gives the same learning rate at every step already taken (e.g. extending
+# a constant-lr run, or appending a cosine anneal with ``decay_start`` = the steps taken).
+_SCHEDULE_FIELDS = ("num_steps", "lr", "warmup_steps", "cosine_decay", "min_lr_ratio",
+                    "decay_start")
 
 
 class CheckpointError(RuntimeError):
@@ -78,6 +83,9 @@ class TrainConfig:
       num_steps: total optimiser steps.
       lr, warmup_steps, cosine_decay, min_lr_ratio: peak learning rate, linear warmup from 0, and
         optionally cosine decay from the end of warmup to ``min_lr_ratio * lr`` at ``num_steps``.
+      decay_start: with ``cosine_decay``, the step where the decay starts (default: the end of
+        warmup); setting it to the step count of a constant-lr run appends an annealing phase
+        that resumes that run (the learning rate of every step already taken is unchanged).
       weight_decay: decoupled AdamW decay on weights with ndim > 1 (not biases / norms).
       b1, b2, adam_eps: Adam moments.
       grad_clip: global-norm clipping threshold (``<= 0`` disables).
@@ -102,6 +110,7 @@ class TrainConfig:
     warmup_steps: int = 1000
     cosine_decay: bool = False
     min_lr_ratio: float = 0.0
+    decay_start: Optional[int] = None
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -133,6 +142,13 @@ class TrainConfig:
                              "flips would break; set random_flip=False")
         if self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}")
+        if self.decay_start is not None:
+            if not self.cosine_decay:
+                raise ValueError(f"decay_start={self.decay_start} needs cosine_decay=True")
+            if not self.warmup_steps <= self.decay_start < self.num_steps:
+                raise ValueError(
+                    f"decay_start={self.decay_start} must lie in [warmup_steps, num_steps) = "
+                    f"[{self.warmup_steps}, {self.num_steps}); raise num_steps to anneal after it")
 
 
 @flax.struct.dataclass
@@ -150,18 +166,23 @@ class TrainState:
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup ``lr * s / warmup`` then constant or cosine decay to ``min_lr_ratio * lr``."""
+    """Linear warmup ``lr * s / warmup``, then constant or a cosine decay from ``decay_start``
+    (default: the end of warmup) to ``min_lr_ratio * lr`` at ``num_steps`` (Loshchilov & Hutter
+    2017, SGDR, without restarts). The ratio is written ``1 - (1 - m) (1 - cos(pi f)) / 2`` so that
+    it is exactly 1 before the decay starts: an annealing phase appended to a constant-lr run
+    leaves the learning rate of the steps already taken bit-identical."""
     warm = max(cfg.warmup_steps, 1)
+    start = cfg.warmup_steps if cfg.decay_start is None else cfg.decay_start
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warmup = cfg.lr * jnp.minimum(step / warm, 1.0) if cfg.warmup_steps else cfg.lr
         if not cfg.cosine_decay:
             return jnp.asarray(warmup, jnp.float32)
-        span = max(cfg.num_steps - cfg.warmup_steps, 1)
-        frac = jnp.clip((step - cfg.warmup_steps) / span, 0.0, 1.0)
-        cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-        return jnp.where(step < cfg.warmup_steps, warmup, cfg.lr * cos).astype(jnp.float32)
+        span = max(cfg.num_steps - start, 1)
+        frac = jnp.clip((step - start) / span, 0.0, 1.0)
+        ratio = 1.0 - (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
+        return jnp.where(step < cfg.warmup_steps, warmup, cfg.lr * ratio).astype(jnp.float32)
 
     return schedule
 
@@ -242,7 +263,8 @@ def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
     """
     mesh = mesh or make_mesh()
     schedule = schedule or schedules_lib.ddpm_linear()
-    irrelevant = _STEP_IRRELEVANT + (() if cfg.cosine_decay else ("num_steps", "min_lr_ratio"))
+    irrelevant = _STEP_IRRELEVANT + (() if cfg.cosine_decay
+                                     else ("num_steps", "min_lr_ratio", "decay_start"))
     step_cfg = dataclasses.replace(cfg, **{f: getattr(TrainConfig, f) for f in irrelevant})
     return _make_train_step(model, step_cfg, mesh, schedule.name,
                             schedule.alphas_cumprod.tobytes())
@@ -419,13 +441,42 @@ class Checkpoints:
         old_train = {**defaults, **old.get("train", {})}
         new_train = {**defaults, **self.meta.get("train", {})}
         diff = sorted(k for k in set(old_train) | set(new_train)
-                      if k not in _RESUMABLE_FIELDS and old_train.get(k) != new_train.get(k))
+                      if k not in _RESUMABLE_FIELDS + _SCHEDULE_FIELDS
+                      and old_train.get(k) != new_train.get(k))
         if diff:
             raise CheckpointError(
                 f"{path} was written with different training settings {diff} "
                 f"(stored {[old_train.get(k) for k in diff]}, requested "
                 f"{[new_train.get(k) for k in diff]}); resuming would not reproduce the run. "
                 f"Fix: use a fresh --workdir, or rerun with the stored settings.")
+        changed = sorted(k for k in _SCHEDULE_FIELDS if old_train.get(k) != new_train.get(k))
+        if not changed:
+            return
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        old_cfg = TrainConfig(**{k: v for k, v in old_train.items() if k in fields})
+        new_cfg = TrainConfig(**{k: v for k, v in new_train.items() if k in fields})
+        done = max([int(p.name) for p in self.directory.iterdir() if p.name.isdigit()],
+                   default=0)
+        steps = jnp.arange(done)
+        lr_old = np.asarray(learning_rate_schedule(old_cfg)(steps))
+        lr_new = np.asarray(learning_rate_schedule(new_cfg)(steps))
+        bad = np.flatnonzero(lr_old != lr_new)
+        if bad.size:
+            s = int(bad[0])
+            raise CheckpointError(
+                f"{path} was written with learning-rate settings {changed} = "
+                f"{[old_train.get(k) for k in changed]}; the requested "
+                f"{[new_train.get(k) for k in changed]} change the learning rate of step {s} "
+                f"({lr_old[s]:.6g} -> {lr_new[s]:.6g}), one of the {done} steps already taken, "
+                f"so resuming would not reproduce the run. Fix: keep the stored settings, or "
+                f"anneal from here with --config.train.cosine_decay=True "
+                f"--config.train.decay_start={done} and a larger num_steps, or use a fresh "
+                f"--workdir.")
+        if any(k != "num_steps" for k in changed) or new_cfg.cosine_decay:
+            # The new schedule describes every stored step as well as the old one did, and the
+            # steps to come: record it, so that exports carry the schedule that made them.
+            self.meta = {**old, "train": self.meta["train"]}
+            _atomic_write_text(path, json.dumps(self.meta, indent=2, sort_keys=True))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -173,6 +173,12 @@ def test_train_presets():
             {k: v for k, v in paper28.items() if k != "dropout"}
         assert not gpu.train.cosine_decay  # a run stopped by --time_limit_s stays reproducible
     assert train_cfg.get_config("mnist,gpu,dit").model.size == "small"
+    from locality.train import TrainConfig
+
+    for ds in train_cfg.DATASETS:  # every preset's train block is a valid TrainConfig
+        for preset in ("paper", "gpu", "cpu"):
+            assert TrainConfig(**train_cfg.get_config(f"{ds},{preset}").train.to_dict()).dataset \
+                == ds
     with pytest.raises(ValueError, match="'paper', 'gpu' or 'cpu'"):
         train_cfg.get_config("mnist,tpu")
 

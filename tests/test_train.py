@@ -53,6 +53,18 @@ def test_ema_and_lr_math():
     assert float(lr(10)) == pytest.approx(1e-3)
     assert float(lr(60)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-5)  # cosine midpoint
     assert float(lr(110)) == pytest.approx(1e-4, rel=1e-5)
+    # A decay starting at step 60: exactly the constant lr before, the cosine after.
+    late = learning_rate_schedule(dataclasses.replace(cfg, decay_start=60, num_steps=160))
+    const = learning_rate_schedule(dataclasses.replace(cfg, cosine_decay=False))
+    steps = np.arange(61)
+    assert np.array_equal(np.asarray(late(steps)), np.asarray(const(steps)))
+    assert float(late(85)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4))),
+                                            rel=1e-5)
+    assert float(late(160)) == pytest.approx(1e-4, rel=1e-5)
+    with pytest.raises(ValueError, match="cosine_decay=True"):
+        TrainConfig(decay_start=5, warmup_steps=0)
+    with pytest.raises(ValueError, match=r"decay_start=110 must lie in \[warmup_steps"):
+        dataclasses.replace(cfg, decay_start=110)
 
 
 def test_batches_are_deterministic_epoch_permutations():
@@ -286,6 +298,33 @@ def test_resumes_a_run_stored_before_a_config_field_existed(reference_run, tmp_p
     with pytest.raises(CheckpointError, match="transform"):
         train(TINY, dataclasses.replace(CFG, num_steps=8, random_flip=False,
                                         transform="permute:0"), workdir, images=_images())
+
+
+def test_anneal_appended_to_a_constant_lr_run(reference_run, tmp_path):
+    """Resuming the finished 6-step constant-lr run with a cosine decay from step 6 to step 9
+    equals an uninterrupted 9-step run with that schedule, and the stored config records it; a
+    schedule that would change the lr of a step already taken is refused, naming the fix."""
+    ref_dir, _, _ = reference_run
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    before = _tree_snapshot(workdir / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"learning rate of step 3 .*decay_start=6"):
+        train(TINY, dataclasses.replace(CFG, num_steps=9, cosine_decay=True), workdir,
+              images=_images())
+    with pytest.raises(CheckpointError, match="lr"):
+        train(TINY, dataclasses.replace(CFG, lr=2e-3), workdir, images=_images())
+    assert _tree_snapshot(workdir / "checkpoints") == before
+    anneal = dataclasses.replace(CFG, num_steps=9, cosine_decay=True, decay_start=6)
+    state, summary = train(TINY, anneal, workdir, images=_images())
+    assert summary["resumed_from"] == 6 and int(state.step) == 9
+    stored = json.loads((workdir / "checkpoints" / "config.json").read_text())["train"]
+    assert stored["cosine_decay"] and stored["decay_start"] == 6 and stored["num_steps"] == 9
+    lrs = {r["step"]: r["lr"] for r in map(json.loads,
+                                           (workdir / "metrics.jsonl").read_text().splitlines())}
+    assert lrs[8] < lrs[6] == pytest.approx(CFG.lr)
+    straight, _ = train(TINY, anneal, tmp_path / "straight", images=_images())
+    assert _leaves_equal(state.params, straight.params)
+    assert _leaves_equal(state.ema_params, straight.ema_params)
 
 
 def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
