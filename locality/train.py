@@ -574,25 +574,40 @@ def load_params(checkpoint, use_ema: bool = True, step: Optional[int] = None):
 
 def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
     """Write an inference-only checkpoint (``config.json`` + EMA weights of ``step``) that
-    ``make("network", checkpoint=directory)`` loads."""
+    ``make("network", checkpoint=directory)`` loads.
+
+    The weights are written to a temporary directory first and then moved into place, so
+    exporting again (the same step or another) replaces the previous export only once the new
+    one is complete; other files in ``directory`` (figures) are kept."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(directory / CONFIG_FILE, json.dumps(_jsonable(dict(meta)), indent=2,
-                                                           sort_keys=True))
-    manager = _manager(directory, keep=1)
+    tmp = directory / f".export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    manager = _manager(tmp, keep=1)
     manager.save(int(step), args=ocp.args.Composite(
         ema_params=ocp.args.StandardSave(jax.device_get(ema_params))), force=True)
     manager.wait_until_finished()
     manager.close()
+    target, old = directory / str(int(step)), directory / f".old-{int(step)}-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp / str(int(step)), target)
+    _atomic_write_text(directory / CONFIG_FILE, json.dumps(_jsonable(dict(meta)), indent=2,
+                                                           sort_keys=True))
+    for p in [old, tmp] + [p for p in directory.iterdir() if p.name.isdigit() and p != target]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def export_workdir(workdir, out, step: Optional[int] = None) -> int:
     """Export the EMA weights of a training ``workdir`` at ``step`` (default: the latest saved) to
     ``out`` with :func:`export_params`, plus the run's loss curve, the sample grid of that step and
     a ``metrics.json``: the run's own when it describes that step (a finished or time-limited
-    run), else one summarised from ``metrics.jsonl`` (:func:`summary_from_log`). Returns the step.
+    run; for a resumed one with ``wall_s_all_invocations`` added), else one summarised from
+    ``metrics.jsonl`` (:func:`summary_from_log`). Returns the step.
 
     With a constant learning rate (``cosine_decay=False``) the weights at step S are those of the
     run with ``num_steps = S`` (also for a run stopped by ``time_limit_s``, killed, or extended
@@ -622,6 +637,10 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
             summary = None
     except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
         summary = None
+    if summary is not None and summary.get("resumed_from") is not None:
+        # The run's own wall_s covers its last invocation only; add the earlier ones from the log.
+        earlier = summary_from_log(workdir / "metrics.jsonl", int(summary["resumed_from"]))
+        summary["wall_s_all_invocations"] = earlier["wall_s"] + float(summary["wall_s"])
     if summary is None:  # a killed run, or an earlier step: summarise the log up to ``step``
         summary = summary_from_log(workdir / "metrics.jsonl", int(step))
         summary.update(num_steps=int(meta["train"].get("num_steps", step)),

@@ -325,6 +325,18 @@ def test_anneal_appended_to_a_constant_lr_run(reference_run, tmp_path):
     straight, _ = train(TINY, anneal, tmp_path / "straight", images=_images())
     assert _leaves_equal(state.params, straight.params)
     assert _leaves_equal(state.ema_params, straight.ema_params)
+    assert export_workdir(workdir, tmp_path / "out") == 9
+    exported = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    first = max(json.loads(l)["wall_s"] for l in
+                (ref_dir / "metrics.jsonl").read_text().splitlines())
+    assert exported["wall_s_all_invocations"] == pytest.approx(exported["wall_s"] + first)
+    assert load_params(tmp_path / "out")[2]["train"]["decay_start"] == 6
+    # Exporting the same step again replaces the weights and keeps other files there.
+    (tmp_path / "out" / "extra.png").write_bytes(b"x")
+    assert export_workdir(workdir, tmp_path / "out") == 9
+    assert _leaves_equal(load_params(tmp_path / "out")[1], state.ema_params)
+    assert (tmp_path / "out" / "extra.png").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.is_file()) == ["9"]
 
 
 def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
