@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -579,8 +580,6 @@ def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
     The weights are written to a temporary directory first and then moved into place, so
     exporting again (the same step or another) replaces the previous export only once the new
     one is complete; other files in ``directory`` (figures) are kept."""
-    import shutil
-
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
@@ -613,8 +612,6 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
     run with ``num_steps = S`` (also for a run stopped by ``time_limit_s``, killed, or extended
     from a shorter one), so the exported config records ``num_steps = S``.
     """
-    import shutil
-
     workdir, out = Path(workdir), Path(out)
     if step is None:
         manager = _manager(resolve_checkpoint_dir(workdir), read_only=True)
