@@ -28,7 +28,10 @@ def method_defaults(method: str, dataset: str) -> dict:
     if method == "optimal":
         return {"chunk_size": 512}
     if method == "network":  # the committed CPU UNet; any checkpoint or training workdir works
-        return {"checkpoint": f"checkpoints/{dataset}_unet_cpu", "use_ema": True}
+        # labels / guidance only for class-conditional nets: labels "" (none), "cycle" (image i
+        # gets class i mod K), "1" or "0,1,..." (one per image); guidance = the CFG weight w.
+        return {"checkpoint": f"checkpoints/{dataset}_unet_cpu", "use_ema": True,
+                "labels": "", "guidance": 0.0}
     return {}
 
 

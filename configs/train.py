@@ -27,6 +27,15 @@ Commands (run from the repository root)::
     python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu
 
+    # Class-conditional cats/dogs net, started from the unconditional CPU one (label dropout 0.1
+    # for classifier-free guidance; grids at guidance weight 3):
+    python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
+        --workdir workdirs/catsdogs_unet_cpu32_cond --config.model.ch=32 \
+        --config.model.ch_mult='(1,2,2,2)' --config.model.num_classes=2 --config.train.lr=3e-4 \
+        --config.train.num_steps=5000 --config.train.cosine_decay=True \
+        --config.train.sample_guidance=3 --config.train.checkpoint_every=500 \
+        --config.train.init_from=checkpoints/cifar10_catsdogs_unet_cpu32_anneal
+
     # Append a cosine anneal (steps 8,000 -> 13,000, lr to 0) to a finished constant-lr run:
     python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu --config.train.num_steps=13000 \
@@ -93,6 +102,7 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
     else:
         model = dict(arch="dit", size="tiny" if preset == "cpu" else "small",
                      patch_size=_patch_size(res), dropout=0.0)
+    model["num_classes"] = 0  # > 0: class-conditional (labels of the dataset; see nets/unet.py)
     config.model = model
 
     t = ml_collections.ConfigDict()
@@ -153,5 +163,11 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
     # constant-lr run of S steps with cosine_decay=True, decay_start=S and a larger num_steps
     # appends an annealing phase to it.
     t.decay_start = ml_collections.config_dict.placeholder(int)
+    # Class-conditional nets (--config.model.num_classes=K): the probability of training with "no
+    # label", the guidance weight of the checkpoint sample grids, and optionally the checkpoint of
+    # an unconditional net to start from (its weights; the label embedding starts at zero).
+    t.label_dropout = 0.1
+    t.sample_guidance = 0.0
+    t.init_from = ml_collections.config_dict.placeholder(str)
     config.train = t
     return config

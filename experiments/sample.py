@@ -39,7 +39,24 @@ def build(method: str, kwargs: dict, train, st, shard: bool, progress: bool = Fa
         kwargs["shard"] = True
     if progress and method == "pca_locality":
         kwargs.setdefault("progress", True)
+    if method == "network":
+        kwargs["labels"] = parse_labels(kwargs.get("labels"))
     return denoisers.make(method, **kwargs)
+
+
+def parse_labels(spec):
+    """Command-line labels of a class-conditional net: ``""``/None -> None (no label), ``"cycle"``,
+    ``"3"`` -> 3, ``"0,1,1"`` -> [0, 1, 1]; anything else passes through unchanged."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if isinstance(spec, str) and spec.strip() != "cycle":
+        try:
+            vals = [int(v) for v in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"labels={spec!r}: use '' (no label), 'cycle', an int or a comma "
+                             f"list of ints") from None
+        return vals[0] if len(vals) == 1 else vals
+    return spec.strip() if isinstance(spec, str) else spec
 
 
 def nearest_distance(samples, train):

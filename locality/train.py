@@ -57,7 +57,7 @@ FORMAT_VERSION = 1
 # TrainConfig fields that may change between a run and its resumption without affecting the
 # trajectory of the steps already taken.
 _RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every",
-                     "num_samples", "sample_steps", "progress")
+                     "num_samples", "sample_steps", "sample_guidance", "progress", "init_from")
 # TrainConfig fields that only shape the learning-rate schedule: they may change on resumption
 # when the new schedule gives the same learning rate at every step already taken (e.g. extending
 # a constant-lr run, or appending a cosine anneal with ``decay_start`` = the steps taken).
@@ -99,6 +99,16 @@ class TrainConfig:
       checkpoint_every, keep_checkpoints: save every K steps (and at the end), keep N.
       log_every: steps between ``metrics.jsonl`` lines.
       num_samples, sample_steps: the DDIM sample grid written at every checkpoint (0 disables).
+      sample_guidance: for a class-conditional net, the classifier-free guidance weight ``w`` of
+        that grid (its labels cycle through the classes; 0 = plain conditional sampling).
+      label_dropout: for a class-conditional net (model ``num_classes > 0``), the probability that
+        a training label is replaced by "no label", so that one net learns the conditional and
+        the unconditional eps (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1,
+        their ``p_uncond``; 0.1-0.2 there). Unused for unconditional nets.
+      init_from: start a fresh run from the EMA weights of another checkpoint (a training workdir
+        or an export) instead of random weights: every weight of this model that the checkpoint
+        holds must have the same shape there; weights it lacks (e.g. the label embedding when an
+        unconditional net is made conditional) keep their initial values. Ignored when resuming.
       progress: show a tqdm bar.
     """
 
@@ -127,12 +137,17 @@ class TrainConfig:
     log_every: int = 50
     num_samples: int = 64
     sample_steps: int = 10
+    sample_guidance: float = 0.0
+    label_dropout: float = 0.1
+    init_from: Optional[str] = None
     progress: bool = True
 
     def __post_init__(self):
         for name in ("batch_size", "num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"TrainConfig.label_dropout must be in [0, 1], got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         from locality.data import transforms
@@ -229,11 +244,15 @@ def create_train_state(model, cfg: TrainConfig, image_shape) -> TrainState:
 # Loss and train step
 
 
-def diffusion_loss(params, apply_fn, x0, rng, alphas_cumprod):
+def diffusion_loss(params, apply_fn, x0, rng, alphas_cumprod, y=None, label_dropout=0.0,
+                   num_classes=0):
     """DDPM eps-MSE on a batch ``x0`` [B, H, W, C] (Ho et al. 2020, Algorithm 1).
 
     ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``; the net gets
-    ``t`` as float. Returns the scalar mean squared error.
+    ``t`` as float. With labels ``y`` [B] (class-conditional net with ``num_classes`` classes),
+    each label is replaced by "no label" (``num_classes``) with probability ``label_dropout``
+    (Ho & Salimans 2022, Algorithm 1), drawn from ``fold_in(rng, 1)`` so that ``t`` and ``eps``
+    are the same as for an unconditional net. Returns the scalar mean squared error.
     """
     k_t, k_eps, k_drop = jax.random.split(rng, 3)
     b = x0.shape[0]
@@ -241,8 +260,12 @@ def diffusion_loss(params, apply_fn, x0, rng, alphas_cumprod):
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     ab = alphas_cumprod[t][:, None, None, None]
     x_t = schedules_lib.add_noise(x0, eps, ab)
+    kwargs = {}
+    if y is not None:
+        drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), label_dropout, (b,))
+        kwargs["y"] = jnp.where(drop, num_classes, jnp.asarray(y, jnp.int32))
     pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32), train=True,
-                    rngs={"dropout": k_drop})
+                    rngs={"dropout": k_drop}, **kwargs)
     return jnp.mean(jnp.square(pred - eps))
 
 
@@ -257,7 +280,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
     """The jitted ``train_step(state, batch, rng) -> (state, metrics)``.
 
     ``rng`` is the run's base key; the step's key is ``fold_in(rng, state.step)``. ``batch``
-    [B, H, W, C] is sharded over the mesh axis ``"data"``; the state is replicated; the state
+    [B, H, W, C] (or ``(images, labels [B])`` for a class-conditional net) is sharded over the mesh axis ``"data"``; the state is replicated; the state
     argument is donated. ``metrics``: ``loss``, ``grad_norm`` (before clipping), ``lr``.
     Identical requests (same model, config, mesh and schedule) share one jitted function, so a
     resumed run in the same process reuses the compiled program.
@@ -274,7 +297,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
 # TrainConfig fields that do not enter the compiled step.
 _STEP_IRRELEVANT = ("dataset", "resolution", "data_limit", "random_flip", "checkpoint_every",
                     "keep_checkpoints", "log_every", "num_samples", "sample_steps", "progress",
-                    "seed")
+                    "seed", "sample_guidance", "init_from")
 
 
 @functools.lru_cache(maxsize=8)
@@ -287,8 +310,13 @@ def _make_train_step(model, cfg: TrainConfig, mesh: Mesh, schedule_name: str,
 
     def step_fn(state: TrainState, batch, rng):
         key = jax.random.fold_in(rng, state.step)
-        loss, grads = jax.value_and_grad(diffusion_loss)(state.params, model.apply, batch, key,
-                                                         alphas_cumprod)
+        x0, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        num_classes = getattr(model, "num_classes", 0)
+        if (y is None) != (num_classes == 0):
+            raise ValueError(f"a net with num_classes={num_classes} needs "
+                             f"{'(images, labels)' if num_classes else 'images only'} batches")
+        loss, grads = jax.value_and_grad(diffusion_loss)(
+            state.params, model.apply, x0, key, alphas_cumprod, y, cfg.label_dropout, num_classes)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup)
@@ -324,10 +352,16 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 
 class BatchSource:
     """``images`` [N, H, W, C] in memory -> the batch at any step (caches the current epoch's
-    permutation). Flips (if enabled) are drawn from ``(seed, step)``."""
+    permutation). Flips (if enabled) are drawn from ``(seed, step)``. With ``labels`` [N],
+    :meth:`labels_at` gives the labels of the same batch."""
 
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, random_flip: bool = False):
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, random_flip: bool = False,
+                 labels: Optional[np.ndarray] = None):
         self.images = np.asarray(images, np.float32)
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        if self.labels is not None and self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must have shape [N] = [{self.images.shape[0]}], got "
+                             f"{self.labels.shape}")
         self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
         self.n = self.images.shape[0]
         self.per_epoch = self.n // batch_size
@@ -335,11 +369,20 @@ class BatchSource:
             raise ValueError(f"batch_size={batch_size} exceeds the number of images {self.n}")
         self._epoch, self._perm = None, None
 
-    def __call__(self, step: int) -> np.ndarray:
+    def _indices(self, step: int) -> np.ndarray:
         epoch, i = divmod(int(step), self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.n)
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def labels_at(self, step: int) -> np.ndarray:
+        """int32 [B]: the labels of the images of ``self(step)``."""
+        if self.labels is None:
+            raise ValueError("this BatchSource was built without labels")
+        return self.labels[self._indices(step)]
+
+    def __call__(self, step: int) -> np.ndarray:
+        idx = self._indices(step)
         batch = self.images[idx]
         if self.random_flip:
             flip = np.random.default_rng([int(self.seed), int(step), 0xF11F]).random(len(idx)) < 0.5
@@ -732,15 +775,57 @@ def save_loss_curve(metrics_path, png_path):
 
 
 def sample_images(model, params, x_T, num_steps: int = 10,
-                  schedule: Optional[schedules_lib.DiscreteSchedule] = None) -> np.ndarray:
+                  schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+                  guidance: float = 0.0) -> np.ndarray:
     """Deterministic DDIM (ALGORITHMS.md §1, via :func:`locality.sampling.ddim`) with the network
-    wrapped as a denoiser; returns the final images [B, H, W, C]."""
+    wrapped as a denoiser; returns the final images [B, H, W, C]. A class-conditional net samples
+    image ``i`` from class ``i mod num_classes`` with guidance weight ``guidance``."""
     from locality import sampling
     from locality.denoisers.network import NetworkDenoiser
 
     schedule = schedule or schedules_lib.ddpm_linear()
-    denoise = NetworkDenoiser.create(model, params, schedule)
+    labels = "cycle" if getattr(model, "num_classes", 0) else None
+    denoise = NetworkDenoiser.create(model, params, schedule, labels=labels,
+                                     guidance=guidance if labels else 0.0)
     return np.asarray(sampling.ddim(denoise, x_T, schedule, num_steps=num_steps).images)
+
+
+def merge_params(fresh, loaded, source: str = "the checkpoint"):
+    """``fresh`` with every weight that ``loaded`` also holds replaced by the loaded one.
+
+    Weights only in ``fresh`` keep their values (returned as ``(params, new_names)``); a weight
+    only in ``loaded``, or one with another shape, raises :class:`CheckpointError` naming it.
+    """
+    flat_f = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
+    flat_l = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
+    extra = sorted(set(flat_l) - set(flat_f))
+    if extra:
+        raise CheckpointError(f"{source} holds weights this model lacks: {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''}. Fix: init_from a checkpoint of "
+                              f"the same architecture (only new weights such as the label "
+                              f"embedding may be missing from it).")
+    bad = [(k, tuple(flat_l[k].shape), tuple(flat_f[k].shape)) for k in flat_f
+           if k in flat_l and tuple(flat_l[k].shape) != tuple(flat_f[k].shape)]
+    if bad:
+        k, got, want = bad[0]
+        raise CheckpointError(f"{source}: weight {k} has shape {got} but this model needs {want} "
+                              f"({len(bad)} mismatched). Fix: init_from a checkpoint of the same "
+                              f"architecture and image size.")
+    new = sorted(set(flat_f) - set(flat_l))
+    merged = {k: jnp.asarray(flat_l[k], flat_f[k].dtype) if k in flat_l else flat_f[k]
+              for k in flat_f}
+    return flax.traverse_util.unflatten_dict(merged, sep="/"), new
+
+
+def _init_from(state: TrainState, cfg: TrainConfig, checkpoint) -> TrainState:
+    """A step-0 state whose params and EMA are the EMA weights of ``checkpoint`` merged into the
+    fresh ``state`` (:func:`merge_params`), with a fresh optimiser state."""
+    _, loaded, _ = load_params(checkpoint, use_ema=True)  # shapes as stored there
+    params, new = merge_params(jax.device_get(state.params), loaded, f"init_from={checkpoint}")
+    logging.info("initialised from %s; weights not in it (kept at init): %s", checkpoint, new)
+    tx = make_optimizer(cfg)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,7 +833,7 @@ def sample_images(model, params, x_T, num_steps: int = 10,
 
 
 def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
-          images: Optional[np.ndarray] = None,
+          images: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
           on_step: Optional[Callable[[int], None]] = None,
           time_limit_s: Optional[float] = None) -> tuple[TrainState, dict]:
     """Train (or resume training) the network ``model_config`` with ``cfg`` in ``workdir``.
@@ -760,6 +845,8 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         ``metrics.json`` (final summary), ``loss.png``, ``samples_<step>.png``, ``summary.txt``.
       images: training images [N, H, W, C] in [-1, 1]; default ``locality.data.load(cfg.dataset,
         "train", resolution=cfg.resolution, limit=cfg.data_limit)``.
+      labels: int labels [N] of ``images``, for a class-conditional net (model ``num_classes >
+        0``) only; default: the dataset's labels.
       on_step: called with the completed step count after every step (and after any checkpoint
         of that step was written).
       time_limit_s: stop after the first step that ends more than this many seconds after the
@@ -774,12 +861,32 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     if time_limit_s is not None and time_limit_s < 0:
         raise ValueError(f"time_limit_s must be >= 0 or None, got {time_limit_s}")
     workdir = Path(workdir)
+    model_config = _jsonable(dict(model_config))
+    if not model_config.get("num_classes"):
+        # Unconditional: stored exactly as before the option existed, so old runs still resume.
+        model_config.pop("num_classes", None)
+    num_classes = int(model_config.get("num_classes", 0))
+    if labels is not None and not num_classes:
+        raise ValueError("labels were given for an unconditional model; set the model's "
+                         "num_classes to make it class-conditional, or drop the labels")
     workdir.mkdir(parents=True, exist_ok=True)
     if images is None:
         from locality import data
 
-        images = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
-                           limit=cfg.data_limit)
+        loaded = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
+                           limit=cfg.data_limit, with_labels=bool(num_classes))
+        images, labels = loaded if num_classes else (loaded, None)
+    elif num_classes and labels is None:
+        raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs the labels "
+                         "of the given images: pass labels=[N] ints")
+    if num_classes:
+        labels = np.asarray(labels)
+        if labels is None or labels.shape != (len(images),) or \
+                not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or \
+                labels.max() >= num_classes:
+            raise ValueError(f"labels must be {len(images)} ints in [0, num_classes={num_classes}); "
+                             f"got shape {labels.shape}, range [{labels.min()}, {labels.max()}]. "
+                             f"Fix: set the model's num_classes to the number of classes.")
     images = np.asarray(images, np.float32)
     if cfg.transform:
         from locality.data import transforms
@@ -788,7 +895,6 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     if images.ndim != 4 or not np.all(np.isfinite(images)):
         raise ValueError(f"training images must be finite [N, H, W, C]; got shape {images.shape}")
     image_shape = tuple(int(s) for s in images.shape[1:])
-    model_config = _jsonable(dict(model_config))
     model = build_model(model_config)
     schedule = schedules_lib.ddpm_linear()
 
@@ -808,6 +914,8 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     restored = ckpts.restore_latest(state)
     if restored is not None:
         state = jax.device_put(restored, repl)
+    elif cfg.init_from:
+        state = jax.device_put(_init_from(state, cfg, cfg.init_from), repl)
     start = int(jax.device_get(state.step))
     n_params = count_params(state.params)
     if start >= cfg.num_steps and (workdir / "metrics.json").exists():
@@ -816,7 +924,7 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
 
     train_step = make_train_step(model, cfg, mesh, schedule)
     base_key = jax.device_put(jax.random.PRNGKey(cfg.seed), repl)
-    source = BatchSource(images, cfg.batch_size, cfg.seed, cfg.random_flip)
+    source = BatchSource(images, cfg.batch_size, cfg.seed, cfg.random_flip, labels=labels)
     sample_noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), (cfg.num_samples, *image_shape)) \
         if cfg.num_samples else None
     metrics_path = workdir / "metrics.jsonl"
@@ -826,7 +934,8 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         if metrics_path.exists():
             save_loss_curve(metrics_path, workdir / "loss.png")
         if sample_noise is not None:
-            imgs = sample_images(model, state.ema_params, sample_noise, cfg.sample_steps, schedule)
+            imgs = sample_images(model, state.ema_params, sample_noise, cfg.sample_steps, schedule,
+                                 guidance=cfg.sample_guidance)
             save_image_grid(workdir / f"samples_{step:07d}.png", imgs)
 
     from tqdm.auto import tqdm
@@ -839,7 +948,8 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     done = start
     with open(metrics_path, "a") as mf:
         for step in range(start, cfg.num_steps):
-            batch = jax.device_put(source(step), data_sharding)
+            batch = source(step) if labels is None else (source(step), source.labels_at(step))
+            batch = jax.device_put(batch, data_sharding)
             state, m = train_step(state, batch, base_key)
             pending.append(m)
             done = step + 1

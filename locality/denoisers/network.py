@@ -11,6 +11,11 @@ to ``t = T - 1`` (clamped; the net never saw other times). The eps prediction is
 ``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (ALGORITHMS.md §1, :func:`schedules.x0_from_eps`),
 using the requested ``ab`` itself.
 
+Class-conditional nets (``num_classes > 0``, see :mod:`locality.nets.unet`) are called with "no
+label" unless ``labels`` are given; with ``guidance = w != 0`` the eps is classifier-free guided,
+``eps = (1 + w) eps(x, y) - w eps(x, no label)`` (Ho & Salimans 2022, eq. 6), both terms from one
+forward pass over the doubled batch.
+
 Importing this module only registers the factory; orbax and the trainer are imported when a
 checkpoint is actually loaded.
 """
@@ -49,25 +54,70 @@ class NetworkDenoiser:
     into ``jit`` as an argument), the flax module is static.
 
     ``denoise(x_t [B, H, W, C], ab scalar) -> x0_hat [B, H, W, C]``.
+
+    ``labels`` (int32, scalar or [B]; a leaf) or ``cycle_labels`` (image ``i`` gets label
+    ``i mod num_classes``) select the class of a conditional net; ``guidance`` is the
+    classifier-free guidance weight (module docstring).
     """
 
     params: Any
     alphas_cumprod: jax.Array
-    model: Any = flax.struct.field(pytree_node=False)
+    labels: Optional[jax.Array] = None
+    model: Any = flax.struct.field(pytree_node=False, default=None)
+    guidance: float = flax.struct.field(pytree_node=False, default=0.0)
+    cycle_labels: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, model, params, schedule: Optional[schedules_lib.DiscreteSchedule] = None):
+    def create(cls, model, params, schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+               labels=None, guidance: float = 0.0):
+        """``labels``: ``None`` (no label), an int, a sequence of ints (one per image) or
+        ``"cycle"``; ``guidance``: the guidance weight ``w`` (needs labels)."""
         schedule = schedule or schedules_lib.ddpm_linear()
+        num_classes = int(getattr(model, "num_classes", 0))
+        guidance = float(guidance)
+        if not np.isfinite(guidance):
+            raise ValueError(f"guidance must be finite, got {guidance}")
+        cycle = isinstance(labels, str)
+        if cycle and labels != "cycle":
+            raise ValueError(f"labels must be None, an int, a list of ints or 'cycle', got {labels!r}")
+        if labels is not None and num_classes == 0:
+            raise ValueError(f"labels={labels!r} were given for an unconditional network "
+                             "(num_classes=0); drop labels, or load a class-conditional checkpoint")
+        if labels is None and guidance != 0.0:
+            raise ValueError(f"guidance={guidance} needs labels (an int, a list, or 'cycle'): it "
+                             "extrapolates from the unconditional towards the conditional eps")
+        if labels is not None and not cycle:
+            arr = np.asarray(labels)
+            if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer) or \
+                    (arr.size and (arr.min() < 0 or arr.max() >= num_classes)):
+                raise ValueError(f"labels must be ints in [0, {num_classes}) (scalar or one per "
+                                 f"image), got {labels!r}")
+            labels = jnp.asarray(arr, jnp.int32)
+        else:
+            labels = None
         return cls(params=params, alphas_cumprod=jnp.asarray(schedule.alphas_cumprod, jnp.float32),
-                   model=model)
+                   labels=labels, model=model, guidance=guidance, cycle_labels=cycle)
 
     def timestep(self, ab):
         return timestep_from_ab(ab, self.alphas_cumprod)
 
     def eps(self, x_t, ab):
-        """The network's eps prediction at noise level ``ab``: [B, H, W, C]."""
-        t = jnp.broadcast_to(self.timestep(ab), (x_t.shape[0],))
-        return self.model.apply({"params": self.params}, x_t, t, train=False)
+        """The network's (guided) eps prediction at noise level ``ab``: [B, H, W, C]."""
+        b = x_t.shape[0]
+        t = jnp.broadcast_to(self.timestep(ab), (b,))
+        apply = lambda x, t, **kw: self.model.apply({"params": self.params}, x, t, train=False,
+                                                    **kw)
+        if self.labels is None and not self.cycle_labels:
+            return apply(x_t, t)
+        num_classes = self.model.num_classes
+        y = (jnp.arange(b, dtype=jnp.int32) % num_classes if self.cycle_labels
+             else jnp.broadcast_to(self.labels, (b,)))
+        if self.guidance == 0.0:
+            return apply(x_t, t, y=y)
+        both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                     y=jnp.concatenate([y, jnp.full((b,), num_classes, jnp.int32)]))
+        eps_c, eps_u = both[:b], both[b:]
+        return (1.0 + self.guidance) * eps_c - self.guidance * eps_u
 
     def __call__(self, x_t, ab):
         x_t = jnp.asarray(x_t, jnp.float32)
@@ -78,14 +128,17 @@ class NetworkDenoiser:
 @register("network")
 def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] = None,
                  schedule: Optional[schedules_lib.DiscreteSchedule] = None, model=None,
-                 params=None) -> NetworkDenoiser:
+                 params=None, labels=None, guidance: float = 0.0) -> NetworkDenoiser:
     """A trained eps-network as a denoiser.
 
     Either ``checkpoint`` (a training workdir, its ``checkpoints/`` directory, or a directory
     written by :func:`locality.train.export_params`; the saved ``config.json`` rebuilds the model)
     with ``use_ema`` / ``step`` (default: latest), or an in-memory ``model`` (a flax module or a
     model-config dict) with its ``params``. ``schedule``: the discrete schedule the net was trained
-    on (default ``ddpm_linear()``), used to map ``ab`` to a timestep.
+    on (default ``ddpm_linear()``), used to map ``ab`` to a timestep. ``labels`` / ``guidance``:
+    class and classifier-free guidance weight for a class-conditional net (``labels``: an int, a
+    list with one int per image, or ``"cycle"`` for image ``i`` -> class ``i mod num_classes``;
+    see :class:`NetworkDenoiser`).
     """
     from locality.nets import build_model
 
@@ -107,4 +160,4 @@ def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] =
         params = params["params"] if isinstance(params, dict) and set(params) == {"params"} \
             else params
     params = jax.tree.map(jnp.asarray, params)
-    return NetworkDenoiser.create(model, params, schedule)
+    return NetworkDenoiser.create(model, params, schedule, labels=labels, guidance=guidance)

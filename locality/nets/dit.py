@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from locality.nets.unet import timestep_embedding
+from locality.nets.unet import label_embedding, timestep_embedding
 
 SIZES = {
     "tiny": dict(hidden=128, depth=4, num_heads=4),
@@ -85,7 +85,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Unconditional DiT predicting eps; see the module docstring.
+    """DiT predicting eps (unconditional, or class-conditional with ``num_classes``); see the
+    module docstring.
 
     Attributes:
       patch_size: ``p``; image height and width must be divisible by it.
@@ -93,6 +94,9 @@ class DiT(nn.Module):
       mlp_ratio: MLP width / hidden.
       dropout: dropout inside the MLP, only with ``train=True``.
       out_ch: output channels; ``None`` means the input's channel count.
+      num_classes: 0 (unconditional) or the number of class labels: a zero-initialised label
+        embedding (one extra row for "no label") is added to the timestep conditioning, as the
+        class embedding of Peebles & Xie 2023, sec. 3.2 (see :func:`unet.label_embedding`).
     """
 
     patch_size: int = 2
@@ -102,10 +106,12 @@ class DiT(nn.Module):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     out_ch: int | None = None
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x, t, train: bool = False):
-        """x: [B, H, W, C] float32; t: [B] float timesteps in [0, 1000) -> eps_hat [B, H, W, C]."""
+    def __call__(self, x, t, train: bool = False, y=None):
+        """x: [B, H, W, C] float32; t: [B] float timesteps in [0, 1000); y: [B] int labels or
+        ``None`` (conditional nets only) -> eps_hat [B, H, W, C]."""
         if x.ndim != 4:
             raise ValueError(f"DiT expects x of shape [B, H, W, C], got {x.shape}")
         b, height, width, c_in = x.shape
@@ -126,6 +132,7 @@ class DiT(nn.Module):
         c = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02), name="t_mlp0")(c)
         c = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02),
                      name="t_mlp1")(nn.silu(c))
+        c = c + label_embedding(self.num_classes, self.hidden, y, b)
 
         for i in range(self.depth):
             h = DiTBlock(self.hidden, self.num_heads, self.mlp_ratio, self.dropout,

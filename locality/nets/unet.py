@@ -22,12 +22,20 @@ Initialisation: Xavier-uniform (Glorot & Bengio 2010) weights, zero biases; the 
 gain 1e-5, i.e. Xavier-uniform weights multiplied by 1e-5, so every residual branch starts near
 identity and the network's initial output is near zero.
 
+Class conditioning (optional, ``num_classes > 0``): a learned embedding of the label, with one
+extra row for "no label" (index ``num_classes``), is added to the timestep embedding, as in the
+class-conditional CIFAR/ImageNet networks of Dhariwal & Nichol 2021 ("Diffusion Models Beat GANs",
+sec. 4) and classifier-free guidance (Ho & Salimans 2022). The table is initialised to zero, so a
+conditional net whose other weights come from an unconditional one starts as exactly that net.
+
 Options beyond the paper: ``padding="circular"`` (every 3x3 conv wraps around, which makes the
 whole net equivariant to circular shifts by multiples of ``2 ** (len(ch_mult) - 1)``) and
 ``use_norm=False`` (no GroupNorm anywhere), the two variants of Kamb & Ganguli's networks.
 
-Call: ``model.apply(params, x [B, H, W, C], t [B], train=bool, rngs={"dropout": key})``
-returns ``eps_hat [B, H, W, C]``; ``t`` is a float timestep in [0, 1000) (continuous allowed).
+Call: ``model.apply(params, x [B, H, W, C], t [B], train=bool, rngs={"dropout": key}, y=None)``
+returns ``eps_hat [B, H, W, C]``; ``t`` is a float timestep in [0, 1000) (continuous allowed);
+``y`` [B] int labels in ``[0, num_classes]`` (``num_classes`` = no label; ``None`` = no label for
+all) and only for a conditional net.
 """
 
 from __future__ import annotations
@@ -74,6 +82,25 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
+
+
+def label_embedding(num_classes: int, dim: int, y, batch: int):
+    """Embedding [B, dim] of labels ``y`` for a net with ``num_classes`` classes (zero-initialised
+    table of ``num_classes + 1`` rows, the last one meaning "no label"); ``y=None`` means no label
+    for every image. For ``num_classes == 0`` (unconditional) it returns 0 and ``y`` must be
+    ``None``."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes == 0:
+        if y is not None:
+            raise ValueError("labels y were given to an unconditional network (num_classes=0); "
+                             "build it with num_classes > 0 or call it without y")
+        return 0.0
+    if y is None:
+        y = jnp.full((batch,), num_classes, jnp.int32)
+    y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
+    return nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.zeros,
+                    name="label_embed")(y)
 
 
 class Conv3x3(nn.Module):
@@ -175,6 +202,7 @@ class UNet(nn.Module):
       padding: "zeros" or "circular".
       use_norm: GroupNorm on (paper) or off (Kamb & Ganguli).
       out_ch: output channels; ``None`` means the input's channel count.
+      num_classes: 0 (unconditional, the paper) or the number of class labels (module docstring).
     """
 
     ch: int = 64
@@ -187,6 +215,7 @@ class UNet(nn.Module):
     padding: str = "zeros"
     use_norm: bool = True
     out_ch: int | None = None
+    num_classes: int = 0
 
     @property
     def downsample_factor(self) -> int:
@@ -194,8 +223,9 @@ class UNet(nn.Module):
         return 2 ** (len(self.ch_mult) - 1)
 
     @nn.compact
-    def __call__(self, x, t, train: bool = False):
-        """x: [B, H, W, C] float32; t: [B] (or scalar) float timesteps -> eps_hat [B, H, W, C]."""
+    def __call__(self, x, t, train: bool = False, y=None):
+        """x: [B, H, W, C] float32; t: [B] (or scalar) float timesteps; y: [B] int labels or
+        ``None`` (conditional nets only) -> eps_hat [B, H, W, C]."""
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if x.ndim != 4:
@@ -210,6 +240,7 @@ class UNet(nn.Module):
         temb = nn.Dense(4 * self.ch, kernel_init=xavier_uniform(), name="temb_dense0")(temb)
         temb = nn.Dense(4 * self.ch, kernel_init=xavier_uniform(),
                         name="temb_dense1")(nn.swish(temb))
+        temb = temb + label_embedding(self.num_classes, 4 * self.ch, y, b)
 
         h = Conv3x3(self.ch, padding=self.padding, name="head")(x)
         skips = [h]
