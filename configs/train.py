@@ -34,6 +34,7 @@ Commands (run from the repository root)::
         --config.model.ch_mult='(1,2,2,2)' --config.model.num_classes=2 --config.train.lr=3e-4 \
         --config.train.num_steps=5000 --config.train.cosine_decay=True \
         --config.train.sample_guidance=3 --config.train.checkpoint_every=500 \
+        --config.train.label_lr_mult=30 \
         --config.train.init_from=checkpoints/cifar10_catsdogs_unet_cpu32_anneal
 
     # Append a cosine anneal (steps 8,000 -> 13,000, lr to 0) to a finished constant-lr run:
@@ -167,6 +168,7 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
     # label", the guidance weight of the checkpoint sample grids, and optionally the checkpoint of
     # an unconditional net to start from (its weights; the label embedding starts at zero).
     t.label_dropout = 0.1
+    t.label_lr_mult = 1.0  # learning-rate multiple for the label embedding (see TrainConfig)
     t.sample_guidance = 0.0
     t.init_from = ml_collections.config_dict.placeholder(str)
     config.train = t

@@ -144,7 +144,8 @@ def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, 
     token = None
     if progress:
         token = len(_CALLBACKS)
-        _CALLBACKS[token] = _progress_callback(len(timesteps), "ddim")
+        desc = "ddim" if eta == 0 else f"ddim eta={eta:g}"  # eta = 1: DDPM ancestral
+        _CALLBACKS[token] = _progress_callback(len(timesteps), desc)
     try:
         images, x0_hats, xts = _ddim_scan(dyn, x_T, jnp.asarray(abs_), jnp.asarray(abs_prev), noise,
                                           meta=meta, eta=float(eta), has_cb=progress,

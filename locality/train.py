@@ -105,6 +105,10 @@ class TrainConfig:
         a training label is replaced by "no label", so that one net learns the conditional and
         the unconditional eps (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1,
         their ``p_uncond``; 0.1-0.2 there). Unused for unconditional nets.
+      label_lr_mult: learning-rate multiplier for the label embedding alone. A label table added
+        to a trained unconditional net (``init_from``) learns slowly at the net's rate: the
+        class signal in each gradient is weak against the noise of the eps targets, so a new
+        layer gets a larger rate, as usual when fine-tuning with a new head.
       init_from: start a fresh run from the EMA weights of another checkpoint (a training workdir
         or an export) instead of random weights: every weight of this model that the checkpoint
         holds must have the same shape there; weights it lacks (e.g. the label embedding when an
@@ -139,6 +143,7 @@ class TrainConfig:
     sample_steps: int = 10
     sample_guidance: float = 0.0
     label_dropout: float = 0.1
+    label_lr_mult: float = 1.0
     init_from: Optional[str] = None
     progress: bool = True
 
@@ -146,6 +151,8 @@ class TrainConfig:
         for name in ("batch_size", "num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.label_lr_mult > 0:
+            raise ValueError(f"TrainConfig.label_lr_mult must be > 0, got {self.label_lr_mult}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"TrainConfig.label_dropout must be in [0, 1], got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -204,10 +211,23 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """``clip_by_global_norm(grad_clip)`` then AdamW with :func:`learning_rate_schedule`."""
+    """``clip_by_global_norm(grad_clip)`` then AdamW with :func:`learning_rate_schedule`; with
+    ``label_lr_mult != 1`` the label embedding (top-level ``label_embed``) gets its own AdamW at
+    that multiple of the schedule (``optax.multi_transform``)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    schedule = learning_rate_schedule(cfg)
+
+    def make_adamw(mult=1.0):
+        lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
+        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask)
+
+    adamw = make_adamw()
+    if cfg.label_lr_mult != 1.0:
+        group = lambda params: {k: jax.tree.map(lambda _: "label" if k == "label_embed" else "rest",
+                                                v) for k, v in params.items()}
+        adamw = optax.multi_transform({"label": make_adamw(cfg.label_lr_mult), "rest": adamw},
+                                      group)
     if cfg.grad_clip and cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw
@@ -280,10 +300,11 @@ def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
     """The jitted ``train_step(state, batch, rng) -> (state, metrics)``.
 
     ``rng`` is the run's base key; the step's key is ``fold_in(rng, state.step)``. ``batch``
-    [B, H, W, C] (or ``(images, labels [B])`` for a class-conditional net) is sharded over the mesh axis ``"data"``; the state is replicated; the state
-    argument is donated. ``metrics``: ``loss``, ``grad_norm`` (before clipping), ``lr``.
-    Identical requests (same model, config, mesh and schedule) share one jitted function, so a
-    resumed run in the same process reuses the compiled program.
+    [B, H, W, C] (or ``(images, labels [B])`` for a class-conditional net) is sharded over the
+    mesh axis ``"data"``; the state is replicated; the state argument is donated. ``metrics``:
+    ``loss``, ``grad_norm`` (before clipping), ``lr``. Identical requests (same model, config,
+    mesh and schedule) share one jitted function, so a resumed run in the same process reuses
+    the compiled program.
     """
     mesh = mesh or make_mesh()
     schedule = schedule or schedules_lib.ddpm_linear()

@@ -20,7 +20,8 @@ from locality import schedules
 from locality.denoisers.registry import make
 from locality.nets import build_model, count_params, init_params
 from locality.train import (BatchSource, CheckpointError, TrainConfig, diffusion_loss,
-                            load_params, merge_params, train)
+                            learning_rate_schedule, load_params, make_optimizer, merge_params,
+                            train)
 
 REPO = Path(__file__).resolve().parents[1]
 UNC = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
@@ -177,6 +178,30 @@ def test_guided_eps_matches_the_hand_formula():
         make("network", model=model, params=params, labels=[0, 3])
     with pytest.raises(ValueError, match="'cycle'"):
         make("network", model=model, params=params, labels="cats")
+
+
+def test_label_lr_mult_scales_only_the_label_embedding():
+    params = init_params(build_model(COND), (8, 8, 1))
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
+    lr = 1e-3
+    for mult in (1.0, 30.0):
+        cfg = TrainConfig(lr=lr, warmup_steps=0, grad_clip=0.0, label_lr_mult=mult)
+        tx = make_optimizer(cfg)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        # Adam's first step with bias correction is -lr * g / (|g| + eps) = -lr (up to eps)
+        for path, u in jax.tree_util.tree_leaves_with_path(updates):
+            want = -lr * (mult if path[0].key == "label_embed" else 1.0)
+            np.testing.assert_allclose(np.asarray(u), want, rtol=1e-5)
+    # the default keeps the plain optimiser state, so runs stored before the option resume
+    plain = TrainConfig(lr=lr, warmup_steps=0)
+    import optax
+    ref = optax.chain(optax.clip_by_global_norm(plain.grad_clip),
+                      optax.adamw(learning_rate_schedule(plain),
+                                  mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+    assert jax.tree.structure(make_optimizer(plain).init(params)) == \
+        jax.tree.structure(ref.init(params))
+    with pytest.raises(ValueError, match="label_lr_mult"):
+        TrainConfig(label_lr_mult=0.0)
 
 
 def _images(n=32, seed=0):

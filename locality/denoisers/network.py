@@ -79,7 +79,8 @@ class NetworkDenoiser:
             raise ValueError(f"guidance must be finite, got {guidance}")
         cycle = isinstance(labels, str)
         if cycle and labels != "cycle":
-            raise ValueError(f"labels must be None, an int, a list of ints or 'cycle', got {labels!r}")
+            raise ValueError(f"labels must be None, an int, a list of ints or 'cycle', got "
+                             f"{labels!r}")
         if labels is not None and num_classes == 0:
             raise ValueError(f"labels={labels!r} were given for an unconditional network "
                              "(num_classes=0); drop labels, or load a class-conditional checkpoint")
