@@ -6,7 +6,8 @@
 Scans the sub-directories of ``--results`` and recognises each run by its ``metrics.json``:
 comparisons (``experiments/compare.py``), sensitivity fields (``experiments/sensitivity.py``),
 GD-trained linear denoisers (``experiments/linear_gd.py``) and data-statistics experiments
-(``experiments/data_stats.py``); trained networks are read from ``--checkpoints``. Every number
+(``experiments/data_stats.py``), guided class-conditional samples (``experiments/guidance.py``);
+trained networks are read from ``--checkpoints``. Every number
 in the report is read from those files and printed next to the command that regenerates it; the
 verdicts are computed from the numbers, whatever they say. The README's results table is the
 block between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
@@ -42,7 +43,7 @@ def _load(path: str) -> Optional[dict]:
 
 def discover(results: str) -> Dict[str, List[tuple]]:
     """{kind: [(run dir, metrics, config)]} for every run under ``results``."""
-    runs = {"compare": [], "sensitivity": [], "linear_gd": [], "data_stats": []}
+    runs = {"compare": [], "sensitivity": [], "linear_gd": [], "data_stats": [], "guidance": []}
     if not os.path.isdir(results):
         raise FileNotFoundError(f"--results {results!r} is not a directory; run the experiments "
                                 "first (see the README)")
@@ -60,6 +61,8 @@ def discover(results: str) -> Dict[str, List[tuple]]:
             runs["linear_gd"].append((d, m, cfg))
         elif "parts" in m:
             runs["data_stats"].append((d, m, cfg))
+        elif "settings" in m and "classifier" in m:
+            runs["guidance"].append((d, m, cfg))
     return runs
 
 
@@ -347,6 +350,59 @@ def data_stats_section(d, m, cfg, out_dir):
     return lines, readme
 
 
+def guidance_verdict(agreement: float, n: int, holdout_acc: float, holdout_n: int,
+                     num_classes: int) -> str:
+    """Where a label agreement ``agreement`` (``n`` samples) lies between chance and the
+    classifier's held-out accuracy on real images (``holdout_n`` images), with two binomial
+    standard errors of slack on each comparison."""
+    se = lambda p, k: np.sqrt(max(p * (1 - p), 1e-12) / max(k, 1))
+    chance = 1.0 / num_classes
+    slack = 2 * np.hypot(se(agreement, n), se(holdout_acc, holdout_n))
+    if agreement >= holdout_acc - slack:
+        return "as recognisable to the classifier as real images"
+    if agreement > chance + 2 * se(chance, n):
+        return "above chance, below real images"
+    return "not above chance"
+
+
+def guidance_section(d, m, cfg, out_dir):
+    ds = m.get("dataset", "?")
+    cmd = _cmd("guidance", ds, d, _overrides("guidance", ds, cfg))
+    clf = m["classifier"]
+    k, n = m["num_classes"], m["num_samples"]
+    lines = [f"### Class-conditional samples on {ds}", "",
+             f"Reproduce: `{cmd}`", "",
+             f"Network `{m['checkpoint']}`, {n} samples per setting from the same noise "
+             f"({m['sampler']}, {m['num_steps']} steps). A small CNN trained on the data has "
+             f"held-out accuracy {_f(clf['holdout_accuracy'])} on {clf['holdout_size']} real "
+             f"images (chance {_f(1 / k)}).", "",
+             "| setting | label agreement | per class | predicted fractions | median L2 to nearest "
+             "training image |", "|---|---|---|---|---|"]
+    best = None
+    for name, s in m["settings"].items():
+        frac = ", ".join(f"{c}: {_f(v, 2)}" for c, v in s["predicted_fractions"].items())
+        if "agreement" in s:
+            per = ", ".join(f"{c}: {_f(v, 2)}" for c, v in s["per_class"].items())
+            lines.append(f"| {name} | {_f(s['agreement'])} | {per} | {frac} | "
+                         f"{_f(s['nearest_train_l2_median'], 2)} |")
+            if best is None or s["agreement"] > best[1]["agreement"]:
+                best = (name, s)
+        else:
+            lines.append(f"| {name} | - | - | {frac} | {_f(s['nearest_train_l2_median'], 2)} |")
+    lines += [""] + _figures(d, ["guidance.png"], out_dir) + [""]
+    readme = None
+    if best is not None:
+        name, s = best
+        verdict = guidance_verdict(s["agreement"], n, clf["holdout_accuracy"],
+                                   clf["holdout_size"], k)
+        others = ", ".join(f"{k_}: {_f(v['agreement'])}" for k_, v in m["settings"].items()
+                           if "agreement" in v and k_ != name)
+        readme = (f"guided samples show the requested class ({ds}, `{m['checkpoint']}`)",
+                  f"label agreement {_f(s['agreement'])} at {name} ({others}; real held-out "
+                  f"{_f(clf['holdout_accuracy'])}, chance {_f(1 / k)})", verdict, cmd)
+    return lines, readme
+
+
 def training_section(checkpoints: str, out_dir: str):
     lines = ["### Trained networks", "", "| checkpoint | params | steps | final loss | samples |",
              "|---|---|---|---|---|"]
@@ -392,6 +448,10 @@ def build_report(results: str, out: str, checkpoints: str = "checkpoints"):
         lines, rs = data_stats_section(d, m, cfg, out_dir)
         md += lines
         rows += rs
+    for d, m, cfg in runs["guidance"]:
+        lines, row = guidance_section(d, m, cfg, out_dir)
+        md += lines
+        rows += [row] if row else []
     md += training_section(checkpoints, out_dir)
     if not any(runs.values()):
         md.append(f"No runs found under `{results}`.")

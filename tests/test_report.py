@@ -90,3 +90,32 @@ def test_printed_commands_carry_overrides():
     s["networks"]["unet"] = "checkpoints/other"
     assert report._overrides("sensitivity", "cifar10_catsdogs", s) == \
         " --config.networks.unet=checkpoints/other"
+
+
+def test_guidance_section_and_verdicts(tmp_path):
+    res = tmp_path / "results"
+    d = res / "guidance_toy"
+    d.mkdir(parents=True)
+    settings = {"no_label": {"predicted_fractions": {"0": 0.4, "1": 0.6},
+                             "nearest_train_l2_median": 20.0},
+                "w0": {"agreement": 0.55, "per_class": {"0": 0.5, "1": 0.6},
+                       "predicted_fractions": {"0": 0.45, "1": 0.55},
+                       "nearest_train_l2_median": 20.5},
+                "w3": {"agreement": 0.70, "per_class": {"0": 0.7, "1": 0.7},
+                       "predicted_fractions": {"0": 0.5, "1": 0.5},
+                       "nearest_train_l2_median": 21.0}}
+    (d / "metrics.json").write_text(json.dumps({
+        "dataset": "toy", "checkpoint": "ck", "num_classes": 2, "num_samples": 128,
+        "sampler": "ddpm", "num_steps": 250, "settings": settings,
+        "classifier": {"holdout_accuracy": 0.72, "holdout_size": 200}}))
+    text, ((claim, measured, verdict, cmd),) = report.build_report(
+        str(res), str(res / "R.md"), str(tmp_path / "none"))
+    assert "Class-conditional samples on toy" in text and "| w3 | 0.700 |" in text
+    assert claim == "guided samples show the requested class (toy, `ck`)"
+    assert measured.startswith("label agreement 0.700 at w3 (w0: 0.550;")
+    # 0.70 vs 0.72: within two standard errors (n = 128 and 200) -> like real images
+    assert verdict == "as recognisable to the classifier as real images"
+    assert cmd.startswith("python experiments/guidance.py --config configs/guidance.py:toy")
+    # hand-computed limits: se(0.5, 128) = 0.0442, so 0.60 is above chance + 2 se = 0.588
+    assert report.guidance_verdict(0.60, 128, 0.9, 200, 2) == "above chance, below real images"
+    assert report.guidance_verdict(0.58, 128, 0.9, 200, 2) == "not above chance"
