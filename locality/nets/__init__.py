@@ -1,6 +1,8 @@
 """Flax networks: the paper's DDPM UNet (``unet.py``) and a DiT (``dit.py``).
 
-Both predict eps with the call ``model.apply(params, x [B,H,W,C], t [B], train=bool, rngs=...)``.
+Both predict eps with the call ``model.apply(params, x [B,H,W,C], t [B], train=bool, rngs=...)``;
+with ``num_classes=K > 0`` they are class-conditional and also take ``y=[B] int labels`` (``K`` or
+``None`` = no label).
 A network is described by a plain JSON-able dict (saved next to checkpoints)::
 
     {"arch": "unet", "ch": 64, "ch_mult": [1, 2, 2], ...}     # any UNet attribute
