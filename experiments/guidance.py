@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from experiments import common  # noqa: E402
+from experiments.sample import nearest_distance  # noqa: E402
 from locality import classify, data, denoisers, plotting, sampling, schedules  # noqa: E402
 
 
@@ -76,7 +77,6 @@ def run(config, workdir: str) -> str:
     key = jax.random.key(config.seed)
     x_T = jax.random.normal(key, (config.num_samples,) + train.shape[1:], jax.numpy.float32)
     requested = np.arange(config.num_samples) % k
-    nn = denoisers.make("nearest", train=train)
     settings = ([("no_label", None, 0.0)] if config.unconditional else []) + \
         [(f"w{w:g}", "cycle", w) for w in weights]
     out = {"dataset": config.dataset, "checkpoint": config.checkpoint, "num_classes": k,
@@ -98,8 +98,7 @@ def run(config, workdir: str) -> str:
         with common.Timer() as t:
             imgs = np.asarray(_sample(den, x_T, config, jax.random.fold_in(key, 1)).images)
         finals[name] = imgs
-        near = np.asarray(nn(jax.numpy.asarray(imgs), 0.5))
-        dist = np.sqrt(((imgs - near) ** 2).reshape(len(imgs), -1).sum(1))
+        dist, _ = nearest_distance(imgs, train)
         info = {"labels": lab, "guidance": w, "seconds": t.seconds,
                 "nearest_train_l2_median": float(np.median(dist)),
                 "fraction_outside_unit_range": float(np.mean(np.abs(imgs) > 1.0))}

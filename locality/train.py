@@ -902,12 +902,14 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                          "of the given images: pass labels=[N] ints")
     if num_classes:
         labels = np.asarray(labels)
-        if labels is None or labels.shape != (len(images),) or \
-                not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or \
-                labels.max() >= num_classes:
+        ok = (labels.shape == (len(images),) and labels.size > 0
+              and np.issubdtype(labels.dtype, np.integer)
+              and labels.min() >= 0 and labels.max() < num_classes)
+        if not ok:
+            span = f", range [{labels.min()}, {labels.max()}]" if labels.size else ""
             raise ValueError(f"labels must be {len(images)} ints in [0, num_classes={num_classes}); "
-                             f"got shape {labels.shape}, range [{labels.min()}, {labels.max()}]. "
-                             f"Fix: set the model's num_classes to the number of classes.")
+                             f"got {labels.dtype} shape {labels.shape}{span}. Fix: set the "
+                             f"model's num_classes to the number of classes.")
     images = np.asarray(images, np.float32)
     if cfg.transform:
         from locality.data import transforms
