@@ -94,7 +94,8 @@ def run(config, workdir: str) -> str:
              f"({clf.holdout_size} real images; chance {1 / k:.3f})"]
     finals, rows = {}, {}
     for name, lab, w in settings:
-        den = denoisers.make("network", checkpoint=config.checkpoint, labels=lab, guidance=w)
+        den = denoisers.make("network", model=probe.model, params=probe.params, labels=lab,
+                             guidance=w)  # the weights loaded once above
         with common.Timer() as t:
             imgs = np.asarray(_sample(den, x_T, config, jax.random.fold_in(key, 1)).images)
         finals[name] = imgs
