@@ -108,8 +108,8 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
 
     t = ml_collections.ConfigDict()
     t.dataset = dataset
-    t.resolution = None
-    t.data_limit = None
+    t.resolution = ml_collections.config_dict.placeholder(int)
+    t.data_limit = ml_collections.config_dict.placeholder(int)
     t.seed = 0
     t.random_flip = FLIP.get(dataset, False)
     t.transform = ""  # e.g. "link:10,4,0,20,6" or "permute:0" (locality.data.transforms)

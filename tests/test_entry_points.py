@@ -202,3 +202,55 @@ def test_sensitivity_inputs_for_sources_without_a_test_split():
     assert (d.test_split, d.test_random) == ("train", True)
     assert d.link.networks.unet_linked == "checkpoints/mnist_unet_cpu_link"
     assert ds_cfg.get_config("fashion_mnist").test_split == "test"
+
+
+def _untyped_none_fields(cfg, prefix=""):
+    """Leaves holding a bare ``None``: ``config_flags`` refuses to override those."""
+    import ml_collections
+
+    out = []
+    for key in cfg.keys():
+        value = cfg[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _untyped_none_fields(value, f"{prefix}{key}.")
+        elif value is None and cfg.get_type(key) is type(None):
+            out.append(prefix + key)
+    return out
+
+
+@pytest.mark.parametrize("module,args", [
+    ("train", ["fashion_mnist,cpu,unet", "cifar10_catsdogs,gpu,dit", "mnist,paper,unet"]),
+    ("sample", ["quickstart", "network,cifar10_catsdogs"]),
+    ("compare", ["fashion_mnist", "cifar10_catsdogs,quick"]),
+    ("sensitivity", ["mnist,quick"]),
+    ("linear_gd", ["fashion_mnist"]),
+    ("guidance", ["cifar10_catsdogs"]),
+    ("peers", ["els,fashion_mnist"]),
+    ("calibrate", ["ls,fashion_mnist"]),
+])
+def test_every_none_field_can_be_overridden(module, args):
+    """A ``None`` default must be a typed placeholder, or ``--config.x=...`` is a fatal flag error."""
+    import importlib
+
+    mod = importlib.import_module(f"configs.{module}")
+    for arg in args:
+        assert _untyped_none_fields(mod.get_config(arg)) == [], (module, arg)
+
+
+def test_train_config_overrides_parse_from_the_command_line(monkeypatch):
+    """The real flag parser (the path of ``experiments/train.py``) accepts overrides of the
+    ``None``-by-default fields and types them."""
+    import sys
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv)
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "train.py")
+    argv = ["prog", f"--config={path}:cifar10_catsdogs,cpu,unet", "--config.train.data_limit=64",
+            "--config.train.resolution=16", "--config.train.init_from=ckpt"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    fv(argv)
+    assert fv.config.train.data_limit == 64 and fv.config.train.resolution == 16
+    assert fv.config.train.init_from == "ckpt"
