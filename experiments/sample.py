@@ -3,7 +3,8 @@
     python experiments/sample.py --config configs/sample.py:quickstart --workdir workdirs/quickstart
 
 Writes to ``--workdir``: ``config.json`` (resolved), ``samples_<method>.png`` (final samples),
-``x0_steps_<method>.png`` (x0_hat at every step for the first samples), ``samples.npz``,
+``x0_steps_<method>.png`` (x0_hat at every step for the first samples), ``nearest_<method>.png``
+(every sample beside its nearest training image, closest first: copy detection), ``samples.npz``,
 ``metrics.json`` (timings, mask densities, distances to the nearest training image, pairwise r2
 between methods) and ``summary.txt``.
 """
@@ -66,6 +67,15 @@ def nearest_distance(samples, train):
     return np.sqrt(((np.asarray(samples) - near) ** 2).reshape(len(samples), -1).sum(1)), near
 
 
+def save_nearest_pairs(samples, near, dist, path: str, title: str) -> str:
+    """Each sample beside its nearest training image, sorted by their L2 distance (closest first,
+    eight pairs per row): the copies a memorising denoiser makes are the first pairs."""
+    order = np.argsort(dist, kind="stable")
+    pairs = np.stack([np.asarray(samples)[order], np.asarray(near)[order]], 1)
+    return plotting.save_image_grid(pairs.reshape((-1,) + pairs.shape[2:]), path,
+                                    ncols=2 * min(8, len(order)), title=title)
+
+
 def run(config, workdir: str) -> str:
     common.prepare_workdir(workdir, config)
     if "methods" not in config and "method" in config:  # single-method configs (configs/peers.py)
@@ -119,6 +129,7 @@ def run(config, workdir: str) -> str:
         info = {"seconds": t.seconds, "kwargs": kwargs,
                 "nearest_train_l2_median": float(np.median(dist)),
                 "nearest_train_l2_min": float(np.min(dist)),
+                "nearest_train_l2": [float(v) for v in dist],
                 "pixel_mean": float(imgs.mean()), "pixel_std": float(imgs.std()),
                 "fraction_outside_unit_range": float(np.mean(np.abs(imgs) > 1.0))}
         if hasattr(den, "prepare"):
@@ -135,8 +146,12 @@ def run(config, workdir: str) -> str:
         rows["nearest train"] = near[:k]
         plotting.save_rows(rows, os.path.join(workdir, f"x0_steps_{method}.png"),
                            title=f"{method}: x0_hat per step (columns = samples)")
+        save_nearest_pairs(imgs, near, dist, os.path.join(workdir, f"nearest_{method}.png"),
+                           f"{method}: sample | nearest of the {len(train)} training images, "
+                           "by L2 (closest first)")
         lines.append(f"  {method:14s} {t.seconds:7.1f}s  median L2 to nearest training image "
-                     f"{np.median(dist):.3f}  -> samples_{method}.png, x0_steps_{method}.png")
+                     f"{np.median(dist):.3f}  -> samples_{method}.png, x0_steps_{method}.png, "
+                     f"nearest_{method}.png")
     pair = {}
     for a in methods:
         for b in methods:

@@ -39,7 +39,14 @@ def test_sample_entry_point(tiny_data, tmp_path):
     # the optimal denoiser memorises: its samples are training images
     assert m["methods"]["optimal"]["nearest_train_l2_median"] < 1e-3
     assert len(m["methods"]["pca_locality"]["mask_density_per_step"]) == 3
-    for f in ("config.json", "samples_wiener.png", "x0_steps_pca_locality.png", "summary.txt"):
+    # per-sample distances against a brute-force float64 nearest-neighbour search
+    finals = np.load(tmp_path / "samples.npz")
+    for method in ("wiener", "pca_locality"):
+        s = finals[method].reshape(3, -1).astype(np.float64)
+        d = np.sqrt(((s[:, None] - tiny_data.reshape(40, -1)[None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(m["methods"][method]["nearest_train_l2"], d, rtol=1e-4)
+    for f in ("config.json", "samples_wiener.png", "x0_steps_pca_locality.png", "summary.txt",
+              "nearest_optimal.png"):
         assert (tmp_path / f).exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
@@ -254,3 +261,20 @@ def test_train_config_overrides_parse_from_the_command_line(monkeypatch):
     fv(argv)
     assert fv.config.train.data_limit == 64 and fv.config.train.resolution == 16
     assert fv.config.train.init_from == "ckpt"
+
+
+def test_nearest_pairs_put_each_sample_beside_its_neighbour_closest_first(monkeypatch, tmp_path):
+    from locality import plotting
+
+    rng = np.random.default_rng(1)
+    samples = rng.normal(size=(5, 4, 4, 1)).astype(np.float32)
+    near = rng.normal(size=(5, 4, 4, 1)).astype(np.float32)
+    dist = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
+    seen = {}
+    monkeypatch.setattr(plotting, "save_image_grid",
+                        lambda imgs, path, ncols=None, title=None: seen.update(imgs=imgs, ncols=ncols))
+    sample.save_nearest_pairs(samples, near, dist, str(tmp_path / "p.png"), "t")
+    order = [1, 3, 0, 2, 4]
+    expect = np.stack([samples[order], near[order]], 1).reshape(10, 4, 4, 1)
+    np.testing.assert_array_equal(seen["imgs"], expect)
+    assert seen["ncols"] == 10
