@@ -1,13 +1,19 @@
-"""Training throughput of the reference networks: images/s of one jitted train step.
+"""Training throughput of the reference UNets on this machine: images/s of one jitted train step.
 
-Measures, for the paper's 28 px UNet (ch 64, mult 1,2,2; ALGORITHMS.md §11) and the ``cpu``
-preset of ``configs/train.py``: compile time (first call, separately), then the median over
-``--repeats`` timed runs of ``--steps`` consecutive steps each, reported as steps/s and images/s,
-plus the ratio of each model's throughput to the cpu preset measured in the same run.
-Writes JSON (default ``benchmarks/results/train_step.json``).
+For every (model, batch size) of the grid, measures compile time (first call, separately), then
+the median over ``--repeats`` timed runs of consecutive steps (about ``--repeat_s`` seconds
+each), reported as steps/s and images/s, and the ratio to the first grid point measured in the
+same run. Models: ``cpu`` (``configs/train.py`` cpu preset, ch 16), ``cpu24`` / ``cpu32`` (the
+same net at ch 24 / 32), ``paper28`` (the paper's 28 px UNet, ch 64, 6.1M parameters).
 
-    python benchmarks/train_step.py [--batch_size 32] [--steps 5] [--repeats 3] \
-        [--models paper28,cpu] [--out benchmarks/results/train_step.json]
+The JSON records what the numbers depend on: load average before and after, CPU affinity, the
+thread settings (``XLA_FLAGS``, ``OMP_NUM_THREADS``), jax version, and a ``busy`` flag (load
+average above the CPUs in the affinity mask) so that a figure from a loaded machine is never
+read as the machine's rate. ``--torch`` also times the same step in PyTorch on the CPU (an
+optional reference, see ``benchmarks/torch_unet.py``), or records why it could not.
+
+    python benchmarks/train_step.py [--models cpu,cpu32] [--batch_sizes 32,64,128,256] \
+        [--repeats 3] [--repeat_s 3] [--out benchmarks/results/train_step.json]
 """
 
 from __future__ import annotations
@@ -24,25 +30,38 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")
+flags.DEFINE_string("batch_sizes", "32,64,128,256", "Comma list of global batch sizes.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
-flags.DEFINE_string("models", "paper28,cpu", "Comma list of: paper28, cpu, cpu_dit.")
+flags.DEFINE_float("repeat_s", 3.0, "Approximate seconds per timed repeat.")
+flags.DEFINE_string("models", "cpu,cpu24,cpu32", "Comma list of: cpu, cpu24, cpu32, paper28.")
+flags.DEFINE_bool("torch", False, "Also time the same UNet step in PyTorch (CPU), if installed.")
 flags.DEFINE_string("out", "benchmarks/results/train_step.json", "Output JSON path.")
 FLAGS = flags.FLAGS
 
 
-def _model_configs():
+def model_configs():
     from configs.train import get_config
 
+    cpu = get_config("fashion_mnist,cpu,unet").model.to_dict()
     return {
+        "cpu": cpu,
+        "cpu24": {**cpu, "ch": 24},
+        "cpu32": {**cpu, "ch": 32},
         "paper28": get_config("fashion_mnist,paper,unet").model.to_dict(),
-        "cpu": get_config("fashion_mnist,cpu,unet").model.to_dict(),
-        "cpu_dit": get_config("fashion_mnist,cpu,dit").model.to_dict(),
     }
 
 
-def bench(model_config, batch_size: int, steps: int, repeats: int, image_shape=(28, 28, 1)):
+def machine_context() -> dict:
+    """What a CPU timing depends on, read now."""
+    affinity = sorted(os.sched_getaffinity(0))
+    load = os.getloadavg()
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "affinity": affinity,
+            "load_avg": list(load), "busy": load[0] > len(affinity),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+
+
+def bench(model_config, batch_size: int, repeats: int, repeat_s: float, image_shape=(28, 28, 1)):
     import jax
     import numpy as np
 
@@ -59,44 +78,58 @@ def bench(model_config, batch_size: int, steps: int, repeats: int, image_shape=(
     state, m = step(state, x, key)
     jax.block_until_ready(m)
     first = time.perf_counter() - t0
-    state, m = step(state, x, key)  # one warm step (allocations)
+    t0 = time.perf_counter()
+    state, m = step(state, x, key)  # one warm step, also sizes the repeats
     jax.block_until_ready(m)
+    n = max(1, int(round(repeat_s / (time.perf_counter() - t0))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             state, m = step(state, x, key)
         jax.block_until_ready(m)
-        times.append((time.perf_counter() - t0) / steps)
+        times.append((time.perf_counter() - t0) / n)
     med = statistics.median(times)
     return {"model": model_config, "num_params": count_params(state.params),
-            "batch_size": batch_size, "compile_plus_first_step_s": first,
-            "step_s_median": med, "step_s_all": times, "steps_per_s": 1.0 / med,
-            "images_per_s": batch_size / med}
+            "batch_size": batch_size, "steps_per_repeat": n,
+            "compile_plus_first_step_s": first, "step_s_median": med, "step_s_all": times,
+            "steps_per_s": 1.0 / med, "images_per_s": batch_size / med}
 
 
 def main(argv):
     del argv
     import jax
 
-    configs = _model_configs()
+    configs = model_configs()
     names = [n.strip() for n in FLAGS.models.split(",") if n.strip()]
-    results = {}
     for name in names:
         if name not in configs:
             raise ValueError(f"unknown model {name!r}; choose from {sorted(configs)}")
-        results[name] = bench(configs[name], FLAGS.batch_size, FLAGS.steps, FLAGS.repeats)
-        r = results[name]
-        print(f"{name:8s} params {r['num_params']:>10,d}  compile+1 {r['compile_plus_first_step_s']:.1f}s"
-              f"  step {r['step_s_median'] * 1e3:.0f} ms  {r['images_per_s']:.1f} img/s", flush=True)
-    if "cpu" in results:
-        for r in results.values():
-            r["images_per_s_ratio_to_cpu_preset"] = r["images_per_s"] / results["cpu"]["images_per_s"]
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()]
+    before = machine_context()
+    if before["busy"]:
+        print(f"WARNING: load average {before['load_avg'][0]:.2f} exceeds the "
+              f"{len(before['affinity'])} CPUs in the affinity mask: timings are not the "
+              "machine's rate", flush=True)
+    results = []
+    for name in names:
+        for b in batch_sizes:
+            r = {"name": name, **bench(configs[name], b, FLAGS.repeats, FLAGS.repeat_s)}
+            results.append(r)
+            print(f"{name:8s} b{b:<4d} params {r['num_params']:>10,d}  compile+1 "
+                  f"{r['compile_plus_first_step_s']:.1f}s  step {r['step_s_median'] * 1e3:.0f} ms"
+                  f"  {r['images_per_s']:.1f} img/s", flush=True)
+    base = results[0]["images_per_s"]
+    for r in results:
+        r["images_per_s_ratio_to_first"] = r["images_per_s"] / base
     out = {"benchmark": "train_step", "devices": [str(d) for d in jax.devices()],
-           "jax": jax.__version__, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-           "load_avg_1m": os.getloadavg()[0], "steps": FLAGS.steps, "repeats": FLAGS.repeats,
-           "results": results}
+           "jax": jax.__version__, "before": before, "repeats": FLAGS.repeats,
+           "baseline": f"{results[0]['name']} b{results[0]['batch_size']}", "results": results}
+    if FLAGS.torch:
+        from benchmarks import torch_unet
+
+        out["torch"] = torch_unet.run(configs, names, batch_sizes, FLAGS.repeats, FLAGS.repeat_s)
+    out["after"] = machine_context()
     path = Path(FLAGS.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

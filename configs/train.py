@@ -58,6 +58,10 @@ DATASETS = {
     "lfw_faces": (100, 25, 1),
     "natural_patches": (10_000, 32, 3),
 }
+PRESETS = ("paper", "gpu", "cpu", "long")
+# Datasets without a test split hold out a class-balanced part of the training split for the
+# held-out loss of the 'long' preset.
+HOLDOUT = {"mnist": 0.1, "cifar10_catsdogs": 0.1}
 FLIP = {"cifar10_catsdogs": True, "lfw_faces": True, "natural_patches": True}
 
 
@@ -76,8 +80,10 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
     arch = parts[2] if len(parts) == 3 else "unet"
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-    if preset not in ("paper", "gpu", "cpu"):
-        raise ValueError(f"unknown preset {preset!r}; choose 'paper', 'gpu' or 'cpu'")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    if preset == "long" and arch != "unet":
+        raise ValueError("the 'long' preset trains the CPU UNet; use 'cpu' for a DiT")
     if arch not in ("unet", "dit"):
         raise ValueError(f"unknown arch {arch!r}; choose 'unet' or 'dit'")
     n, res, _ = DATASETS[dataset]
@@ -96,7 +102,7 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
                          ch_mult=(1, 2, 3, 4) if big else (1, 2, 2), num_res_blocks=2,
                          attn_resolutions=(), mid_attn=True, dropout=0.15, num_groups=32,
                          padding="zeros", use_norm=True)
-        else:
+        else:  # cpu, long
             model = dict(arch="unet", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
                          attn_resolutions=(), mid_attn=True, dropout=0.0, num_groups=8,
                          padding="zeros", use_norm=True)
@@ -147,6 +153,27 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
         t.checkpoint_every = 2500
         t.keep_checkpoints = 2
         t.log_every = 100
+    elif preset == "long":
+        # The reference nets of the comparisons: the cpu UNet trained for 40 epochs at batch 32
+        # (the best images/s on a CPU core, benchmarks/results/train_step.json), constant lr so
+        # the run can be stopped, resumed and extended, an EMA horizon of 2,000 steps, the
+        # held-out loss every half epoch, and exports after 1, 5, 10, 20 and 40 epochs.
+        t.holdout = HOLDOUT.get(dataset, 0.0)
+        n_train = n - int(round(n * t.holdout))
+        epoch = max(n_train // 32, 1)
+        t.batch_size = 32
+        t.num_steps = 40 * epoch
+        t.lr = 1e-3
+        t.warmup_steps = 100
+        t.cosine_decay = False
+        t.min_lr_ratio = 0.0
+        t.ema_decay = 0.9995
+        t.ema_warmup = True
+        t.checkpoint_every = 500
+        t.keep_checkpoints = 2
+        t.log_every = 50
+        t.eval_every = max(epoch // 2, 1)
+        t.export_steps = tuple(e * epoch for e in (1, 5, 10, 20, 40))
     else:
         # Sized for ~40 min on one (shared) CPU core: ~1 s per step of 32 images at 28 px.
         t.batch_size = 32
@@ -171,5 +198,11 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
     t.label_lr_mult = 1.0  # learning-rate multiple for the label embedding (see TrainConfig)
     t.sample_guidance = 0.0
     t.init_from = ml_collections.config_dict.placeholder(str)
+    # Intermediate exports (workdir/exports/step_<S>) and the held-out loss curve (eval.jsonl).
+    if preset != "long":
+        t.export_steps = ()
+        t.holdout = 0.0
+        t.eval_every = 0
+    t.eval_count = 1000
     config.train = t
     return config

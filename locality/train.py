@@ -53,11 +53,13 @@ from locality.nets import abstract_params, build_model, count_params, init_param
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
+EXPORT_SUBDIR = "exports"
 FORMAT_VERSION = 1
 # TrainConfig fields that may change between a run and its resumption without affecting the
 # trajectory of the steps already taken.
 _RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every",
-                     "num_samples", "sample_steps", "sample_guidance", "progress", "init_from")
+                     "num_samples", "sample_steps", "sample_guidance", "progress", "init_from",
+                     "export_steps", "eval_every", "eval_count")
 # TrainConfig fields that only shape the learning-rate schedule: they may change on resumption
 # when the new schedule gives the same learning rate at every step already taken (e.g. extending
 # a constant-lr run, or appending a cosine anneal with ``decay_start`` = the steps taken).
@@ -98,6 +100,10 @@ class TrainConfig:
         before training (``"link:SR,SC,DR,DC,K"``, ``"permute:SEED"``; ``""`` = none).
       checkpoint_every, keep_checkpoints: save every K steps (and at the end), keep N.
       log_every: steps between ``metrics.jsonl`` lines.
+      export_steps: steps at which the run also writes a checkpoint and exports its EMA weights
+        to ``workdir/exports/step_<S>`` (:func:`export_workdir`), kept whatever
+        ``keep_checkpoints`` deletes later: the intermediate networks of a long run (e.g. after
+        1, 5, 10 and 20 epochs) for studies of how a net changes as it learns.
       num_samples, sample_steps: the DDIM sample grid written at every checkpoint (0 disables).
       sample_guidance: for a class-conditional net, the classifier-free guidance weight ``w`` of
         that grid (its labels cycle through the classes; 0 = plain conditional sampling).
@@ -113,6 +119,14 @@ class TrainConfig:
         or an export) instead of random weights: every weight of this model that the checkpoint
         holds must have the same shape there; weights it lacks (e.g. the label embedding when an
         unconditional net is made conditional) keep their initial values. Ignored when resuming.
+      holdout: a class-balanced fraction of the training split held out of training (by
+        :func:`locality.classify.balanced_split` with ``seed``) for the held-out loss, for
+        datasets without a test split (``mnist``); 0 = train on all of it.
+      eval_every, eval_count: every ``eval_every`` steps (and at the end; 0 = never) the EMA
+        net's eps-MSE on ``eval_count`` held-out images (the held-out part, else the test
+        split) at the timesteps of :data:`locality.quality.HELDOUT_TIMESTEPS`, with the same
+        noise each time, is appended to ``eval.jsonl``: the curve that says when training has
+        flattened.
       progress: show a tqdm bar.
     """
 
@@ -145,12 +159,24 @@ class TrainConfig:
     label_dropout: float = 0.1
     label_lr_mult: float = 1.0
     init_from: Optional[str] = None
+    export_steps: tuple = ()
+    holdout: float = 0.0
+    eval_every: int = 0
+    eval_count: int = 1000
     progress: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "export_steps", tuple(int(s) for s in self.export_steps))
+        if any(s < 1 for s in self.export_steps):
+            raise ValueError(f"TrainConfig.export_steps must be steps >= 1, got {self.export_steps}")
         for name in ("batch_size", "num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"TrainConfig.holdout must be in [0, 1), got {self.holdout}")
+        if self.eval_every < 0 or self.eval_count < 1:
+            raise ValueError(f"need eval_every >= 0 and eval_count >= 1, got {self.eval_every}, "
+                             f"{self.eval_count}")
         if not self.label_lr_mult > 0:
             raise ValueError(f"TrainConfig.label_lr_mult must be > 0, got {self.label_lr_mult}")
         if not 0.0 <= self.label_dropout <= 1.0:
@@ -318,7 +344,8 @@ def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
 # TrainConfig fields that do not enter the compiled step.
 _STEP_IRRELEVANT = ("dataset", "resolution", "data_limit", "random_flip", "checkpoint_every",
                     "keep_checkpoints", "log_every", "num_samples", "sample_steps", "progress",
-                    "seed", "sample_guidance", "init_from")
+                    "seed", "sample_guidance", "init_from", "export_steps", "holdout",
+                    "eval_every", "eval_count")
 
 
 @functools.lru_cache(maxsize=8)
@@ -855,6 +882,7 @@ def _init_from(state: TrainState, cfg: TrainConfig, checkpoint) -> TrainState:
 
 def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
           images: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
+          eval_images: Optional[np.ndarray] = None,
           on_step: Optional[Callable[[int], None]] = None,
           time_limit_s: Optional[float] = None) -> tuple[TrainState, dict]:
     """Train (or resume training) the network ``model_config`` with ``cfg`` in ``workdir``.
@@ -868,6 +896,8 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         "train", resolution=cfg.resolution, limit=cfg.data_limit)``.
       labels: int labels [N] of ``images``, for a class-conditional net (model ``num_classes >
         0``) only; default: the dataset's labels.
+      eval_images: held-out images for ``cfg.eval_every`` (default: the ``cfg.holdout`` part of
+        the training split, else the dataset's test split).
       on_step: called with the completed step count after every step (and after any checkpoint
         of that step was written).
       time_limit_s: stop after the first step that ends more than this many seconds after the
@@ -894,9 +924,29 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     if images is None:
         from locality import data
 
+        need_labels = bool(num_classes) or cfg.holdout > 0
         loaded = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
-                           limit=cfg.data_limit, with_labels=bool(num_classes))
-        images, labels = loaded if num_classes else (loaded, None)
+                           limit=cfg.data_limit, with_labels=need_labels)
+        images, labels = loaded if need_labels else (loaded, None)
+        if cfg.holdout > 0:
+            from locality.classify import balanced_split
+
+            keep, held = balanced_split(labels, cfg.holdout, cfg.seed)
+            if eval_images is None:
+                eval_images = images[held]
+            images, labels = images[keep], labels[keep]
+        if not num_classes:
+            labels = None
+        if cfg.eval_every and eval_images is None:
+            if "test" not in data.info(cfg.dataset).get("splits", {}):
+                raise ValueError(f"{cfg.dataset} has no test split for the held-out loss "
+                                 f"(eval_every={cfg.eval_every}); set holdout=0.1 to hold out a "
+                                 "class-balanced part of the training split, or eval_every=0")
+            eval_images = data.load(cfg.dataset, split="test", resolution=cfg.resolution,
+                                    limit=cfg.eval_count)
+    elif cfg.holdout > 0:
+        raise ValueError("holdout applies to the dataset train() loads; with explicit images, "
+                         "pass eval_images instead and set holdout=0")
     elif num_classes and labels is None:
         raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs the labels "
                          "of the given images: pass labels=[N] ints")
@@ -951,6 +1001,25 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     sample_noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), (cfg.num_samples, *image_shape)) \
         if cfg.num_samples else None
     metrics_path = workdir / "metrics.jsonl"
+    if cfg.eval_every:
+        if eval_images is None:
+            raise ValueError(f"eval_every={cfg.eval_every} needs held-out images: pass "
+                             "eval_images, or set eval_every=0")
+        from locality import quality
+
+        eval_images = np.asarray(eval_images, np.float32)[:cfg.eval_count]
+
+    def evaluate(state, done):
+        if not cfg.eval_every:
+            return  # a class-conditional net is evaluated in its unconditional mode (no label)
+        per = quality.eps_mse(model.apply, state.ema_params, eval_images, seed=cfg.seed,
+                              schedule=schedule)
+        row = {"step": done, "n": int(per.shape[1]),
+               "eps_mse": {str(t): float(v) for t, v in zip(quality.HELDOUT_TIMESTEPS,
+                                                              per.mean(1))},
+               "eps_mse_mean": float(per.mean())}
+        with open(workdir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def write_artifacts(state):
         step = int(jax.device_get(state.step))
@@ -1000,9 +1069,16 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                 bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.2f}")
                 pending, t_log, s_log = [], now, done
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or out_of_time:
+            export_now = done in cfg.export_steps
+            if (done % cfg.checkpoint_every == 0 or done == cfg.num_steps or out_of_time
+                    or export_now):
                 ckpts.save(state)
                 write_artifacts(state)
+            if export_now:
+                export_workdir(workdir, workdir / EXPORT_SUBDIR / f"step_{done}", step=done)
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps
+                                   or out_of_time):
+                evaluate(state, done)
             if on_step is not None:
                 on_step(done)
             if out_of_time:

@@ -381,3 +381,29 @@ def test_summary_from_log_adds_wall_time_over_resumes(tmp_path):
     assert s["wall_s"] == 3.0 + 2.5
     assert summary_from_log(log, 25)["final_loss"] == 0.4
     assert np.isnan(summary_from_log(tmp_path / "missing.jsonl", 5)["final_loss"])
+
+
+def test_export_steps_and_heldout_eval_leave_the_run_unchanged(reference_run, tmp_path):
+    """An export at step 3 holds the EMA weights of the step-3 checkpoint; eval.jsonl holds the
+    EMA net's held-out eps-MSE (locality.quality, same noise each time); neither changes the
+    trajectory of the reference run."""
+    from locality import quality
+
+    _, ref_state, _ = reference_run
+    held = _images(n=5, seed=7)
+    cfg = dataclasses.replace(CFG, export_steps=(3,), eval_every=4, eval_count=4)
+    state, _ = train(TINY, cfg, tmp_path, images=_images(), eval_images=held)
+    assert _leaves_equal(state.params, ref_state.params)
+    _, exported, meta = load_params(tmp_path / "exports" / "step_3")
+    _, at3, _ = load_params(tmp_path, step=3)
+    assert _leaves_equal(exported, at3) and meta["train"]["num_steps"] == 3
+    rows = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 6] and rows[-1]["n"] == 4
+    model = build_model(TINY)
+    want = quality.eps_mse(model.apply, state.ema_params, held[:4], seed=cfg.seed).mean(1)
+    np.testing.assert_allclose(list(rows[-1]["eps_mse"].values()), want, rtol=1e-6)
+    assert list(rows[-1]["eps_mse"]) == [str(t) for t in quality.HELDOUT_TIMESTEPS]
+    with pytest.raises(ValueError, match="eval_images"):
+        train(TINY, dataclasses.replace(cfg, eval_every=2), tmp_path / "x", images=_images())
+    with pytest.raises(ValueError, match="holdout"):
+        train(TINY, dataclasses.replace(CFG, holdout=0.1), tmp_path / "y", images=_images())
