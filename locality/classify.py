@@ -15,12 +15,18 @@ horizontal flips. Everything is a function of ``seed``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 
 import flax.linen as nn
+from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from locality._io import atomic_write_bytes, atomic_write_text
 
 
 class SmallCNN(nn.Module):
@@ -28,12 +34,18 @@ class SmallCNN(nn.Module):
     width: int = 32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, features: bool = False):
+        """Logits [B, num_classes], or with ``features=True`` the globally pooled activations
+        of the last conv layer [B, 4 * width] that the head reads (the feature space of the
+        Frechet distance in :mod:`locality.quality`)."""
         for i, mult in enumerate((1, 2, 4)):
             x = nn.relu(nn.Conv(self.width * mult, (3, 3), name=f"conv{i}")(x))
             if i < 2:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2)))
+        pooled = x.mean(axis=(1, 2))
+        if features:
+            return pooled
+        return nn.Dense(self.num_classes, name="head")(pooled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +60,21 @@ class Classifier:
     holdout_size: int
     train_accuracy: float
 
-    def logits(self, images, batch: int = 512) -> np.ndarray:
+    def _apply(self, images, batch: int, features: bool) -> np.ndarray:
         model = SmallCNN(self.num_classes, self.width)
-        fn = jax.jit(lambda x: model.apply({"params": self.params}, x))
+        fn = jax.jit(lambda x: model.apply({"params": self.params}, x, features=features))
         images = np.asarray(images, np.float32)
+        width = 4 * self.width if features else self.num_classes
         return np.concatenate([np.asarray(fn(images[i:i + batch]))
                                for i in range(0, len(images), batch)]) if len(images) else \
-            np.zeros((0, self.num_classes), np.float32)
+            np.zeros((0, width), np.float32)
+
+    def logits(self, images, batch: int = 512) -> np.ndarray:
+        return self._apply(images, batch, features=False)
+
+    def features(self, images, batch: int = 512) -> np.ndarray:
+        """Pooled last-conv features [B, 4 * width] (see :class:`SmallCNN`)."""
+        return self._apply(images, batch, features=True)
 
     def predict(self, images) -> np.ndarray:
         return self.logits(images).argmax(-1)
@@ -147,4 +167,35 @@ def label_agreement(clf: Classifier, images, requested) -> dict:
                                     for c in range(clf.num_classes)}}
 
 
-__all__ = ["SmallCNN", "Classifier", "balanced_split", "train_classifier", "label_agreement"]
+def cached_classifier(images, labels, cache_dir, **kwargs) -> Classifier:
+    """:func:`train_classifier` on ``(images, labels, **kwargs)``, cached on disk under
+    ``cache_dir`` by a SHA-256 of the images' and labels' bytes and of every keyword, so a
+    changed dataset or setting trains anew and a stale entry is never read. The entry is written
+    atomically (weights with ``flax.serialization``, the accuracies in a JSON sidecar)."""
+    images = np.ascontiguousarray(images, np.float32)
+    labels = np.ascontiguousarray(labels, np.int64)
+    h = hashlib.sha256()
+    for a in (images, labels):
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    h.update(json.dumps({k: kwargs[k] for k in sorted(kwargs) if k != "progress"},
+                        sort_keys=True, default=str).encode())
+    key = h.hexdigest()[:24]
+    weights, meta = (os.path.join(cache_dir, f"classifier-{key}{ext}") for ext in (".msgpack",
+                                                                                   ".json"))
+    if os.path.exists(weights) and os.path.exists(meta):
+        info = json.loads(open(meta).read())
+        model = SmallCNN(info["num_classes"], info["width"])
+        template = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+        params = serialization.from_bytes(template, open(weights, "rb").read())
+        return Classifier(params=params, **info)
+    clf = train_classifier(images, labels, **kwargs)
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write_bytes(weights, serialization.to_bytes(clf.params))
+    info = {f.name: getattr(clf, f.name) for f in dataclasses.fields(clf) if f.name != "params"}
+    atomic_write_text(meta, json.dumps(info, indent=2))
+    return clf
+
+
+__all__ = ["SmallCNN", "Classifier", "balanced_split", "train_classifier", "cached_classifier",
+           "label_agreement"]

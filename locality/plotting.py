@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -139,6 +139,15 @@ def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: st
     return path
 
 
+def save_loss_curve(steps: Sequence[float], losses: Sequence[float], path: str, *,
+                    ylabel: str = "eps-MSE (mean over log interval)",
+                    title: Optional[str] = None) -> str:
+    """A training curve: ``losses`` against ``steps`` on a log y axis (e.g. the ``loss`` column
+    of a run's ``metrics.jsonl``, which :func:`locality.train.train` plots to ``loss.png``)."""
+    return save_series([{"x": steps, "y": losses, "style": "-"}], path, xlabel="step",
+                       ylabel=ylabel, title=title, logy=True)
+
+
 def save_heatmap_table(maps, path: str, *, row_labels: Sequence[str], col_labels: Sequence[str],
                        title: Optional[str] = None, marks=None, cmap: str = "viridis",
                        shared_scale: str = "panel") -> str:
@@ -252,6 +261,31 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
     ax.grid(alpha=0.3, which="both")
     if any(s.get("label") for s in series):
         ax.legend(fontsize=6, ncol=2)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def save_bars(values: Dict[str, float], path: str, *, errors: Optional[Dict[str, float]] = None,
+              ylabel: str = "", title: Optional[str] = None,
+              reference: Optional[Tuple[float, str]] = None) -> str:
+    """Bar chart of named values (in the given order), optional error bars, and an optional
+    horizontal reference line ``(value, label)`` (e.g. the floor a perfect model reaches)."""
+    plt = _plt()
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
+    err = [errors.get(k, 0.0) for k in labels] if errors else None
+    ax.bar(range(len(labels)), [values[k] for k in labels], yerr=err, color="tab:blue",
+           capsize=3)
+    if reference is not None:
+        ax.axhline(reference[0], color="tab:red", ls="--", lw=1, label=reference[1])
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     atomic_savefig(fig, path)
     plt.close(fig)
     return path

@@ -1,6 +1,8 @@
 """Sample-quality measures: the Frechet distance against float64 oracles (scipy's sqrtm and the
 isotropic closed form) and the held-out eps-MSE against nets whose error is known."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +81,82 @@ def test_eps_mse_of_an_oracle_net_and_of_the_zero_net():
                                    rtol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         quality.eps_mse(zero, {}, x0, (1000,), schedule=sched)
+
+
+def _bars(n=60, hw=8, seed=0):
+    """Class 0: a bright horizontal bar, class 1: a vertical one, at random positions."""
+    rng = np.random.default_rng(seed)
+    x = 0.3 * rng.standard_normal((n, hw, hw, 1)).astype(np.float32) - 0.5
+    y = np.arange(n) % 2
+    pos = rng.integers(1, hw - 1, n)
+    for i in range(n):
+        if y[i] == 0:
+            x[i, pos[i], :, 0] = 1.0
+        else:
+            x[i, :, pos[i], 0] = 1.0
+    return np.clip(x, -1, 1), y
+
+
+def test_cached_classifier_is_keyed_by_content(tmp_path, monkeypatch):
+    from locality import classify
+
+    x, y = _bars()
+    first = classify.cached_classifier(x, y, tmp_path, epochs=1, seed=0)
+    monkeypatch.setattr(classify, "train_classifier",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained again")))
+    again = classify.cached_classifier(x, y, tmp_path, epochs=1, seed=0, progress=True)
+    np.testing.assert_array_equal(first.features(x), again.features(x))
+    assert again.holdout_accuracy == first.holdout_accuracy
+    assert again.features(x).shape == (60, 4 * first.width)
+    for changed in (dict(images=x[::-1].copy(), labels=y), dict(images=x, labels=1 - y)):
+        with pytest.raises(RuntimeError, match="trained again"):
+            classify.cached_classifier(changed["images"], changed["labels"], tmp_path, epochs=1,
+                                       seed=0)
+    with pytest.raises(RuntimeError, match="trained again"):
+        classify.cached_classifier(x, y, tmp_path, epochs=2, seed=0)
+
+
+def test_quality_entry_point(tmp_path, monkeypatch):
+    """experiments/quality.py on a tiny labelled set with a held-out part; oracle: the reported
+    distance and eps-MSE recomputed from the cached classifier, the checkpoint and the same
+    noise."""
+    from configs import quality as quality_cfg
+    from experiments import quality as quality_exp
+    from locality import classify, data, denoisers, sampling
+    from locality.train import TrainConfig, train
+
+    x, y = _bars(n=80)
+
+    def fake_load(name, split="train", *, resolution=None, limit=None, with_labels=False, **kw):
+        assert split == "train"
+        return (x, y) if with_labels else x
+
+    monkeypatch.setattr(data, "load", fake_load)
+    monkeypatch.setenv("LOCALITY_CACHE_DIR", str(tmp_path / "cache" / "stats"))
+    net = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
+    train(net, TrainConfig(batch_size=8, num_steps=2, warmup_steps=0, num_samples=0,
+                           progress=False), tmp_path / "net", images=x)
+    c = quality_cfg.get_config("mnist")
+    c.networks = f"tiny={tmp_path / 'net'}"
+    c.num_samples, c.num_real, c.eval_count, c.num_steps = 12, 6, 5, 2
+    c.classifier_epochs, c.progress = 1, False
+    summary = quality_exp.run(c, str(tmp_path / "w"))
+    assert "tiny" in summary
+    m = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    r = m["networks"]["tiny"]
+    assert r["step"] == 2 and r["eps_mse_n"] == 5 and m["num_real"] == 6
+    assert r["epochs"] == pytest.approx(2 * 8 / 72)
+    for f in ("quality.png", "table.md", "samples_tiny.png", "summary.txt"):
+        assert (tmp_path / "w" / f).exists(), f
+
+    keep, held = classify.balanced_split(y, 0.1, 0)
+    clf = classify.cached_classifier(x[keep], y[keep], str(tmp_path / "cache" / "classifiers"),
+                                     holdout=0.1, epochs=1, seed=0)
+    real = x[held][np.sort(np.random.default_rng(0).permutation(len(held))[:6])]
+    den = denoisers.make("network", checkpoint=str(tmp_path / "net"))
+    x_T = np.asarray(jax.random.normal(jax.random.key(0), (12, 8, 8, 1)))
+    imgs = np.clip(np.asarray(sampling.ddim(den, x_T, schedules.ddpm_linear(), 2).images), -1, 1)
+    want = quality.frechet_distance_of(clf.features(imgs), clf.features(real))
+    assert r["fd"] == pytest.approx(want, rel=1e-5)
+    per = quality.eps_mse(den.model.apply, den.params, x[held][:5], seed=0)
+    assert r["eps_mse_mean"] == pytest.approx(per.mean(), rel=1e-6)
