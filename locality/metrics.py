@@ -85,3 +85,44 @@ def single_step(reference: Callable, result, reduce: str = "mean") -> Dict[str, 
     """
     ref = jnp.stack([reference(xt, ab) for xt, ab in zip(result.xts, result.abs)])
     return per_step(result.x0_hats, ref, reduce), ref
+
+
+def paired_comparison(a, b, alpha: float = 0.05) -> dict:
+    """Paired comparison of two methods scored on the same samples (e.g. per-sample r2).
+
+    Args:
+      a, b: [n] per-sample scores of methods A and B on the same n samples (higher = better).
+      alpha: level of both tests.
+    Returns a dict of float64 numbers:
+      ``mean_diff`` = mean(a - b); ``se`` = its paired standard error std(a - b, ddof=1)/sqrt(n);
+      ``z`` = mean_diff / se; ``median_diff``; ``wins`` (a > b), ``losses``, ``ties``;
+      ``sign_p``: the exact two-sided sign test (binomial test of wins among the n - ties
+      non-tied pairs against 1/2; Dixon & Mood 1946), the p-value scipy.stats.binomtest gives;
+      ``verdict``: "A" or "B" when the better one is separated by the paired z (|z| > 1.96 for
+      alpha 0.05, a normal approximation) or by the sign test (p < alpha), and "tie" only when
+      neither test separates them (so a mean that hides a consistent per-sample win cannot
+      read as a tie); ``disagree`` when the two tests point in opposite directions.
+    """
+    from scipy import stats as sps
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"need two [n] score vectors of equal length n >= 2, got {a.shape}, "
+                         f"{b.shape}")
+    d = a - b
+    n = d.size
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    mean = float(d.mean())
+    z = mean / se if se > 0 else (0.0 if mean == 0 else np.copysign(np.inf, mean))
+    wins, losses = int(np.sum(d > 0)), int(np.sum(d < 0))
+    p = float(sps.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
+    zcrit = float(sps.norm.ppf(1 - alpha / 2))
+    by_z = ("A" if z > 0 else "B") if abs(z) > zcrit else None
+    by_sign = ("A" if wins > losses else "B") if p < alpha else None
+    if by_z and by_sign and by_z != by_sign:
+        verdict = "disagree"
+    else:
+        verdict = by_z or by_sign or "tie"
+    return {"n": n, "mean_diff": mean, "se": se, "z": float(z),
+            "median_diff": float(np.median(d)), "wins": wins, "losses": losses,
+            "ties": int(n - wins - losses), "sign_p": p, "verdict": verdict}

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from locality._io import atomic_path
+
+
+# One colour per method in every figure, so a method is recognised across figures.
+METHOD_COLORS = {
+    "network": "black", "pca_locality": "tab:red", "pca_locality_chunk_mean": "lightcoral",
+    "wiener": "tab:blue", "wiener_dense": "tab:blue", "linear": "tab:cyan",
+    "optimal": "tab:green", "nearest": "tab:olive", "ls": "tab:purple", "els": "tab:pink",
+    "bbels": "tab:brown", "pspc_square": "tab:orange", "pspc_flex": "gold", "scfdm": "tab:gray",
+}
+
+
+def method_color(name: str) -> str:
+    """The fixed colour of a method (by registry name, or a label starting with one); unknown
+    names get a stable colour from their text."""
+    for key in sorted(METHOD_COLORS, key=len, reverse=True):
+        if name == key or name.startswith(key + "_") or name.startswith(key + " "):
+            return METHOD_COLORS[key]
+    spare = ("darkviolet", "teal", "sienna", "navy", "darkgoldenrod", "crimson", "slategray")
+    return spare[zlib.crc32(name.encode()) % len(spare)]
 
 
 def _plt():
@@ -234,7 +254,7 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
     """Line plot of series with their own x values and styles.
 
     Each entry is ``{"x": [...], "y": [...], "label": str, "style": "-"|"--"|":"|..., "color":
-    optional matplotlib colour, "marker": optional}``. Non-positive values are dropped on log axes.
+    optional matplotlib colour, "marker": optional, "yerr": optional error bars}``. Non-positive values are dropped on log axes.
     ``vlines``: x positions of thin dotted grey vertical lines (e.g. where something starts).
     """
     plt = _plt()
@@ -247,8 +267,13 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
             keep &= x > 0
         if logy:
             keep &= y > 0
-        ax.plot(x[keep], y[keep], s.get("style", "-"), color=s.get("color"),
-                marker=s.get("marker"), ms=3, label=s.get("label"))
+        if s.get("yerr") is not None:
+            err = np.asarray(s["yerr"], np.float64)[keep]
+            ax.errorbar(x[keep], y[keep], yerr=err, fmt=s.get("style", "-"), color=s.get("color"),
+                        marker=s.get("marker"), ms=3, capsize=3, label=s.get("label"))
+        else:
+            ax.plot(x[keep], y[keep], s.get("style", "-"), color=s.get("color"),
+                    marker=s.get("marker"), ms=3, label=s.get("label"))
     for v in vlines:
         ax.axvline(v, color="0.4", ls=":", lw=1)
     if logx:

@@ -160,3 +160,34 @@ def test_quality_entry_point(tmp_path, monkeypatch):
     assert r["fd"] == pytest.approx(want, rel=1e-5)
     per = quality.eps_mse(den.model.apply, den.params, x[held][:5], seed=0)
     assert r["eps_mse_mean"] == pytest.approx(per.mean(), rel=1e-6)
+
+
+def test_paired_comparison_against_scipy():
+    from scipy import stats as sps
+
+    from locality import metrics
+
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=32)
+    a = b + 0.02 + 0.2 * rng.normal(size=32)
+    a[:3] = b[:3]  # three ties
+    r = metrics.paired_comparison(a, b)
+    d = a - b
+    assert r["se"] == pytest.approx(sps.sem(d), rel=1e-12)
+    assert r["z"] == pytest.approx(sps.ttest_rel(a, b).statistic, rel=1e-12)
+    assert r["ties"] == 3 and r["wins"] + r["losses"] == 29
+    assert r["sign_p"] == pytest.approx(sps.binomtest(r["wins"], 29).pvalue, rel=1e-12)
+    assert r["median_diff"] == pytest.approx(np.median(d))
+    # A consistent small win (24 of 32) is not a tie even where the mean is noisy.
+    b = np.zeros(32)
+    a = np.where(np.arange(32) < 24, 0.01, -0.2)
+    r = metrics.paired_comparison(a, b)
+    assert r["wins"] == 24 and r["sign_p"] == pytest.approx(sps.binomtest(24, 32).pvalue)
+    assert r["sign_p"] < 0.05 and r["z"] < -1.96 and r["verdict"] == "disagree"
+    a = np.r_[np.full(24, 0.01), -0.3, np.full(7, -0.01)]  # one large loss hides 24 wins
+    r = metrics.paired_comparison(a, b)
+    assert abs(r["z"]) < 1.96 and r["sign_p"] < 0.05 and r["verdict"] == "A"
+    assert metrics.paired_comparison(b, b)["verdict"] == "tie"
+    assert metrics.paired_comparison(b + 1, b)["verdict"] == "A"
+    with pytest.raises(ValueError, match="equal length"):
+        metrics.paired_comparison(a, b[:3])
