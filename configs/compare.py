@@ -7,8 +7,9 @@ of the paper's release; per step r2 / MSE / Pearson r of x0_hat, trajectory-vs-t
 single-step (the network evaluated on the method's own states). Override the network with
 ``--config.checkpoint=PATH`` and the methods with ``--config.methods=pca_locality,wiener``.
 
-The argument is ``<dataset>`` or ``<dataset>,quick`` (8 samples, smaller subsets for the slow
-peers: the README's main job). Methods whose cost grows with N H^2 W^2 run on a fixed random
+The argument is ``<dataset>``, ``<dataset>,quick`` (8 samples, smaller subsets for the slow
+peers: the README's main job) and/or ``<dataset>,long`` (against the 40-epoch network of the
+``long`` training preset, every method on that network's own training set). Methods whose cost grows with N H^2 W^2 run on a fixed random
 subset of the training set (``method_kwargs.<label>.limit``, or ``peer_limit`` for
 ``slow_methods``); the table reports the N each method used. ``linear`` needs GD-trained weights
 at the sampler's ten timesteps (``experiments/linear_gd.py`` with ``configs/linear_gd.py:<dataset>,ddim``)
@@ -24,6 +25,13 @@ LS_SCHEDULES = {"fashion_mnist": "fashionmnist_unet_zeros_cond", "mnist": "mnist
                 "cifar10_catsdogs": "cifar10_unet_zeros_cond"}
 
 
+# The reference networks of the headline comparison ('long' preset of configs/train.py, 40
+# epochs; the argument ',long' selects them) and the part of the training split they held out.
+LONG_NETS = {"fashion_mnist": "checkpoints/fashion_mnist_unet_long/epoch_40",
+             "mnist": "checkpoints/mnist_unet_long/epoch_40"}
+LONG_HOLDOUT = {"mnist": 0.1}
+
+
 def _ddim_abs(num_steps: int = 10):
     from locality import schedules
 
@@ -33,14 +41,23 @@ def _ddim_abs(num_steps: int = 10):
 
 def get_config(arg: str = "fashion_mnist"):
     parts = [p.strip() for p in arg.split(",")]
-    dataset, quick = parts[0], "quick" in parts[1:]
-    if set(parts[1:]) - {"quick"}:
-        raise ValueError(f"config arg must be '<dataset>[,quick]', got {arg!r}")
+    dataset, quick, long_net = parts[0], "quick" in parts[1:], "long" in parts[1:]
+    if set(parts[1:]) - {"quick", "long"}:
+        raise ValueError(f"config arg must be '<dataset>[,quick][,long]', got {arg!r}")
+    if long_net and dataset not in LONG_NETS:
+        raise ValueError(f"',long' has networks for {sorted(LONG_NETS)}, not {dataset!r}")
     c = ml_collections.ConfigDict()
     c.dataset = dataset
     c.split = "train"
     c.limit = ml_collections.config_dict.placeholder(int)
-    c.checkpoint = f"checkpoints/{dataset}_unet_cpu"
+    # > 0: leave out the class-balanced part of the split that a network trained with the same
+    # holdout never saw (configs/train.py 'long' preset on mnist), so every method uses the
+    # network's own training set.
+    c.holdout = 0.0
+    c.holdout_seed = 0
+    c.checkpoint = LONG_NETS[dataset] if long_net else f"checkpoints/{dataset}_unet_cpu"
+    if long_net:
+        c.holdout = LONG_HOLDOUT.get(dataset, 0.0)
     c.methods = ("pca_locality,pca_locality_chunk_mean,wiener,optimal,nearest,linear,ls,els,bbels,"
                  "pspc_square,pspc_flex,scfdm")
     thr = PCA_THRESHOLD.get(dataset, 0.005)
@@ -56,7 +73,7 @@ def get_config(arg: str = "fashion_mnist"):
         "els": {"patch_size": sched, "limit": 100}, "bbels": {"patch_size": sched, "limit": 100},
         "pspc_square": {"patch_size": 5, "flip": True},
         # crops from the network's own gradient heat maps at the sampler's ten levels
-        "pspc_flex": {"network": f"checkpoints/{dataset}_unet_cpu", "abs": _ddim_abs(),
+        "pspc_flex": {"network": c.checkpoint, "abs": _ddim_abs(),
                       "num_probes": 1, "flip": True},
         "linear": {"weights": f"workdirs/linear_gd_ddim_{dataset}/linear_weights.npz"},
         "scfdm": {"num_samples": 10, "sigma_s": 0.1, "seed": 0},

@@ -64,6 +64,13 @@ def plot_curves(results: dict, ts, workdir: str, dataset: str) -> None:
 def run(config, workdir: str) -> str:
     common.prepare_workdir(workdir, config)
     train = data.load(config.dataset, split=config.split, limit=config.limit)
+    if config.get("holdout", 0.0) > 0:  # the network's own training set (configs/train.py long)
+        from locality import classify
+
+        _, labels = data.load(config.dataset, split=config.split, limit=config.limit,
+                              with_labels=True)
+        keep, _ = classify.balanced_split(labels, config.holdout, config.get("holdout_seed", 0))
+        train = train[keep]
     st = stats.gaussian_stats(train, cache_dir=common.stats_cache_dir())
     sched = schedules.ddpm_linear()
     x_T = np.asarray(jax.random.normal(jax.random.key(config.seed),
