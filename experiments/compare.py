@@ -50,15 +50,26 @@ def sample_batches(den, x_T, sched, num_steps, batch):
             np.concatenate([np.asarray(o.xts) for o in outs], axis=1), outs[0].abs, outs[0].timesteps)
 
 
-def plot_curves(results: dict, ts, workdir: str, dataset: str) -> None:
-    """``r2_vs_t.png`` and ``mse_vs_t.png`` (trajectory metrics per step) from ``results``
-    (the ``methods`` of a ``metrics.json``), so figures can be redrawn without resampling."""
+def plot_curves(results: dict, ts, workdir: str, dataset: str, network: str = "") -> None:
+    """``r2_vs_t.png`` and ``mse_vs_t.png`` (trajectory metrics per step, shaded 1 SE where the
+    per-step SE is stored) from ``results`` (the ``methods`` of a ``metrics.json``), so figures
+    can be redrawn without resampling. One fixed colour per method
+    (:func:`locality.plotting.method_color`); the r2 axis is set by the methods that matter and
+    methods far below it are named in a note instead of stretching it."""
     t_axis = [int(t) for t in ts]
+    where = f" vs {network}" if network else ""
     for metric in ("r2", "mse"):
-        plotting.save_curves(t_axis, {l: results[l]["trajectory"][metric] for l in results},
-                             os.path.join(workdir, f"{metric}_vs_t.png"), xlabel="timestep t",
+        series = []
+        for label, r in sorted(results.items(), key=lambda kv: -kv[1]["trajectory"]["r2"][-1]):
+            se = r.get(f"trajectory_{metric}_per_step_se")
+            series.append({"label": label, "x": t_axis, "y": r["trajectory"][metric],
+                           "band": se, "color": plotting.method_color(label), "marker": "o"})
+        plotting.save_series(series, os.path.join(workdir, f"{metric}_vs_t.png"),
+                             xlabel="timestep t (sampling runs right to left)",
                              ylabel=f"{metric} vs network (trajectory)", invert_x=True,
-                             logy=(metric == "mse"), title=f"{dataset}: {metric} per step")
+                             logy=(metric == "mse"),
+                             ylim=plotting.focus_ylim(series) if metric == "r2" else None,
+                             title=f"{dataset}: {metric} per step{where}")
 
 
 def run(config, workdir: str) -> str:
@@ -112,8 +123,9 @@ def run(config, workdir: str) -> str:
                 res[f"final_{kind}_{name}_median"] = float(np.median(v[-1]))
                 res[f"stepmean_{kind}_{name}"] = float(v.mean())
             res[f"final_{kind}_r2_per_sample"] = [float(a) for a in m["r2"][-1]]
-            res[f"{kind}_r2_per_step_se"] = [float(a) for a in
-                                             m["r2"].std(1, ddof=1) / np.sqrt(m["r2"].shape[1])]
+            for name in ("r2", "mse"):
+                res[f"{kind}_{name}_per_step_se"] = [
+                    float(a) for a in m[name].std(1, ddof=1) / np.sqrt(m[name].shape[1])]
         results[label] = res
         finals[label] = x0[-1]
         rows.append(res)
@@ -144,7 +156,7 @@ def run(config, workdir: str) -> str:
               f"network {config.checkpoint}. Reproduce: `{cmd}`\n\n")
     md += [f"\nskipped {label}: {why}" for label, why in skipped.items()]
     common.atomic_write_text(os.path.join(workdir, "table.md"), header + "\n".join(md) + "\n")
-    plot_curves(results, ts, workdir, config.dataset)
+    plot_curves(results, ts, workdir, config.dataset, config.checkpoint)
     k = min(8, config.num_samples)
     nn = denoisers.make("nearest", train=train)
     grid = {"network": net_x0[-1][:k]}

@@ -248,17 +248,46 @@ def save_matrices(matrices: Dict[str, np.ndarray], labels: Sequence[str], path: 
     return path
 
 
+def focus_ylim(series: Sequence[Dict], margin: float = 0.08,
+               keep_fraction: float = 0.75) -> Optional[Tuple[float, float]]:
+    """A y range for :func:`save_series` set by the series that matter: when a few series lie
+    far below the rest (e.g. a method with r2 far under 0), the range covers the best
+    ``keep_fraction`` of the series (ranked by their maximum) and the others are annotated as
+    off the axis instead of stretching it. ``None`` when every series fits without stretching
+    the range more than twofold."""
+    tops = sorted(((float(np.nanmax(s["y"])), i) for i, s in enumerate(series)
+                   if np.isfinite(np.asarray(s["y"], np.float64)).any()), reverse=True)
+    if len(tops) < 3:
+        return None
+    kept = [series[i] for _, i in tops[:max(2, int(np.ceil(keep_fraction * len(tops))))]]
+    lo = min(float(np.nanmin(np.asarray(s["y"], np.float64) - np.asarray(
+        s.get("yerr", 0.0) if s.get("yerr") is not None else 0.0))) for s in kept)
+    hi = max(float(np.nanmax(np.asarray(s["y"], np.float64) + np.asarray(
+        s.get("yerr", 0.0) if s.get("yerr") is not None else 0.0))) for s in kept)
+    all_lo = min(float(np.nanmin(s["y"])) for s in series)
+    if hi - all_lo <= 2 * (hi - lo):
+        return None
+    pad = margin * (hi - lo or 1.0)
+    return lo - pad, hi + pad
+
+
 def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: str = "",
                 title: Optional[str] = None, logx: bool = False, logy: bool = False,
-                vlines: Sequence[float] = ()) -> str:
+                vlines: Sequence[float] = (), ylim: Optional[Tuple[float, float]] = None,
+                invert_x: bool = False) -> str:
     """Line plot of series with their own x values and styles.
 
     Each entry is ``{"x": [...], "y": [...], "label": str, "style": "-"|"--"|":"|..., "color":
-    optional matplotlib colour, "marker": optional, "yerr": optional error bars}``. Non-positive values are dropped on log axes.
-    ``vlines``: x positions of thin dotted grey vertical lines (e.g. where something starts).
+    optional matplotlib colour, "marker": optional, "yerr": optional error bars, "band":
+    optional half-width of a shaded band around the line (e.g. 1 standard error)}``.
+    Non-positive values are dropped on log axes. ``vlines``: x positions of thin dotted grey
+    vertical lines (e.g. where something starts). ``ylim``: the y range (e.g. from
+    :func:`focus_ylim`); series that leave it are named in a note under the axes with their
+    minimum. The legend sits outside the axes, right of the data.
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    off_axis = []
     for s in series:
         x = np.asarray(s["x"], np.float64)
         y = np.asarray(s["y"], np.float64)
@@ -272,8 +301,15 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
             ax.errorbar(x[keep], y[keep], yerr=err, fmt=s.get("style", "-"), color=s.get("color"),
                         marker=s.get("marker"), ms=3, capsize=3, label=s.get("label"))
         else:
-            ax.plot(x[keep], y[keep], s.get("style", "-"), color=s.get("color"),
-                    marker=s.get("marker"), ms=3, label=s.get("label"))
+            line, = ax.plot(x[keep], y[keep], s.get("style", "-"), color=s.get("color"),
+                            marker=s.get("marker"), ms=3, label=s.get("label"))
+            if s.get("band") is not None:
+                band = np.asarray(s["band"], np.float64)[keep]
+                ax.fill_between(x[keep], y[keep] - band, y[keep] + band, alpha=0.18, lw=0,
+                                color=line.get_color())
+        if ylim is not None and keep.any() and (y[keep].min() < ylim[0] or
+                                                y[keep].max() > ylim[1]):
+            off_axis.append(f"{s.get('label', '?')} (min {y[keep].min():.2f})")
     for v in vlines:
         ax.axvline(v, color="0.4", ls=":", lw=1)
     if logx:
@@ -284,8 +320,15 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
+    if invert_x:
+        ax.invert_xaxis()
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if off_axis:
+        ax.annotate("off the axis: " + ", ".join(off_axis), xy=(0, -0.22),
+                    xycoords="axes fraction", fontsize=6, va="top", color="0.3")
     if any(s.get("label") for s in series):
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     atomic_savefig(fig, path)
     plt.close(fig)
     return path
