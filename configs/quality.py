@@ -48,5 +48,6 @@ def get_config(arg: str = "fashion_mnist"):
     c.classifier_epochs = CLASSIFIER_EPOCHS.get(dataset, 10)
     c.classifier_holdout = 0.1
     c.classifier_seed = 0
+    c.classifier_flip = False          # mirrored digits are not digits
     c.progress = True
     return c

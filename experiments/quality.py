@@ -106,7 +106,7 @@ def run(config, workdir: str) -> str:
             train, train_labels, os.path.join(os.path.dirname(common.stats_cache_dir()),
                                                "classifiers"),
             holdout=config.classifier_holdout, epochs=config.classifier_epochs,
-            seed=config.classifier_seed, progress=config.progress)
+            seed=config.classifier_seed, flip=config.classifier_flip, progress=config.progress)
     test_acc = float(np.mean(clf.predict(held) == held_labels))
     feats_real = clf.features(real)
     floor = quality.frechet_distance_of(clf.features(real_train), feats_real)

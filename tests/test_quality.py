@@ -151,7 +151,7 @@ def test_quality_entry_point(tmp_path, monkeypatch):
 
     keep, held = classify.balanced_split(y, 0.1, 0)
     clf = classify.cached_classifier(x[keep], y[keep], str(tmp_path / "cache" / "classifiers"),
-                                     holdout=0.1, epochs=1, seed=0)
+                                     holdout=0.1, epochs=1, seed=0, flip=False)
     real = x[held][np.sort(np.random.default_rng(0).permutation(len(held))[:6])]
     den = denoisers.make("network", checkpoint=str(tmp_path / "net"))
     x_T = np.asarray(jax.random.normal(jax.random.key(0), (12, 8, 8, 1)))
