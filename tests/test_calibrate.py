@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from locality.denoisers import calibration as C
 from locality.denoisers import local_score as L
 from locality.denoisers import pspc
 
@@ -28,7 +29,7 @@ def test_ls_reference_calibrates_back_to_its_k(criterion):
     train = _train()
     reference = L.make_ls(train=train, patch_size=5, chunk_size=4)
     machine = L.make_ls(train=train, patch_size=3, chunk_size=4)
-    cal = L.calibrate(reference, machine, (3, 5, 7), _x_T(3, (6, 6, 1)),
+    cal = C.calibrate(reference, machine, (3, 5, 7), _x_T(3, (6, 6, 1)),
                       timesteps=[700, 400, 200], criterion=criterion)
     assert cal.sizes.tolist() == [5, 5, 5]
     assert (cal.per_seed == 5).all()
@@ -41,7 +42,7 @@ def test_pspc_reference_calibrates_back_to_its_size():
     train = _train(seed=1)
     reference = pspc.make_pspc_square(train=train, patch_size=4, flip=False, chunk_size=4)
     machine = pspc.make_pspc_square(train=train, patch_size=3, flip=False, chunk_size=4)
-    cal = L.calibrate(reference, machine, (3, 4, 5), _x_T(2, (6, 6, 1)), timesteps=[600, 250],
+    cal = C.calibrate(reference, machine, (3, 4, 5), _x_T(2, (6, 6, 1)), timesteps=[600, 250],
                       criterion="greedy")
     assert cal.sizes.tolist() == [4, 4]
 
@@ -50,13 +51,13 @@ def test_calibrate_errors_and_median():
     train = _train()
     den = L.make_ls(train=train)
     with pytest.raises(ValueError, match="increasing"):
-        L.calibrate(den, den, (5, 3), _x_T(1, (6, 6, 1)))
+        C.calibrate(den, den, (5, 3), _x_T(1, (6, 6, 1)))
     with pytest.raises(ValueError, match="odd"):
-        L.calibrate(den, den, (3, 4), _x_T(1, (6, 6, 1)))
+        C.calibrate(den, den, (3, 4), _x_T(1, (6, 6, 1)))
     with pytest.raises(ValueError, match="criterion"):
-        L.calibrate(den, den, (3, 5), _x_T(1, (6, 6, 1)), criterion="l1")
-    assert L._lower_median(np.array([7, 3, 5, 5])) == 5
-    assert L._lower_median(np.array([5, 3])) == 3
+        C.calibrate(den, den, (3, 5), _x_T(1, (6, 6, 1)), criterion="l1")
+    assert C._lower_median(np.array([7, 3, 5, 5])) == 5
+    assert C._lower_median(np.array([5, 3])) == 3
 
 
 def _load_entry_point():

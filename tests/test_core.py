@@ -225,19 +225,70 @@ def test_nearest_uses_unscaled_query(rng):
     np.testing.assert_array_equal(denoisers.make("nearest", train=x, chunk_size=6)(xt, 0.1), x[d.argmin(1)])
 
 
-def test_query_errors(rng):
-    x = _data(rng)
-    o = denoisers.make("optimal", train=x)
-    xt = np.zeros((2, 4, 3, 2), np.float32)
+# Every registered denoiser on tiny data (image shape TINY), for the query checks below. A newly
+# registered method fails these tests until it has an entry here.
+TINY = (4, 4, 2)
+_UNET = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    x = np.random.default_rng(7).uniform(-1, 1, (9,) + TINY).astype(np.float32)
+    return x, stats.gaussian_stats(x)
+
+
+def _tiny_denoiser(name, x, st):
+    n, hw = int(np.prod(TINY)), TINY[0] * TINY[1]
+    kwargs = {
+        "wiener": lambda: dict(stats=st), "wiener_dense": lambda: dict(stats=st),
+        "optimal": lambda: dict(train=x), "nearest": lambda: dict(train=x),
+        "pca_locality": lambda: dict(stats=st, train=x, threshold=0.05),
+        "linear": lambda: dict(weights={0.5: (np.eye(n), np.zeros(n))}, shape=TINY),
+        "ls": lambda: dict(train=x), "els": lambda: dict(train=x), "bbels": lambda: dict(train=x),
+        "pspc_square": lambda: dict(train=x, patch_size=3),
+        "pspc_flex": lambda: dict(train=x, masks=np.ones((hw, hw))),
+        "scfdm": lambda: dict(train=x, num_samples=2),
+        "network": lambda: dict(model=_UNET, params=_tiny_unet_params()),
+    }
+    assert name in kwargs, f"add a tiny case for the new denoiser {name!r} to tests/test_core.py"
+    return denoisers.make(name, **kwargs[name]())
+
+
+def _tiny_unet_params():
+    from locality.nets import build_model, init_params
+
+    return init_params(build_model(_UNET), TINY, seed=0)
+
+
+@pytest.mark.parametrize("name", denoisers.names())
+def test_empty_batch_gives_empty_result(name, tiny_data):
+    den = _tiny_denoiser(name, *tiny_data)
+    out = den(np.zeros((0,) + TINY, np.float32), 0.5)
+    assert out.shape == (0,) + TINY and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(
+        strict=True, reason="the network wrapper (network.py) does not run check_query: wrong "
+        "shapes, NaN and ab outside (0, 1) are not rejected")) if n == "network" else n
+    for n in denoisers.names()])
+def test_query_errors(name, tiny_data):
+    den = _tiny_denoiser(name, *tiny_data)
+    xt = np.zeros((2,) + TINY, np.float32)
     with pytest.raises(ValueError, match="image shape"):
-        o(np.zeros((2, 5, 3, 2), np.float32), 0.5)
+        den(np.zeros((2, 5) + TINY[1:], np.float32), 0.5)
     with pytest.raises(ValueError, match="rank 4"):
-        o(xt[0], 0.5)
+        den(xt[0], 0.5)
     with pytest.raises(ValueError, match="NaN"):
-        o(np.full_like(xt, np.nan), 0.5)
+        den(np.full_like(xt, np.nan), 0.5)
     for ab in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="outside"):
-            o(xt, ab)
+            den(xt, ab)
+        with pytest.raises(ValueError, match="outside"):  # checked before the empty-batch rule
+            den(xt[:0], ab)
+
+
+def test_unknown_denoiser_name():
     with pytest.raises(KeyError, match="registered"):
         denoisers.make("no_such_method")
 

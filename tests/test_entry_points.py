@@ -183,11 +183,19 @@ def test_train_presets():
     from locality.train import TrainConfig
 
     for ds in train_cfg.DATASETS:  # every preset's train block is a valid TrainConfig
-        for preset in ("paper", "gpu", "cpu"):
+        for preset in train_cfg.PRESETS:
             assert TrainConfig(**train_cfg.get_config(f"{ds},{preset}").train.to_dict()).dataset \
                 == ds
-    with pytest.raises(ValueError, match="'paper', 'gpu' or 'cpu'"):
+    with pytest.raises(ValueError, match="'paper', 'gpu', 'cpu', 'long'"):
         train_cfg.get_config("mnist,tpu")
+    # The long preset: 40 epochs of the training images it keeps, exports at 1..40 epochs, the
+    # held-out loss twice an epoch; mnist (no test split) holds out a class-balanced 10 %.
+    for ds, n_train in (("fashion_mnist", 60_000), ("mnist", 9_000)):
+        t = train_cfg.get_config(f"{ds},long").train
+        epoch = n_train // 32
+        assert t.num_steps == 40 * epoch and t.export_steps == tuple(
+            e * epoch for e in (1, 5, 10, 20, 40))
+        assert t.eval_every == epoch // 2 and t.holdout == (0.1 if ds == "mnist" else 0.0)
 
 
 def test_sensitivity_inputs_for_sources_without_a_test_split():

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from locality import streaming
+from locality.stats import validate_images
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -56,6 +59,11 @@ def check_query(x_t, ab, shape: Tuple[int, int, int], name: str):
     return x_t, ab
 
 
+def empty_result(x_t):
+    """The estimate for an empty batch ``x_t`` [0, H, W, C]: float32 zeros of the same shape."""
+    return jnp.zeros(x_t.shape, jnp.float32)
+
+
 @jax.jit
 def _apply(den, x_t, ab):
     return den.apply(x_t, ab)
@@ -65,12 +73,23 @@ class DenoiserBase:
     """Mixin: ``__call__`` validates and dispatches to the jitted ``apply(x_t, ab)``.
 
     Subclasses are ``flax.struct.dataclass``es with a static ``shape`` field (H, W, C).
+    ``__call__`` is the shared boundary: :func:`check_query`, then an empty batch
+    ``[0, H, W, C]`` returns an empty float32 result (:func:`empty_result`) without running the
+    method (the batch size is static, so this holds under ``jit`` and ``vmap`` too), else
+    ``_dispatch``. A subclass that runs differently overrides ``_dispatch`` (``SizedDenoiser``);
+    one that adds checks overrides ``__call__`` and ends in ``super().__call__`` (``Linear``).
     """
 
     name = "denoiser"
 
     def __call__(self, x_t, ab):
         x_t, ab = check_query(x_t, ab, self.shape, self.name)
+        if x_t.shape[0] == 0:
+            return empty_result(x_t)
+        return self._dispatch(x_t, ab)
+
+    def _dispatch(self, x_t, ab):
+        """Run the method on a validated, non-empty batch (default: the jitted ``apply``)."""
         return _apply(self, x_t, ab)
 
     def apply(self, x_t, ab):  # pragma: no cover - abstract
@@ -79,15 +98,11 @@ class DenoiserBase:
 
 def as_train_array(train, what: str = "train") -> np.ndarray:
     """Validate a training set [N, H, W, C] in [-1, 1] and return it as float32 numpy."""
-    from locality.stats import validate_images
-
     return validate_images(train, what=what)
 
 
 def resolve_mesh(mesh=None, shard: bool = False) -> Optional[jax.sharding.Mesh]:
     """``mesh`` if given; a mesh over all devices if ``shard``; else None (no sharding)."""
-    from locality import streaming
-
     if mesh is not None:
         if streaming.DATA_AXIS not in mesh.axis_names:
             raise ValueError(f"mesh axes {mesh.axis_names} lack the axis {streaming.DATA_AXIS!r}; "
@@ -100,8 +115,6 @@ def resolve_mesh(mesh=None, shard: bool = False) -> Optional[jax.sharding.Mesh]:
 
 def chunk_train(train_flat, chunk_size: int, mesh, extra=None):
     """Chunk (and shard) ``(train_flat [N, n], ||x||^2 [N])`` for streaming."""
-    from locality import streaming
-
     x = jnp.asarray(train_flat, jnp.float32)
     data = (x, jnp.sum(jnp.square(x), axis=1)) if extra is None else (x,) + tuple(extra)
     n_shards = 1 if mesh is None else mesh.shape[streaming.DATA_AXIS]

@@ -19,12 +19,12 @@ PSPC-Square (``pspc_square``)
     optimal denoiser. The cross terms of all squares are s x s box sums of the pixelwise product
     (separable ``reduce_window``), the square posterior means come out of one stream with the
     square's pixels as values, and the overlap average is a static scatter-add.
-    ``s`` per step: int, callable ``sigma -> int``, :class:`~locality.denoisers.local_score.
+    ``s`` per step: int, callable ``sigma -> int``, :class:`~locality.denoisers.patch_schedules.
     SizeSchedule`, a list of 18 sizes on the 18-step EDM grid, ``"file:PATH"``, or the published
     CIFAR-10 schedule :data:`CIFAR10_EDM_SCHEDULE` (name ``"cifar10_edm"``); sizes of a *named*
     schedule larger than the image are clipped to ``min(H, W)`` ("the whole image"), explicit
     sizes larger than the image are an error. Static-size dispatch and ``lax.switch`` under tracing
-    work as for the local score machines (see :mod:`locality.denoisers.local_score`).
+    work as for the local score machines (see :mod:`locality.denoisers.patch_schedules`).
 
 PSPC-Flex (``pspc_flex``)
     Crops grown from a network denoiser's gradient heat maps. Parameterisation used here: at every
@@ -58,8 +58,9 @@ import numpy as np
 
 from locality import schedules, streaming
 from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array, resolve_mesh
-from locality.denoisers.local_score import (SizedDenoiser, SizeSchedule, SizeSpec, _box_valid,
-                                            _scale, resolve_size_spec)
+from locality.denoisers.local_score import box_valid, logit_scale
+from locality.denoisers.patch_schedules import (SizedDenoiser, SizeSchedule, SizeSpec,
+                                                resolve_size_spec)
 from locality.denoisers.registry import register
 
 EDM_STEPS = 18
@@ -154,13 +155,13 @@ class PSPCSquare(SizedDenoiser):
             q, ab_, scale = ctx
             (x,) = data
             kk = x.shape[0]
-            cross = _box_valid(jnp.sum(q[:, None] * x[None], axis=-1), s)  # [B, K, H-s+1, W-s+1]
-            sq = _box_valid(jnp.sum(x * x, axis=-1), s)
+            cross = box_valid(jnp.sum(q[:, None] * x[None], axis=-1), s)  # [B, K, H-s+1, W-s+1]
+            sq = box_valid(jnp.sum(x * x, axis=-1), s)
             logits = (2.0 * jnp.sqrt(ab_) * cross - ab_ * sq[None]) * scale
             vals = x.reshape(kk, h * w, c)[:, idx].reshape(kk, m, s * s * c)
             return logits.reshape(b, kk, m), vals
 
-        means = streaming.stream(chunk_fn, self.chunked, (x_t, ab, _scale(ab)), batch=b, m=m,
+        means = streaming.stream(chunk_fn, self.chunked, (x_t, ab, logit_scale(ab)), batch=b, m=m,
                                  d=s * s * c, mode=self.softmax, mesh=self.mesh)
         counts = np.bincount(idx.ravel(), minlength=h * w).astype(np.float32)
         out = jnp.zeros((b, h * w, c), jnp.float32).at[:, idx.ravel()].add(
@@ -308,7 +309,8 @@ class PSPCFlex(DenoiserBase):
                  - ab_ * jnp.matmul(sq, mk, precision=HIGHEST)[None])
             return d * scale, xf
 
-        out = streaming.stream(chunk_fn, self.chunked, (x_t.reshape(b, n, c), ab, _scale(ab), mask),
+        out = streaming.stream(chunk_fn, self.chunked,
+                               (x_t.reshape(b, n, c), ab, logit_scale(ab), mask),
                                batch=b, m=n, d=c, mode=self.softmax, mesh=self.mesh)
         return out.reshape(x_t.shape)
 
