@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import optimal_np
-from locality import denoisers, sampling, stats
+from locality import denoisers, sampling, schedules, stats
 from locality.denoisers import pca_locality as pl
 
 
@@ -78,7 +78,7 @@ def test_masks_match_oracle(setup, mode):
     np.testing.assert_allclose(soft, mask_np(x, 0.5, 0.0), atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["auto", "dense", "tiles", "sparse", "complement"])
+@pytest.mark.parametrize("path", ["auto", "dense", "tiles", "sparse", "complement", "clusters"])
 @pytest.mark.parametrize("cs", [7, 40])
 def test_exact_matches_oracle_on_every_path(setup, path, cs):
     x, st, xt = setup
@@ -190,6 +190,14 @@ def test_errors(setup):
         denoisers.make("pca_locality", stats=st, train=x, mask=np.eye(3))
     with pytest.raises(ValueError, match="threshold"):
         denoisers.make("pca_locality", stats=st, train=x, threshold=-1)
+    with pytest.raises(ValueError, match="path must be"):
+        denoisers.make("pca_locality", stats=st, train=x, path="centroid")
+    with pytest.raises(ValueError, match="num_centroids"):
+        denoisers.make("pca_locality", stats=st, train=x, path="clusters", num_centroids=-1)
+    with pytest.raises(ValueError, match="cluster_size"):
+        denoisers.make("pca_locality", stats=st, train=x, path="clusters", cluster_size=6)
+    with pytest.raises(ValueError, match="needs a binary mask"):
+        denoisers.make("pca_locality", stats=st, train=x, threshold=0.0, path="clusters")(xt, 0.5)
     with pytest.raises(ValueError, match="mode"):
         denoisers.make("pca_locality", stats=st, train=x, threshold_mode="max")
     den = denoisers.make("pca_locality", stats=st, train=x)
@@ -197,3 +205,228 @@ def test_errors(setup):
         den(np.zeros((1, 4, 4, 1), np.float32), 0.5)
     with pytest.raises(ValueError, match="NaN"):
         den(np.full_like(xt, np.nan), 0.5)
+
+
+def test_threshold_above_one_is_rejected(setup):
+    """theta > 1 keeps no entry of any mask (the denoiser would silently return the training
+    mean): rejected with the value and the valid range (issue #18)."""
+    x, st, _ = setup
+    for bad in (1.5, 2.0):
+        with pytest.raises(ValueError, match=rf"threshold must be <= 1, got {bad}.*\[0, 1\]"):
+            denoisers.make("pca_locality", stats=st, train=x, threshold=bad)
+        with pytest.raises(ValueError, match="training mean"):
+            pl.masks(st, 0.5, bad)
+    m, dens = pl.masks(st, 0.5, 1.0)                 # theta = 1 is valid: only the maxima
+    assert 0 < dens < 0.5 and m.any()
+
+
+# -------------------------------------------------------------------------- clusters path
+
+
+def _reconstruct(cp, n):
+    """Rebuild the [n, n] mask from a ClusterPlan: base column + signed correction."""
+    full = np.concatenate([np.zeros((n, 1)), cp.bases.astype(np.float64)], axis=1)
+    out = np.full((n, n), np.nan)
+    seen = np.zeros(n, int)
+    for g in cp.groups:
+        for r, ci in enumerate(g.clusters):
+            for o, col in enumerate(cp.outs[ci]):
+                if col < 0:
+                    assert not g.block[r, :, o].any()        # padding columns carry nothing
+                    continue
+                v = full[:, g.base[r]].copy()
+                np.add.at(v, g.ins[r], g.block[r, :, o])
+                out[:, col] = v
+                seen[col] += 1
+    np.testing.assert_array_equal(seen, 1)                  # every column exactly once
+    return out
+
+
+def _family_mask(rng, n, patterns, flips, singles=0):
+    """Columns drawn from a few random patterns, each with ``flips`` random bit flips, plus
+    ``singles`` unrelated random columns: uneven clusters around a few centroids."""
+    pats = rng.random((patterns, n)) < 0.6
+    m = pats[rng.integers(patterns, size=n)].copy()
+    for col in range(n):
+        if flips:
+            m[rng.choice(n, flips, replace=False), col] ^= True
+    for col in rng.choice(n, singles, replace=False):
+        m[:, col] = rng.random(n) < 0.3
+    return m.T.copy()                                      # [n inputs, n columns]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 8])
+def test_cluster_plan_reconstructs_the_mask(rng, k):
+    n = 30
+    masks_ = [_family_mask(rng, n, 3, 2, singles=4), _family_mask(rng, n, 2, 0),
+              rng.random((n, n)) < 0.5, np.ones((n, n), bool), np.zeros((n, n), bool), np.eye(n, dtype=bool)]
+    for m in masks_:
+        plans = pl.cluster_plans(m, k, (1, 2, 4, 8))
+        for size, cp in plans.items():
+            assert cp.cluster_size == size
+            assert set(np.unique(np.concatenate([g.block.ravel() for g in cp.groups]))) <= {-1.0, 0.0, 1.0}
+            assert cp.bases.shape[1] <= k + 1
+            np.testing.assert_array_equal(_reconstruct(cp, n), m.astype(np.float64))
+
+
+def test_cluster_plan_edge_cases(rng):
+    n = 24
+    # every column equals one of three patterns: with k >= 3 each column is its centroid, the
+    # corrections are empty and the cost is the base columns alone
+    m = _family_mask(rng, n, 3, 0)
+    cp = pl.cluster_plans(m, 3, (4,))[4]
+    assert all(not g.block.any() for g in cp.groups)
+    assert cp.correction_density() == 0.0
+    assert cp.cost() == n * cp.bases.shape[1] + sum(g.ins.shape[0] * 4 for g in cp.groups)
+    # all ones: the only base is the all-ones column, no corrections
+    cp = pl.cluster_plans(np.ones((n, n), bool), 0, (8,))[8]
+    assert cp.bases.shape[1] == 1 and cp.bases.all() and cp.correction_density() == 0.0
+    # all zeros: no base at all, no corrections
+    cp = pl.cluster_plans(np.zeros((n, n), bool), 4, (8,))[8]
+    assert cp.bases.shape[1] == 0 and cp.correction_density() == 0.0
+    # k-means: distinct centroids of non-empty clusters, no more than asked
+    c = pl.kmeans_columns(_family_mask(rng, n, 5, 1), 8)
+    assert c.shape[0] == n and 1 <= c.shape[1] <= 8
+    assert len(np.unique(c, axis=1).T) == c.shape[1]
+    # merging: clusters partition the columns and never exceed the size
+    diff = rng.random((n, 13)) < 0.2
+    for window in (1024, 4):                   # partners sought within windows of 4 columns
+        for size, cl in pl.merge_clusters(diff, (1, 2, 4, 8), window=window).items():
+            assert max(len(c) for c in cl) <= size
+            np.testing.assert_array_equal(np.sort(np.concatenate(cl)), np.arange(13))
+
+
+@pytest.mark.parametrize("k,size", [(0, 2), (1, 4), (3, 1), (5, 8), (16, 4)])
+def test_clusters_path_matches_oracle(setup, k, size):
+    """Several k and cluster widths (uneven clusters, padded groups) against the float64 oracle."""
+    x, st, xt = setup
+    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, chunk_size=9,
+                         path="clusters", num_centroids=k, cluster_size=size)
+    for ab in (0.02, 0.3, 0.9, 0.999):
+        p = den.plan(ab)
+        assert p.path == "clusters" and p.clusters.cluster_size == size
+        ref = denoise_np(xt, x, mask_np(x, ab, 0.1), ab)
+        np.testing.assert_allclose(den(xt, ab), ref, atol=1e-5, err_msg=f"ab={ab}")
+
+
+def test_clusters_path_explicit_masks_match_oracle(setup, rng):
+    """Explicit masks with the structure the path exploits and its edge cases: columns equal to
+    their centroid (empty corrections), uneven families with singletons, an empty column and an
+    all-ones column."""
+    x, st, xt = setup
+    n = int(np.prod(x.shape[1:]))
+    fam = _family_mask(rng, n, 3, 1, singles=3)
+    exact = _family_mask(rng, n, 2, 0)
+    edge = fam.copy()
+    edge[:, 0] = False
+    edge[:, 1] = True
+    for m, k, size in ((fam, 3, 4), (exact, 2, 8), (edge, 4, 2), (edge, 0, 16)):
+        den = denoisers.make("pca_locality", stats=st, train=x, mask=m, path="clusters",
+                             num_centroids=k, cluster_size=size, chunk_size=16)
+        cp = den.plans.plans[0].clusters
+        if m is exact:
+            assert cp.correction_density() == 0.0
+        ref = denoise_np(xt, x, m.astype(np.float64), 0.4)
+        np.testing.assert_allclose(den(xt, 0.4), ref, atol=1e-5)
+    out = np.asarray(denoisers.make("pca_locality", stats=st, train=x, mask=edge, path="clusters",
+                                    num_centroids=2, cluster_size=4)(xt, 0.4))
+    np.testing.assert_allclose(out.reshape(3, -1)[:, 0], x.reshape(len(x), -1)[:, 0].mean(), atol=1e-6)
+
+
+def test_clusters_path_chunk_mean(setup):
+    x, st, xt = setup
+    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, softmax="chunk_mean",
+                         chunk_size=13, path="clusters", num_centroids=3, cluster_size=4)
+    ab = 0.3
+    np.testing.assert_allclose(den(xt, ab), chunk_mean_np(xt, x, mask_np(x, ab, 0.1), ab, 13),
+                               atol=1e-5)
+
+
+def test_auto_mixes_paths_in_one_sampling_run_with_one_compile(setup):
+    """A plan table mixing dense, tiles and clusters entries compiles once per sampling run;
+    a second run with the same grid reuses the cached plans and the compiled program."""
+    x, st, xt = setup
+    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, tile=2)
+    abs_ = schedules.ddpm_linear().ab(schedules.ddim_timesteps(6))
+    plans = []
+    for i, a in enumerate(abs_):
+        kind = ("dense", "clusters", "tiles")[i % 3]
+        plans.append(den.replace(path=kind, num_centroids=2, cluster_size=4).plan(float(a)))
+    mixed = den._with_plans(tuple(plans))
+    assert {p.path for p in mixed.plans.plans} == {"dense", "clusters", "tiles"}
+    before = pl._apply_pca._cache_size()
+    for p in mixed.plans.plans:
+        ref = denoise_np(xt, x, mask_np(x, p.ab, 0.1), p.ab)
+        np.testing.assert_allclose(mixed(xt, p.ab), ref, atol=1e-5, err_msg=f"{p.path} ab={p.ab}")
+    assert pl._apply_pca._cache_size() == before + 1
+    cpath = den.replace(path="clusters")
+    r1 = sampling.ddim(cpath, xt, num_steps=6)
+    n_compiled = sampling._ddim_scan._cache_size()
+    p1 = cpath.prepare(r1.abs).plans.plans
+    r2 = sampling.ddim(cpath, xt, num_steps=6)
+    assert sampling._ddim_scan._cache_size() == n_compiled          # no recompilation
+    assert all(a is b for a, b in zip(p1, cpath.prepare(r2.abs).plans.plans))   # cached plans
+    np.testing.assert_array_equal(r1.images, r2.images)
+    ref = cpath(np.asarray(r1.xts[3]), float(r1.abs[3]))
+    np.testing.assert_allclose(r1.x0_hats[3], ref, atol=1e-5)
+
+
+def test_auto_cost_model_picks_the_cheapest_modelled_path(setup):
+    x, st, _ = setup
+    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, tile=2)
+    n = int(np.prod(x.shape[1:]))
+    for ab in (0.02, 0.3, 0.9, 0.999):
+        p = den.plan(ab)
+        if p.path == "dense":
+            model = n * n
+        elif p.path == "tiles":
+            model = p.tiles.cost() / pl.TILE_EFFICIENCY
+        else:
+            cp = p.clusters
+            nb = n * cp.bases.shape[1]
+            model = nb + (cp.cost() - nb) / pl.cluster_efficiency(cp.cluster_size)
+        assert model <= n * n
+        tp = den.replace(path="tiles").plan(ab)
+        assert model <= tp.tiles.cost() / pl.TILE_EFFICIENCY + 1e-9
+
+
+SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+assert len(jax.devices()) == 8, jax.devices()
+from locality import denoisers, stats, sampling, streaming
+rng = np.random.default_rng(0)
+z = rng.normal(size=(45, 7, 6, 1))
+x = np.tanh((z[:, :-2, :-2] + z[:, 1:-1, 1:-1] + z[:, 2:, 2:]) / 2).astype(np.float32)
+st = stats.gaussian_stats(x)
+xt = rng.normal(size=(3,) + x.shape[1:]).astype(np.float32)
+mesh = streaming.data_mesh()
+for softmax in ("exact", "chunk_mean"):
+    kw = dict(threshold=0.05, chunk_size=4, softmax=softmax, path="clusters", num_centroids=3,
+              cluster_size=4)
+    one = denoisers.make("pca_locality", stats=st, train=x, **kw)
+    many = denoisers.make("pca_locality", stats=st, train=x, mesh=mesh, **kw)
+    assert many.chunked.valid.sharding.num_devices == 8
+    for ab in (0.05, 0.5, 0.98):
+        assert one.plan(ab).path == "clusters"
+        d = float(np.abs(np.asarray(one(xt, ab)) - np.asarray(many(xt, ab))).max())
+        assert d <= 1e-6, (softmax, ab, d)
+kw = dict(threshold=0.05, chunk_size=4, path="clusters")
+r1 = sampling.ddim(denoisers.make("pca_locality", stats=st, train=x, **kw), xt, num_steps=4)
+r8 = sampling.ddim(denoisers.make("pca_locality", stats=st, train=x, shard=True, **kw), xt, num_steps=4)
+d = float(np.abs(np.asarray(r1.images) - np.asarray(r8.images)).max())
+assert d <= 1e-5, d
+print("OK")
+"""
+
+
+def test_clusters_path_on_eight_devices_equals_one_device():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout

@@ -10,33 +10,49 @@ and the denoiser is a masked empirical posterior mean with one softmax per outpu
     dist[b, k, m] = sum_j M[j, m] (x_t[b, j] - sqrt(ab) X[k, j])^2          (column m of M)
     x0_hat[b, m]  = sum_k softmax_k(-dist[b, k, m] / (2 (1 - ab) tau)) X[k, m].
 
-``sum_j M[j, m] x_t[b, j]^2`` does not depend on k and cancels in the softmax, so the logits use
-``ab (X^2) @ M - 2 sqrt(ab) ((x_b * X) @ M)`` -- GEMMs at HIGHEST precision, never the
-``[B, chunk, n]`` residual tensor of the released code. Two exact evaluation paths compute
-those masked distances; the cheaper one is chosen per noise level from the mask itself:
+``sum_j M[j, m] x_t[b, j]^2`` does not depend on k and cancels in the softmax, so gathered
+paths use ``ab (X^2) @ M - 2 sqrt(ab) ((x_b * X) @ M)`` -- GEMMs at HIGHEST precision, never the
+``[B, chunk, n]`` residual tensor of the released code. The training set is stored in chunks
+with the items as columns (``x^T`` [n, chunk]), so input rows are gathered contiguously and every
+GEMM has the items as its last axis. Three exact evaluation paths compute the masked distances;
+``path="auto"`` picks per noise level the one with the lowest modelled time
+(``TILE_EFFICIENCY``, ``CLUSTER_OVERHEAD``, calibrated with benchmarks/pca_locality.py):
 
-* ``dense``: the two GEMMs against the full ``n x n`` mask.
+* ``dense``: one GEMM of the full ``n x n`` mask against the squared residuals.
 * ``tiles``: output elements are grouped into spatial tiles. A tile gathers only the union ``U``
   of its columns' supports and multiplies by that ``U x tile`` block of M (low noise: M is a
   local blob), or, where M is mostly 1 (high noise), uses ``dist = full distance - distance
   under (1 - M)`` and gathers the complement's support instead. Tiles of similar ``U`` are
   batched into a few groups of batched GEMMs; cost scales with ``U / n``.
+* ``clusters``: every column m gets a base column c -- none, all ones (the full distance) or a
+  Hamming k-means centroid of the mask's columns -- and, exactly,
+  ``dist[:, m] = dist_c + sum_{i in M_m \\ c} r_i - sum_{i in c \\ M_m} r_i``; the base
+  distances are a few dense columns, and columns sharing a base are merged into clusters of at
+  most ``O`` (greedy pairing by overlap of their correction sets, not by position), each gathering
+  the union of its corrections into one dense ``[U, O]`` block of -1/0/+1, batched like tiles.
+  Cost: ``n`` per base column plus the padded ``U O`` of every cluster. On full Fashion-MNIST
+  (theta = 0.005, O = 16-32) the planned cost is 0.33-0.53 of dense at t = 700-900 and
+  0.30-0.59 at t = 100-200, where 7 x 7 spatial tiles plan 0.67-0.78 and 0.42-0.62: the
+  corrections of nearby columns are scattered, so clusters grouped by overlap gather less. Small
+  clusters run further below the GEMM rate (each gathered row feeds only (B + 1) O
+  multiply-adds), and at t = 300-600 no exact block form is much below dense: the per-column
+  corrections are 10-40 % of n and scattered, and on a CPU only dense blocks run near GEMM speed.
 
 Softmax modes: ``"exact"`` is the true posterior mean (global softmax over all N, streamed with
 the exact log-sum-exp merge of :mod:`locality.streaming`); ``"chunk_mean"`` reproduces the
 released code's equal-weight average of per-chunk posterior means (chunk size and order as given).
 
 Masks depend on ``ab`` and are built in float64 on the host, so a denoiser holds a *plan table*:
-the masks (and tiles) of a set of noise levels. Samplers call :meth:`PcaLocality.prepare` with
-their grid before tracing, so one compiled program serves the whole run and the right entry is
-selected in-graph from ``ab``; eager calls with a new ``ab`` build (and cache) a one-entry plan.
+the masks (and tiles or clusters) of a set of noise levels, each plan cached on the host.
+Samplers call :meth:`PcaLocality.prepare` with their grid before tracing, so one compiled program
+serves the whole run and the right entry is selected in-graph from ``ab``; eager calls with a
+new ``ab`` build (and cache) a one-entry plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import flax
@@ -45,8 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from locality import streaming
-from locality.denoisers.base import (HIGHEST, DenoiserBase, as_train_array, check_query,
-                                     chunk_train, resolve_mesh)
+from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array, resolve_mesh
 from locality.denoisers.registry import register
 from locality.stats import GaussianStats
 
@@ -77,6 +92,12 @@ def masks(stats: GaussianStats, ab: float, threshold: float, mode: str = "global
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if threshold > 1:
+        raise ValueError(
+            f"threshold must be <= 1, got {threshold}: theta is a fraction of the largest |Mc| "
+            "(of the whole matrix, a row or a column), so theta > 1 keeps no entry, every mask is "
+            "empty and the denoiser returns the training mean; use a value in [0, 1] (released: "
+            "0.005 for MNIST / Fashion-MNIST, 0.05 for CIFAR-10, 0.02 for 64 px sets)")
     p = wiener_projection(stats, float(ab))
     d = np.diag(p).copy()
     d[np.abs(d) < DIAG_GUARD] = 1.0
@@ -204,64 +225,380 @@ def tile_plan(mask: np.ndarray, shape, tile: int, mode: str = "mixed", max_group
     return TilePlan(outs=outs.astype(np.int32), groups=tuple(groups))
 
 
+# ------------------------------------------- clusters: base column + clustered signed corrections
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterGroup:
+    """Clusters of output columns evaluated together, padded to a common gathered width ``U``.
+
+    ``clusters``: [T] cluster ids (rows of :attr:`ClusterPlan.outs`); ``ins``: [T, U] gathered input
+    indices (padding: index 0 with a zero block row); ``block``: [T, U, O] float32 correction
+    ``M[ins, cols] - base[ins]`` with entries in {-1, 0, +1}; ``base``: [T] int32, 0 = no base
+    (the correction is the whole column), ``i >= 1`` = column ``i - 1`` of ``ClusterPlan.bases``.
+    """
+
+    clusters: np.ndarray
+    ins: np.ndarray
+    block: np.ndarray
+    base: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterPlan:
+    """Masked distances as a few dense base columns plus gathered signed corrections.
+
+    Every output column ``m`` has a base ``c`` (none, all ones, or a Hamming k-means centroid of
+    the mask's columns) and, exactly,
+
+        dist[:, m] = dist_c + sum_{i in M_m \\ c} r_i - sum_{i in c \\ M_m} r_i       (r_i = residual^2)
+
+    Columns sharing a base are merged into clusters of at most ``O`` columns (greedy pairing by
+    overlap of their correction sets), and a cluster gathers the union of its columns' correction
+    inputs into one dense ``[U, O]`` block, so the corrections run as batched GEMMs like tiles.
+
+    ``bases``: [n, Kb] bool base columns in use; ``outs``: [C, O] int32 output columns of every
+    cluster (-1 = padding); ``groups``: clusters batched by similar ``U`` (padded).
+    """
+
+    bases: np.ndarray
+    outs: np.ndarray
+    groups: Tuple[ClusterGroup, ...]
+    num_centroids: int
+
+    @property
+    def cluster_size(self) -> int:
+        return int(self.outs.shape[1])
+
+    def cost(self) -> int:
+        """Multiply-adds per item and query: ``n`` per base column plus gathered inputs times
+        columns of every (padded) group; dense costs ``n * n``."""
+        n = self.bases.shape[0]
+        return int(n * self.bases.shape[1]
+                   + sum(g.ins.shape[0] * g.ins.shape[1] * self.cluster_size for g in self.groups))
+
+    def correction_density(self) -> float:
+        """Fraction of nonzero correction entries over ``n * n`` (without padding)."""
+        n = self.bases.shape[0]
+        return float(sum(np.count_nonzero(g.block) for g in self.groups)) / (n * n)
+
+
+def kmeans_columns(mask: np.ndarray, k: int, iters: int = 12, seed: int = 0) -> np.ndarray:
+    """Hamming k-means of the columns of a binary ``mask`` (k-means++ start, majority-vote
+    centroids); returns the distinct centroids of non-empty clusters as bool [n, k'], k' <= k."""
+    cols = np.asarray(mask, bool).T.astype(np.float32)               # [c, n]
+    c = cols.shape[0]
+    k = int(min(k, c))
+    if k <= 0:
+        return np.zeros((cols.shape[1], 0), bool)
+    norms = cols.sum(1)
+
+    def hamming(cents):                                              # [c, k] = |a| + |b| - 2 a.b
+        return norms[:, None] + cents.sum(1)[None, :] - 2.0 * (cols @ cents.T)
+
+    rng = np.random.default_rng(seed)
+    cents = [cols[int(rng.integers(c))]]
+    d = hamming(cents[0][None])[:, 0]
+    for _ in range(1, k):
+        if d.sum() <= 0:
+            break
+        i = int(rng.choice(c, p=d / d.sum()))
+        cents.append(cols[i])
+        d = np.minimum(d, hamming(cols[i][None])[:, 0])
+    cent = np.stack(cents)
+    for _ in range(iters):
+        assign = np.argmin(hamming(cent), axis=1)
+        new = cent.copy()
+        for j in range(len(cent)):
+            sel = assign == j
+            if sel.any():
+                new[j] = cols[sel].mean(0) >= 0.5
+        if np.array_equal(new, cent):
+            break
+        cent = new
+    used = np.unique(np.argmin(hamming(cent), axis=1))
+    return np.unique(cent[used].astype(bool), axis=0).T
+
+
+def _match(w: np.ndarray) -> list:
+    """Greedy maximum-weight matching of a symmetric weight matrix (entries < 0: not allowed):
+    repeatedly pair mutual best partners, falling back to the single best pair on ties."""
+    w = w.copy()
+    k = w.shape[0]
+    np.fill_diagonal(w, -1.0)
+    free = np.ones(k, bool)
+    pairs = []
+    idx = np.arange(k)
+    while True:
+        w[~free] = -1.0
+        w[:, ~free] = -1.0
+        best = np.argmax(w, axis=1)
+        val = w[idx, best]
+        ok = free & (val >= 0)
+        if not ok.any():
+            return pairs
+        mutual = ok & (best[best] == idx) & (idx < best)
+        if mutual.any():
+            new = [(int(i), int(best[i])) for i in np.flatnonzero(mutual)]
+        else:
+            f = int(np.argmax(w))
+            new = [divmod(f, k)]
+        for i, j in new:
+            pairs.append((i, j))
+            free[i] = free[j] = False
+
+
+def merge_clusters(diff: np.ndarray, sizes: Sequence[int], window: int = 1024) -> Dict[int, list]:
+    """Merge columns into clusters by rounds of pairing (cluster sizes double each round),
+    pairing the clusters whose correction sets overlap most (the overlap is what a shared gathered
+    block saves). ``diff``: bool [n, c] correction set of each column; ``sizes``: powers of two.
+    While there are more than ``window`` clusters, partners are sought only within consecutive
+    windows of that many (element order), which bounds the planning cost for large images.
+    Returns {size: list of index arrays into the c columns} after the round reaching each size."""
+    sets = np.asarray(diff, bool).T.astype(np.float32)               # [c, n]
+    clusters = [np.array([i]) for i in range(sets.shape[0])]
+    out, size = {}, 1
+    for target in sorted(sizes):
+        while size < target:
+            if len(clusters) > 1:
+                pairs = []
+                for lo in range(0, len(clusters), window):
+                    w = sets[lo:lo + window]
+                    pairs += [(lo + i, lo + j) for i, j in _match(w @ w.T)]
+                paired = np.zeros(len(clusters), bool)
+                new_c, new_s = [], []
+                for i, j in pairs:
+                    paired[i] = paired[j] = True
+                    new_c.append(np.concatenate([clusters[i], clusters[j]]))
+                    new_s.append(np.maximum(sets[i], sets[j]))
+                for i in np.flatnonzero(~paired):
+                    new_c.append(clusters[i])
+                    new_s.append(sets[i])
+                clusters, sets = new_c, np.stack(new_s)
+            size *= 2
+        out[target] = list(clusters)
+    return out
+
+
+def _cluster_groups(mask, bases, base_of, clusters, size, max_groups):
+    """Pack clusters (column index arrays, each with one base) into padded groups."""
+    n = mask.shape[0]
+    full = np.concatenate([np.zeros((n, 1), bool), bases], axis=1)   # column 0: no base
+    rows = []
+    for cols in clusters:
+        b = base_of[cols[0]]
+        rows.append(np.flatnonzero((mask[:, cols] != full[:, b:b + 1]).any(axis=1)))
+    outs = np.full((len(clusters), size), -1, np.int32)
+    for i, cols in enumerate(clusters):
+        outs[i, :len(cols)] = cols
+    costs = np.array([max(1, len(r)) for r in rows])
+    order = np.argsort(costs, kind="stable")
+    groups = []
+    for i, j in _group_sizes(costs[order], max_groups):
+        ids = order[i:j]
+        u = int(costs[ids].max())
+        ins = np.zeros((len(ids), u), np.int32)
+        block = np.zeros((len(ids), u, size), np.float32)
+        base = np.zeros(len(ids), np.int32)
+        for r, ci in enumerate(ids):
+            cols, sup = clusters[ci], rows[ci]
+            b = base_of[cols[0]]
+            ins[r, :len(sup)] = sup
+            block[r, :len(sup), :len(cols)] = (mask[np.ix_(sup, cols)].astype(np.float32)
+                                               - full[sup, b:b + 1].astype(np.float32))
+            base[r] = b
+        groups.append(ClusterGroup(clusters=ids.astype(np.int32), ins=ins, block=block, base=base))
+    return outs, tuple(groups)
+
+
+def cluster_plans(mask: np.ndarray, num_centroids: int, cluster_sizes: Sequence[int] = (8, 16, 32, 64),
+                   max_groups: int = 3, seed: int = 0) -> Dict[int, ClusterPlan]:
+    """Plans of the ``clusters`` path for one binary ``mask`` and every cluster size.
+
+    Bases: all ones (the unmasked distance) and ``num_centroids`` Hamming k-means centroids; every
+    column takes the base nearest in Hamming distance, or none when that is nearest (then its
+    correction is its own support). Columns with the same base are merged into clusters
+    (:func:`merge_clusters`), clusters are padded into ``max_groups`` groups of similar ``U``.
+    Returns {cluster size: ClusterPlan}; base columns no cluster uses are dropped.
+    """
+    mask = np.asarray(mask).astype(bool)
+    n, c = mask.shape
+    cands = [np.ones((n, 1), bool)]
+    if num_centroids > 0:
+        cands.append(kmeans_columns(mask, num_centroids, seed=seed))
+    cand = np.concatenate(cands, axis=1)
+    cand = cand[:, cand.any(axis=0)]                                  # an all-zero centroid = no base
+    cand = np.unique(cand, axis=1) if cand.shape[1] > 1 else cand
+    colsf = mask.T.astype(np.float32)
+    candf = cand.T.astype(np.float32)
+    norms = colsf.sum(1, keepdims=True)
+    ham = np.concatenate([norms, norms + candf.sum(1)[None] - 2.0 * (colsf @ candf.T)], axis=1)
+    choice = np.argmin(ham, axis=1)                                   # 0: none, i: cand[:, i - 1]
+    used = np.unique(choice[choice > 0])
+    bases = cand[:, used - 1]
+    remap = np.zeros(cand.shape[1] + 1, np.int64)
+    remap[used] = np.arange(1, len(used) + 1)
+    base_of = remap[choice]                                           # per column, into [none, bases]
+    full = np.concatenate([np.zeros((n, 1), bool), bases], axis=1)
+    sizes = sorted({int(s) for s in cluster_sizes})
+    per_size = {s: [] for s in sizes}
+    for b in np.unique(base_of):
+        cols = np.flatnonzero(base_of == b)
+        diff = mask[:, cols] != full[:, b:b + 1]
+        for s, cl in merge_clusters(diff, sizes).items():
+            per_size[s].extend(cols[x] for x in cl)
+    plans = {}
+    for s in sizes:
+        outs, groups = _cluster_groups(mask, bases, base_of, per_size[s], s, max_groups)
+        plans[s] = ClusterPlan(bases=bases, outs=outs, groups=groups,
+                                num_centroids=int(num_centroids))
+    return plans
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """Everything needed to evaluate the masked distances at one noise level."""
 
     ab: float
-    path: str            # "dense" | "tiles"
+    path: str            # "dense" | "tiles" | "clusters"
     density: float
     mask: np.ndarray     # [n, n] (bool, or float64 soft)
     tiles: Optional[TilePlan]
+    clusters: Optional[ClusterPlan] = None
 
     @property
     def signature(self):
         if self.path == "dense":
             return ("dense",)
+        if self.path == "clusters":
+            c = self.clusters
+            return ("clusters", c.bases.shape, c.outs.shape,
+                    tuple(g.block.shape for g in c.groups))
         return ("tiles", tuple(g.ins.shape for g in self.tiles.groups))
 
+    @property
+    def width(self) -> int:
+        """Number of logit columns this entry produces (before padding to the table width)."""
+        if self.path == "dense":
+            return int(self.mask.shape[0])
+        if self.path == "clusters":
+            return int(self.clusters.outs.size)
+        return int(sum(g.tiles.shape[0] for g in self.tiles.groups) * self.tiles.outs.shape[1])
 
-# Gathered (tile) GEMMs run at roughly this fraction of the dense GEMM's rate on CPU (measured
-# with benchmarks/pca_locality.py); "auto" uses it to pick the cheaper exact path.
+    def cost(self) -> int:
+        """Multiply-adds per item and query of the chosen path (dense: ``n * n``)."""
+        if self.path == "dense":
+            return int(self.mask.shape[0]) ** 2
+        return (self.clusters if self.path == "clusters" else self.tiles).cost()
+
+
+# Cost model of path="auto": modelled time in dense multiply-adds (dense: n * n per item and
+# query). Calibrate with benchmarks/pca_locality.py, which prints the measured values under
+# "calibration" (per path: modelled cost / measured time ratio to the dense path).
+# Gathered (tile) GEMMs run at roughly this fraction of the dense GEMM's rate on CPU.
 TILE_EFFICIENCY = 0.7
+# A gathered correction block of O output columns runs at O / (O + CLUSTER_OVERHEAD) of the dense
+# rate: every gathered input row is copied (gather, GEMM packing) and feeds only (B + 1) O
+# multiply-adds per item, and the batch-independent X^2 term only O, so small clusters pay the
+# copies. Provisional: interleaved medians of the clusters path (O = 8, 16, 32) against the dense
+# path at t = 900 and 700 (full-size Fashion-MNIST masks, N = 8192, B = 8) on a busy 2-core machine
+# gave efficiencies 0.26 / 0.33-0.40 / 0.50-0.54, i.e. an overhead of about 27 columns.
+CLUSTER_OVERHEAD = 27.0
+# Candidates of path="auto"/"clusters" when num_centroids / cluster_size are not given. On the
+# Fashion-MNIST masks k-means centroid bases do not pay for their dense columns (padded plan cost
+# at t = 900 / 500 / 100 with O = 32: 0.42 / 0.84 / 0.39 of dense without centroids, 0.44 / 0.88 /
+# 0.49 with 4, 0.56 / 1.05 / 0.58 with 16), so by default only the bases none / all ones are
+# planned (pass num_centroids to plan centroids).
+CENTROID_COUNTS = (0,)
+CLUSTER_SIZES = (8, 16, 32, 64)
 
 
-def _masked_dist_dense(q, x, ab, mask_t):
+def cluster_efficiency(cluster_size: int) -> float:
+    """Modelled fraction of the dense GEMM rate reached by the corrections of a cluster plan."""
+    return cluster_size / (cluster_size + CLUSTER_OVERHEAD)
+
+
+def _masked_dist_dense(q, xt, ab, mask_t):
     """``dist[b, m, k] = sum_j M[j, m] (q[b, j] - sqrt(ab) X[k, j])^2`` -> [B, n, K].
 
-    One GEMM of ``M^T`` (``mask_t`` [n, n]) against the squared residuals with the items as
-    columns. (Expanding the square instead needs a second, batch-independent GEMM ``(X^2) @ M``;
-    the residual form does the same single large GEMM and has no cancellation.)"""
-    r = q[:, :, None] - jnp.sqrt(ab) * x.T[None]                                 # [B, n, K]
+    ``xt``: the chunk with items as columns, [n, K]. One GEMM of ``M^T`` (``mask_t`` [n, n])
+    against the squared residuals. (Expanding the square instead needs a second,
+    batch-independent GEMM ``(X^2) @ M``; the residual form does the same single large GEMM and
+    has no cancellation.)"""
+    r = q[:, :, None] - jnp.sqrt(ab) * xt[None]                                  # [B, n, K]
     return jnp.matmul(mask_t[None], r * r, precision=HIGHEST)
 
 
-def _tile_dist(x, full, ab, groups):
+def _gathered_corrections(q, xt, ab, ins, block_t):
+    """``sum_u block[t, u, o] (ab X[k, ins[t, u]]^2 - 2 sqrt(ab) q[b, ins[t, u]] X[k, ins[t, u]])``
+    -> [T, B, O, K]: the signed masked distance over the gathered inputs of every tile/cluster,
+    up to ``sum_u block q^2`` (constant over items, so it cancels in the softmax).
+
+    Two batched GEMMs with the items as the last (contiguous) axis: ``block^T @ X_g^2`` and
+    ``blockq^T @ X_g`` with ``blockq[t, u, (b, o)] = q[b, ins[t, u]] block[t, u, o]``, so every
+    gathered input row of ``X_g`` serves ``(B + 1) O`` multiply-adds per item."""
+    b = q.shape[0]
+    t, o, u = block_t.shape
+    k = xt.shape[1]
+    xg = xt[ins]                                                                 # [T, U, K]
+    qg = q[:, ins]                                                               # [B, T, U]
+    blockq_t = (qg[:, :, None, :] * block_t[None]).transpose(1, 0, 2, 3).reshape(t, b * o, u)
+    g1 = jnp.matmul(block_t, xg * xg, precision=HIGHEST)                         # [T, O, K]
+    g2 = jnp.matmul(blockq_t, xg, precision=HIGHEST).reshape(t, b, o, k)         # [T, B, O, K]
+    return ab * g1[:, None] - 2.0 * jnp.sqrt(ab) * g2
+
+
+def _tile_dist(q, xt, ab, groups):
     """Masked distances in tile layout -> [B, sum_g T_g * O, K].
 
-    ``groups``: per group ``(ins [T, U], blockq_t [T, B*O, U], block_t [T, O, U], base [T])``
-    with ``blockq_t[t, b*O + o, u] = q[b, ins[t, u]] * block[t, u, o]`` (built once per chunk
-    from the queries). Per tile: ``ab block^T @ X_g^2 - 2 sqrt(ab) blockq^T @ X_g
-    (+ the full distance for complement tiles)``, as batched GEMMs over tiles with the items as
-    the last (contiguous) axis, so the result is laid out without transposing item axes.
+    ``groups``: per group ``(ins [T, U], block_t [T, O, U], base [T])``. Per tile: the gathered
+    signed corrections (:func:`_gathered_corrections`), plus the full distance for complement
+    tiles (``base = 1``), so the result is laid out without transposing item axes.
     """
+    full = _full_dist(q, xt, ab)                                                 # [B, K]
     b, k = full.shape
-    xt = x.T                                                                     # [n, K]
     parts = []
-    for ins, blockq_t, block_t, base in groups:
+    for ins, block_t, base in groups:
         t, o, _ = block_t.shape
-        xg = xt[ins]                                                             # [T, U, K]
-        g1 = jnp.matmul(block_t, xg * xg, precision=HIGHEST)                     # [T, O, K]
-        g2 = jnp.matmul(blockq_t, xg, precision=HIGHEST).reshape(t, b, o, k)     # [T, B, O, K]
-        d = ab * g1[:, None] - 2.0 * jnp.sqrt(ab) * g2
+        d = _gathered_corrections(q, xt, ab, ins, block_t)
         d = d + base[:, None, None, None] * full[None, :, None, :]
         parts.append(jnp.swapaxes(d, 0, 1).reshape(b, t * o, k))
     return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
-def _full_dist(q, x, ab):
+def _cluster_dist(q, xt, ab, bases_t, groups):
+    """Masked distances in cluster layout -> [B, sum_g T_g * O, K] (:class:`ClusterPlan`).
+
+    ``bases_t``: [Kb, n] float32 base columns (``None`` when no cluster has one). Their distances
+    take the expanded form of the corrections (the same per-(b, m) constant dropped):
+    ``ab bases^T @ X^2 - 2 sqrt(ab) (q_b * bases)^T @ X``, two GEMMs with Kb (B Kb) rows, so no
+    [B, n, K] residual tensor is formed for a handful of columns.
+    ``groups``: per group ``(ins [T, U], block_t [T, O, U], base [T])``; every cluster adds its
+    base's distance (row ``base - 1``; 0 = none) to its gathered signed corrections.
+    """
+    b = q.shape[0]
+    k = xt.shape[1]
+    bd = None
+    if bases_t is not None:
+        kb = bases_t.shape[0]
+        bq = (q[:, None, :] * bases_t[None]).reshape(b * kb, -1)                 # [B Kb, n]
+        bd = (ab * jnp.matmul(bases_t, xt * xt, precision=HIGHEST)[None]
+              - 2.0 * jnp.sqrt(ab) * jnp.matmul(bq, xt, precision=HIGHEST).reshape(b, kb, k))
+        bd = jnp.concatenate([jnp.zeros((b, 1, k), bd.dtype), bd], axis=1)      # row 0: no base
+    parts = []
+    for ins, block_t, base in groups:
+        t, o, _ = block_t.shape
+        d = _gathered_corrections(q, xt, ab, ins, block_t)                       # [T, B, O, K]
+        if bd is not None:
+            d = d + jnp.swapaxes(bd[:, base], 0, 1)[:, :, None, :]
+        parts.append(jnp.swapaxes(d, 0, 1).reshape(b, t * o, k))
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _full_dist(q, xt, ab):
     """Unmasked ``ab ||X||^2 - 2 sqrt(ab) q . X`` -> [B, K] (the optimal denoiser's distance)."""
-    return ab * jnp.sum(x * x, axis=1)[None] - 2.0 * jnp.sqrt(ab) * jnp.matmul(q, x.T, precision=HIGHEST)
+    return (ab * jnp.sum(xt * xt, axis=0)[None]
+            - 2.0 * jnp.sqrt(ab) * jnp.matmul(q, xt, precision=HIGHEST))
 
 
 class _PlanTable:
@@ -283,33 +620,42 @@ class _PlanTable:
 
 class _Host:
     """Host-side state shared by a denoiser and its re-planned copies (identity-hashed):
-    the float64 statistics and a cache of one-entry plans for eager calls."""
+    the float64 statistics, a cache of one-entry plans for eager calls and a cache of step plans
+    (planning the clusters path takes tens of milliseconds per noise level, so a sampler that
+    re-prepares the same grid reuses them)."""
 
     def __init__(self, stats: GaussianStats):
         self.stats = stats
         self.cache: Dict[float, "PcaLocality"] = {}
+        self.plans: Dict[tuple, StepPlan] = {}
 
 
-def _layout(plan: StepPlan, outs: np.ndarray, n: int) -> np.ndarray:
+def _layout(plan: StepPlan, outs: np.ndarray, n: int, width: int) -> np.ndarray:
     """Output element of every logit column; ``n`` marks padding columns.
 
-    Dense entries keep the natural element order (padded at the end to the common width), tiled
-    entries use their group-major tile order, so no branch has to permute its [B, K, n] logits;
-    only the values (per chunk, [K, n]) and the final output (once per call) are permuted.
+    Dense entries keep the natural element order, tiled and clustered entries their group-major
+    tile (cluster) order; all are padded at the end to the table's common ``width``. So no branch
+    has to permute its [B, K, n] logits; only the values (per chunk, [n, K]) and the final output
+    (once per call) are permuted.
     """
-    width = outs.size
     if plan.path == "dense":
-        return np.concatenate([np.arange(n), np.full(width - n, n)]).astype(np.int32)
-    perm = outs[np.concatenate([g.tiles for g in plan.tiles.groups])].reshape(-1)
-    return np.where(perm >= 0, perm, n).astype(np.int32)
+        perm = np.arange(n)
+    elif plan.path == "clusters":
+        c = plan.clusters
+        perm = c.outs[np.concatenate([g.clusters for g in c.groups])].reshape(-1)
+    else:
+        perm = outs[np.concatenate([g.tiles for g in plan.tiles.groups])].reshape(-1)
+    perm = np.where(perm >= 0, perm, n)
+    return np.concatenate([perm, np.full(width - len(perm), n)]).astype(np.int32)
 
 
 @flax.struct.dataclass
 class PcaLocality(DenoiserBase):
-    chunked: streaming.Chunked                # ((x [C, cs, n], ||x||^2 [C, cs]), valid)
+    chunked: streaming.Chunked                # ((x^T [C, n, cs],), valid): items as columns
     table_abs: jax.Array                      # [S] float32 noise levels of the plan table
-    table_arrays: Tuple                       # per entry: (mask,) or ((ins, block, base), ...)
-    table_perm: jax.Array                     # [S, T*O] output element of each logit column
+    table_arrays: Tuple                       # per entry: (mask,), ((ins, block, base), ...) or
+                                              # (bases, ((ins, block, base), ...))
+    table_perm: jax.Array                     # [S, W] output element of each logit column
     table_pos: jax.Array                      # [S, n] logit column of each output element
     shape: Tuple[int, int, int] = flax.struct.field(pytree_node=False)
     host: _Host = flax.struct.field(pytree_node=False)
@@ -320,6 +666,8 @@ class PcaLocality(DenoiserBase):
     softmax: str = flax.struct.field(pytree_node=False, default="exact")
     path: str = flax.struct.field(pytree_node=False, default="auto")
     tile: int = flax.struct.field(pytree_node=False, default=4)
+    num_centroids: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+    cluster_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
     fixed_mask: bool = flax.struct.field(pytree_node=False, default=False)
     mesh: Optional[jax.sharding.Mesh] = flax.struct.field(pytree_node=False, default=None)
     progress: bool = flax.struct.field(pytree_node=False, default=False)
@@ -328,24 +676,55 @@ class PcaLocality(DenoiserBase):
     # ---- plans
 
     def plan(self, ab: float) -> StepPlan:
-        """Build the plan (mask, density, path, tiles) for one noise level (host, float64)."""
+        """Build (or fetch from the host cache) the plan of one noise level: mask (float64, on
+        the host), density and the path with the lowest modelled cost (``auto``) or the path
+        asked for, with its tiles or clusters."""
+        key = (float(ab), self.threshold, self.threshold_mode, self.path, self.tile,
+               self.num_centroids, self.cluster_size)
+        cached = self.host.plans.get(key)
+        if cached is None:
+            cached = self._build_plan(float(ab))
+            if len(self.host.plans) >= 32:        # a few grids' worth; plans hold [n, n] masks
+                self.host.plans.clear()
+            self.host.plans[key] = cached
+        return cached
+
+    def _cluster_candidates(self, mask) -> list:
+        ks = CENTROID_COUNTS if self.num_centroids is None else (self.num_centroids,)
+        sizes = CLUSTER_SIZES if self.cluster_size is None else (self.cluster_size,)
+        out = []
+        for k in ks:
+            out.extend(cluster_plans(mask, k, sizes).values())
+        return out
+
+    def _build_plan(self, ab: float) -> StepPlan:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(repr(p) for p in PATHS)}, got {self.path!r}")
         if self.fixed_mask:
             mask = self.host.fixed
             density = float(np.mean(mask != 0))
         else:
-            mask, density = masks(self.host.stats, float(ab), self.threshold, self.threshold_mode)
+            mask, density = masks(self.host.stats, ab, self.threshold, self.threshold_mode)
         n = mask.shape[0]
         binary = mask.dtype == bool
         if self.path == "dense" or not binary:
             if self.path not in ("auto", "dense"):
                 raise ValueError(f"path={self.path!r} needs a binary mask (threshold > 0)")
-            return StepPlan(float(ab), "dense", density, mask, None)
-        mode = {"auto": "mixed", "tiles": "mixed", "sparse": "direct",
-                "complement": "complement"}[self.path]
-        tp = tile_plan(mask, self.shape, self.tile, mode)
-        if self.path == "auto" and tp.cost() / TILE_EFFICIENCY >= n * n:
-            return StepPlan(float(ab), "dense", density, mask, None)
-        return StepPlan(float(ab), "tiles", density, mask, tp)
+            return StepPlan(ab, "dense", density, mask, None)
+        # (modelled time in dense multiply-adds, plan); dense first so that ties stay dense
+        cands = [(float(n * n), StepPlan(ab, "dense", density, mask, None))] if self.path == "auto" else []
+        if self.path in ("auto", "tiles", "sparse", "complement"):
+            mode = {"auto": "mixed", "tiles": "mixed", "sparse": "direct",
+                    "complement": "complement"}[self.path]
+            tp = tile_plan(mask, self.shape, self.tile, mode)
+            cands.append((tp.cost() / TILE_EFFICIENCY, StepPlan(ab, "tiles", density, mask, tp)))
+        if self.path in ("auto", "clusters"):
+            for cp in self._cluster_candidates(mask):
+                bases = n * cp.bases.shape[1]
+                time = bases + (cp.cost() - bases) / cluster_efficiency(cp.cluster_size)
+                cands.append((time, StepPlan(ab, "clusters", density, mask, None, cp)))
+        best = min(range(len(cands)), key=lambda i: (cands[i][0], i))
+        return cands[best][1]
 
     def prepare(self, abs_: Sequence[float]) -> "PcaLocality":
         """A copy whose plan table holds the noise levels ``abs_`` (e.g. a sampler's grid)."""
@@ -355,16 +734,24 @@ class PcaLocality(DenoiserBase):
     def _with_plans(self, plans) -> "PcaLocality":
         n = int(np.prod(self.shape))
         outs = _tiles(self.shape, self.tile)
+        width = max(p.width for p in plans)
         arrays, perms, poss = [], [], []
         for p in plans:
             if p.path == "dense":
                 m = np.ascontiguousarray(p.mask.T)
                 arrays.append((jnp.asarray(m.astype(np.uint8) if m.dtype == bool else m.astype(np.float32)),))
             else:
-                arrays.append(tuple((jnp.asarray(g.ins),
-                                     jnp.asarray(np.ascontiguousarray(np.swapaxes(g.block, 1, 2))),
-                                     jnp.asarray(g.base)) for g in p.tiles.groups))
-            perm = _layout(p, outs, n)
+                groups = p.clusters.groups if p.path == "clusters" else p.tiles.groups
+                g_arrays = tuple((jnp.asarray(g.ins),
+                                  jnp.asarray(np.ascontiguousarray(np.swapaxes(g.block, 1, 2))),
+                                  jnp.asarray(g.base)) for g in groups)
+                if p.path == "clusters":
+                    b = p.clusters.bases
+                    bases_t = jnp.asarray(np.ascontiguousarray(b.T).astype(np.uint8)) if b.shape[1] else None
+                    arrays.append((bases_t, g_arrays))
+                else:
+                    arrays.append(g_arrays)
+            perm = _layout(p, outs, n, width)
             pos = np.zeros(n, np.int32)
             valid = perm < n
             pos[perm[valid]] = np.flatnonzero(valid)
@@ -378,10 +765,16 @@ class PcaLocality(DenoiserBase):
         """{ab: mask density} of the plan table."""
         return {p.ab: p.density for p in self.plans.plans}
 
+    def paths(self) -> Dict[float, str]:
+        """{ab: evaluation path} of the plan table."""
+        return {p.ab: p.path for p in self.plans.plans}
+
     # ---- evaluation
 
-    def __call__(self, x_t, ab):
-        x_t, ab = check_query(x_t, ab, self.shape, self.name)
+    def _dispatch(self, x_t, ab):
+        """A validated, non-empty batch (``DenoiserBase.__call__``): run with this plan table if
+        it holds ``ab`` (always when traced: samplers prepare their grid), else with a cached
+        one-entry plan for ``ab``."""
         if isinstance(ab, jax.core.Tracer):
             if not self.plans.plans:
                 raise ValueError("pca_locality called with a traced ab but no plan table; call "
@@ -406,32 +799,31 @@ class PcaLocality(DenoiserBase):
         scale = 1.0 / (2.0 * (1.0 - ab) * self.temperature)
         paths = [p.path for p in self.plans.plans]
         idx = jnp.argmin(jnp.abs(self.table_abs - ab))
-        perm = self.table_perm[idx]                                   # [T*O]
+        perm = self.table_perm[idx]                                   # [W]
         width = perm.shape[0]
 
-        def branch(path, arrays, q_, x, ab_, perm_):
+        def branch(path, arrays, q_, xt, ab_):
             if path == "dense":
-                d = _masked_dist_dense(q_, x, ab_, arrays[0].astype(jnp.float32))
-                return d if width == n else jnp.pad(d, ((0, 0), (0, width - n), (0, 0)))
-            full = _full_dist(q_, x, ab_)
-            groups = []
-            for ins, block_t, base in arrays:
-                qg = q_[:, ins]                                        # [B, T, U]
-                blockq_t = (qg[:, :, None, :] * block_t[None]).transpose(1, 0, 2, 3).reshape(
-                    block_t.shape[0], b * block_t.shape[1], block_t.shape[2])
-                groups.append((ins, blockq_t, block_t, base))
-            return _tile_dist(x, full, ab_, groups)
+                d = _masked_dist_dense(q_, xt, ab_, arrays[0].astype(jnp.float32))
+            elif path == "clusters":
+                bases_t, groups = arrays
+                bases_t = None if bases_t is None else bases_t.astype(jnp.float32)
+                d = _cluster_dist(q_, xt, ab_, bases_t, groups)
+            else:
+                d = _tile_dist(q_, xt, ab_, arrays)
+            pad = width - d.shape[1]
+            return d if pad == 0 else jnp.pad(d, ((0, 0), (0, pad), (0, 0)))
 
         def chunk_fn(ctx, data):
             q_, ab_, scale_, idx_, perm_, tabs = ctx
-            x, _ = data
+            (xt,) = data                                                # [n, K]
             fns = [functools.partial(branch, pth, tab) for pth, tab in zip(paths, tabs)]
             if len(fns) == 1:
-                dist = fns[0](q_, x, ab_, perm_)
+                dist = fns[0](q_, xt, ab_)
             else:
-                dist = jax.lax.switch(idx_, fns, q_, x, ab_, perm_)
-            xv = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)[:, perm_]
-            return -dist * scale_, xv[:, :, None]
+                dist = jax.lax.switch(idx_, fns, q_, xt, ab_)
+            xv = jnp.concatenate([xt, jnp.zeros((1, xt.shape[1]), xt.dtype)], axis=0)[perm_]
+            return -dist * scale_, xv.T[:, :, None]
 
         out = streaming.stream(chunk_fn, self.chunked,
                                (q, ab, scale, idx, perm, self.table_arrays),
@@ -446,30 +838,51 @@ def _apply_pca(den, x_t, ab):
     return den.apply(x_t, ab)
 
 
+def _chunk_transposed(train_flat: np.ndarray, chunk_size: int, mesh) -> streaming.Chunked:
+    """The training set as chunks with the items as columns, ``((x^T [C, n, cs],), valid)``
+    (sharded over ``mesh``): every path gathers input rows (``x^T[ins]``, contiguous) and
+    contracts over inputs with the items as the last axis."""
+    n_shards = 1 if mesh is None else mesh.shape[streaming.DATA_AXIS]
+    chunked = streaming.chunk((np.asarray(train_flat, np.float32),), chunk_size, num_shards=n_shards)
+    chunked = streaming.Chunked((jnp.swapaxes(chunked.data[0], 1, 2),), chunked.valid)
+    if mesh is not None:
+        chunked = streaming.shard_chunked(chunked, mesh)
+    return chunked
+
+
+PATHS = ("auto", "dense", "tiles", "sparse", "complement", "clusters")
+
+
 @register("pca_locality")
 def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
                       temperature: float = 1.0, softmax: str = "exact", chunk_size: int = 512,
                       mask=None, threshold_mode: str = "global", path: str = "auto",
-                      tile: Optional[int] = None, abs=None, mesh=None,
+                      tile: Optional[int] = None, num_centroids: Optional[int] = None,
+                      cluster_size: Optional[int] = None, abs=None, mesh=None,
                       shard: bool = False, progress: bool = False) -> PcaLocality:
     """The paper's analytical denoiser (ALGORITHMS.md §5).
 
     Args:
       stats: Gaussian statistics of the training set (``stats.gaussian_stats``).
       train: [N, H, W, C] float32 in [-1, 1].
-      threshold: theta (released: 0.005 MNIST/Fashion-MNIST, 0.05 CIFAR-10, 0.02 64 px sets);
-        0 uses the soft mask ``Mc``.
+      threshold: theta in [0, 1] (released: 0.005 MNIST/Fashion-MNIST, 0.05 CIFAR-10, 0.02 64 px
+        sets); 0 uses the soft mask ``Mc``.
       temperature: tau.
       softmax: "exact" (posterior mean) or "chunk_mean" (released quirk; depends on chunk_size).
       chunk_size: training images per streamed chunk (released: 512; 256 at 64 px).
       mask: optional explicit [n, n] 0/1 (or real) mask used at every noise level instead of the
         Wiener-derived one; NHWC element order; column m = the inputs output m looks at.
       threshold_mode: "global" (released), "row" or "column" maxima.
-      path: "auto" (cheapest per noise level), "dense", "tiles" (per tile: gather the support
-        of M or of its complement, whichever is smaller), "sparse" (always M), "complement"
-        (always 1 - M). All exact.
+      path: "auto" (cheapest per noise level by the cost model), "dense", "tiles" (per tile: gather
+        the support of M or of its complement, whichever is smaller), "sparse" (always M),
+        "complement" (always 1 - M), "clusters" (per output a base column -- none, all ones or a
+        k-means centroid of the mask's columns -- plus signed corrections, with outputs clustered
+        so that a cluster gathers the union of its corrections into one dense block). All exact.
       tile: spatial tile size of the tiled paths (default ``min(8, ceil(H / 4))``: 7 at 28 px,
         8 at 32 px; larger tiles run the batched GEMMs closer to the dense rate).
+      num_centroids / cluster_size: fix the number of k-means centroid bases (0: bases none / all
+        ones only) and the cluster width (a power of two) of the clusters path; default: the
+        cheapest of ``CENTROID_COUNTS`` x ``CLUSTER_SIZES`` by the cost model.
       abs: optional noise levels to plan for up front (``prepare``).
       mesh / shard: shard the training set over devices (``shard=True``: all devices).
       progress: show a progress bar over the training-set chunks of every call.
@@ -485,15 +898,20 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
         raise ValueError(f"softmax must be 'exact' or 'chunk_mean', got {softmax!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if path not in ("auto", "dense", "tiles", "sparse", "complement"):
-        raise ValueError(f"path must be 'auto', 'dense', 'tiles', 'sparse' or 'complement', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(repr(p) for p in PATHS)}, got {path!r}")
     if tile is None:
         tile = min(8, -(-int(arr.shape[1]) // 4))
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
+    if num_centroids is not None and (int(num_centroids) != num_centroids or num_centroids < 0):
+        raise ValueError(f"num_centroids must be an integer >= 0 (or None), got {num_centroids}")
+    if cluster_size is not None and (int(cluster_size) != cluster_size or cluster_size < 1
+                                     or int(cluster_size) & (int(cluster_size) - 1)):
+        raise ValueError(f"cluster_size must be a power of two >= 1 (or None), got {cluster_size}")
     n = int(np.prod(arr.shape[1:]))
     mesh = resolve_mesh(mesh, shard)
-    chunked = chunk_train(arr.reshape(arr.shape[0], -1), chunk_size, mesh)
+    chunked = _chunk_transposed(arr.reshape(arr.shape[0], -1), chunk_size, mesh)
     fixed = mask is not None
     plans: Tuple[StepPlan, ...] = ()
     host = _Host(stats)
@@ -502,6 +920,8 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
                       shape=tuple(arr.shape[1:]), host=host, plans=_PlanTable(plans),
                       threshold=float(threshold), threshold_mode=threshold_mode,
                       temperature=float(temperature), softmax=softmax, path=path, tile=int(tile),
+                      num_centroids=None if num_centroids is None else int(num_centroids),
+                      cluster_size=None if cluster_size is None else int(cluster_size),
                       fixed_mask=fixed, mesh=mesh, progress=bool(progress))
     if fixed:
         m = np.asarray(mask)
