@@ -5,29 +5,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from locality._io import atomic_write_text  # noqa: F401  (used by the entry points)
-
-
-def _jsonable(x: Any):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
-        return _jsonable(np.asarray(x).tolist())
-    return x
+from locality._io import jsonable
 
 
 def write_json(path: str, obj) -> str:
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def prepare_workdir(workdir: str, config) -> str:

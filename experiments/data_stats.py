@@ -59,10 +59,10 @@ def load_network(ckpt: str, want_transform: str, train_cmd: str):
         return None, "not configured"
     if not os.path.exists(ckpt):
         return None, f"checkpoint {ckpt} does not exist; train it with: {train_cmd}"
-    from locality import train as train_lib
+    from locality.checkpoints import read_checkpoint_config
 
     try:
-        meta = train_lib.read_checkpoint_config(ckpt)
+        meta = read_checkpoint_config(ckpt)
         got = (meta.get("train") or {}).get("transform", "") or ""
         if got != want_transform:
             return None, (f"{ckpt} was trained with transform {got!r}, this part needs "

@@ -36,6 +36,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from locality import checkpoints
     from locality import train as train_lib
 
     config = FLAGS.config
@@ -45,7 +46,7 @@ def main(argv):
     if FLAGS.export_only:
         if not FLAGS.export_to:
             raise app.UsageError("--export_only needs --export_to DIR (where to write the weights)")
-        step = train_lib.export_workdir(workdir, FLAGS.export_to)
+        step = checkpoints.export_workdir(workdir, FLAGS.export_to)
         print(f"exported the EMA weights of step {step} of {workdir} to {FLAGS.export_to}")
         return
     logging.info("training %s in %s", config.name, workdir)
@@ -54,7 +55,7 @@ def main(argv):
     print(json.dumps(summary, indent=2))
 
     if FLAGS.export_to:
-        step = train_lib.export_workdir(workdir, FLAGS.export_to, step=int(summary["steps"]))
+        step = checkpoints.export_workdir(workdir, FLAGS.export_to, step=int(summary["steps"]))
         print(f"exported the EMA weights of step {step} to {FLAGS.export_to}")
 
 

@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "schedules", "stats", "streaming", "denoisers", "sampling", "metrics",
-               "sensitivity", "plotting", "train", "nets")
+               "sensitivity", "plotting", "train", "checkpoints", "nets")
 
 
 def __getattr__(name):

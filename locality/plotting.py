@@ -31,6 +31,7 @@ def method_color(name: str) -> str:
 
 
 def _plt():
+    # Lazy: matplotlib takes ~0.5 s to import and only the figure writers need it.
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -202,7 +203,7 @@ def save_heatmap_table(maps, path: str, *, row_labels: Sequence[str], col_labels
                 ax.imshow(np.asarray(m), cmap=cmap, interpolation="nearest",
                           vmin=0 if vmax else None, vmax=vmax)
                 if marks is not None and marks[r][c] is not None:
-                    from matplotlib.patches import Rectangle
+                    from matplotlib.patches import Rectangle  # lazy like matplotlib (_plt)
 
                     i, j = marks[r][c]
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,

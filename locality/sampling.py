@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from locality import schedules as schedules_lib
 
@@ -52,8 +53,6 @@ def _join(dyn, meta):
 
 
 def _progress_callback(total: int, desc: str):
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, desc=desc, leave=False)
 
     def cb(i):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
+from tqdm.auto import tqdm
 
 DATA_AXIS = "data"
 
@@ -241,8 +242,6 @@ _BARS = {}
 
 def _chunk_progress(label: str, total: int, i) -> None:
     """Host side of the per-chunk progress bar (one bar per label, reopened every pass)."""
-    from tqdm.auto import tqdm
-
     i = int(i)
     bar = _BARS.get(label)
     if i == 0 or bar is None:

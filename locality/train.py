@@ -17,11 +17,15 @@ Pieces:
 - :func:`batch_at` -- the deterministic input pipeline: the batch at step ``s`` is a pure function
   of ``(seed, s)`` (epoch permutation from ``(seed, epoch)``), so a resumed run sees exactly the
   batches an uninterrupted one would.
-- :class:`Checkpoints` -- orbax ``CheckpointManager`` (atomic saves, keep N) plus a
-  ``config.json`` that makes the checkpoint directory self-describing; clear errors for corrupt or
-  mismatched checkpoints; :func:`load_params` / :func:`export_params` for inference.
+- :func:`check_resumable` -- which changes of the training settings a resumed run may make.
 - :func:`train` -- the loop: resume from the latest checkpoint, log ``metrics.jsonl``, show a
-  tqdm bar, write a DDIM-10 sample grid and the loss curve at every checkpoint.
+  tqdm bar, write a DDIM-10 sample grid (:func:`locality.denoisers.network.sample_images`) and
+  the loss curve (:mod:`locality.plotting`) at every checkpoint.
+
+Checkpoints (:class:`locality.checkpoints.Checkpoints`: orbax ``CheckpointManager`` plus a
+self-describing ``config.json``; :func:`~locality.checkpoints.load_params` /
+:func:`~locality.checkpoints.export_params` for inference) live in :mod:`locality.checkpoints`;
+their names are re-exported here.
 
 Determinism: the step's key is ``fold_in(PRNGKey(seed), step)`` (inside ``train_step``) and the
 data order is a function of ``(seed, epoch)``; therefore a run killed after any checkpoint and
@@ -34,9 +38,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -47,14 +48,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
+from locality import data, plotting, quality
 from locality import schedules as schedules_lib
-from locality.nets import abstract_params, build_model, count_params, init_params
+from locality._io import atomic_write_text, jsonable
+from locality.checkpoints import (CHECKPOINT_SUBDIR, CONFIG_FILE, EXPORT_SUBDIR, FORMAT_VERSION,
+                                  CheckpointError, Checkpoints, export_workdir, load_params,
+                                  merge_params, read_log)
+from locality.classify import balanced_split
+from locality.data import transforms
+from locality.denoisers.network import sample_images
+from locality.nets import build_model, count_params, init_params
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_SUBDIR = "checkpoints"
-EXPORT_SUBDIR = "exports"
-FORMAT_VERSION = 1
+# Moved to locality.checkpoints (issue #18); re-exported so that ``from locality.train import
+# ...`` keeps working. ``sample_images`` (imported above) now lives in locality.denoisers.network.
+from locality.checkpoints import (export_params, read_checkpoint_config,  # noqa: F401
+                                  resolve_checkpoint_dir, summary_from_log)
+
 # TrainConfig fields that may change between a run and its resumption without affecting the
 # trajectory of the steps already taken.
 _RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every",
@@ -65,10 +76,6 @@ _RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every",
 # a constant-lr run, or appending a cosine anneal with ``decay_start`` = the steps taken).
 _SCHEDULE_FIELDS = ("num_steps", "lr", "warmup_steps", "cosine_decay", "min_lr_ratio",
                     "decay_start")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory cannot be used: corrupt, incomplete, or written for another model."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +108,7 @@ class TrainConfig:
       checkpoint_every, keep_checkpoints: save every K steps (and at the end), keep N.
       log_every: steps between ``metrics.jsonl`` lines.
       export_steps: steps at which the run also writes a checkpoint and exports its EMA weights
-        to ``workdir/exports/step_<S>`` (:func:`export_workdir`), kept whatever
+        to ``workdir/exports/step_<S>`` (:func:`locality.checkpoints.export_workdir`), kept whatever
         ``keep_checkpoints`` deletes later: the intermediate networks of a long run (e.g. after
         1, 5, 10 and 20 epochs) for studies of how a net changes as it learns.
       num_samples, sample_steps: the DDIM sample grid written at every checkpoint (0 disables).
@@ -183,8 +190,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.label_dropout must be in [0, 1], got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
-        from locality.data import transforms
-
         transforms.parse(self.transform)  # a bad spec fails here, before any data is read
         if self.transform and self.random_flip:
             raise ValueError(f"transform={self.transform!r} fixes pixel positions, which random "
@@ -445,429 +450,60 @@ def batch_at(images: np.ndarray, seed: int, step: int, batch_size: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Resuming and initialising from checkpoints
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def check_resumable(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether a run stored with the ``config.json`` ``old`` (at ``path``) may resume with the
+    training settings of ``new`` (the ``check_train`` of :class:`locality.checkpoints.Checkpoints`).
 
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def resolve_checkpoint_dir(path) -> Path:
-    """A checkpoint directory is one holding ``config.json`` and step subdirectories; a workdir
-    holding ``checkpoints/`` resolves to that subdirectory."""
-    path = Path(path)
-    if (path / CONFIG_FILE).exists() and any(p.name.isdigit() for p in path.iterdir()):
-        return path
-    if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).exists():
-        return path / CHECKPOINT_SUBDIR
-    if (path / CONFIG_FILE).exists():
-        return path
-    raise CheckpointError(
-        f"no checkpoint found at {path}: expected {path}/{CONFIG_FILE} with step directories "
-        f"(or a workdir with {CHECKPOINT_SUBDIR}/). Fix: pass the --workdir of a training run or "
-        f"a directory written by locality.train.export_params.")
-
-
-def read_checkpoint_config(path) -> dict:
-    """The ``config.json`` of a checkpoint directory: ``model``, ``image_shape``, ``train``, ..."""
-    ckpt_dir = resolve_checkpoint_dir(path)
-    cfg_path = ckpt_dir / CONFIG_FILE
-    try:
-        meta = json.loads(cfg_path.read_text())
-        meta["model"], meta["image_shape"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path} is corrupt or incomplete ({e!r}). Fix: restore it "
-                              f"from the run's workdir/{CONFIG_FILE}, or retrain.") from e
-    return meta
-
-
-def _manager(directory: Path, keep: Optional[int] = None, read_only: bool = False):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-class Checkpoints:
-    """Checkpoint directory of a training run (``workdir/checkpoints``).
-
-    Layout: ``config.json`` (model config, image shape, schedule, train config) and one orbax
-    step directory per saved step with items ``params``, ``ema_params``, ``opt_state``. Saves are
-    atomic (orbax writes to a temporary directory and renames), only the newest
-    ``keep`` are kept. :meth:`restore_latest` raises :class:`CheckpointError` (naming the path
-    and the fix) for a corrupt checkpoint or one written for a different model, and never
-    deletes or overwrites anything.
+    Raises :class:`CheckpointError` when a field outside ``_RESUMABLE_FIELDS`` and
+    ``_SCHEDULE_FIELDS`` differs, or when the new learning-rate schedule changes the rate of a
+    step already taken. Returns True when the stored settings are to be replaced by the new ones
+    (a changed schedule other than a longer constant-lr run).
     """
-
-    def __init__(self, directory, meta: Mapping[str, Any], keep: int = 3):
-        self.directory = Path(directory)
-        self.meta = _jsonable(dict(meta))
-        cfg_path = self.directory / CONFIG_FILE
-        if cfg_path.exists():
-            old = read_checkpoint_config(self.directory)
-            self._check_compatible(old)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.manager = _manager(self.directory, keep=keep)
-        if not cfg_path.exists():
-            _atomic_write_text(cfg_path, json.dumps(self.meta, indent=2, sort_keys=True))
-
-    def _check_compatible(self, old: Mapping[str, Any]):
-        path = self.directory / CONFIG_FILE
-        for key in ("model", "image_shape", "schedule"):
-            if old.get(key) != self.meta.get(key):
-                raise CheckpointError(
-                    f"{path} was written for {key}={old.get(key)!r} but this run asks for "
-                    f"{key}={self.meta.get(key)!r}. Fix: use a fresh --workdir for the new "
-                    f"configuration, or rerun with the configuration stored in {path}.")
-        # A field missing from the stored settings was added to TrainConfig after that run was
-        # written; the run used what is now its default.
-        defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainConfig)})
-        old_train = {**defaults, **old.get("train", {})}
-        new_train = {**defaults, **self.meta.get("train", {})}
-        diff = sorted(k for k in set(old_train) | set(new_train)
-                      if k not in _RESUMABLE_FIELDS + _SCHEDULE_FIELDS
-                      and old_train.get(k) != new_train.get(k))
-        if diff:
-            raise CheckpointError(
-                f"{path} was written with different training settings {diff} "
-                f"(stored {[old_train.get(k) for k in diff]}, requested "
-                f"{[new_train.get(k) for k in diff]}); resuming would not reproduce the run. "
-                f"Fix: use a fresh --workdir, or rerun with the stored settings.")
-        changed = sorted(k for k in _SCHEDULE_FIELDS if old_train.get(k) != new_train.get(k))
-        if not changed:
-            return
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        old_cfg = TrainConfig(**{k: v for k, v in old_train.items() if k in fields})
-        new_cfg = TrainConfig(**{k: v for k, v in new_train.items() if k in fields})
-        done = max([int(p.name) for p in self.directory.iterdir() if p.name.isdigit()],
-                   default=0)
-        steps = jnp.arange(done)
-        lr_old = np.asarray(learning_rate_schedule(old_cfg)(steps))
-        lr_new = np.asarray(learning_rate_schedule(new_cfg)(steps))
-        bad = np.flatnonzero(lr_old != lr_new)
-        if bad.size:
-            s = int(bad[0])
-            raise CheckpointError(
-                f"{path} was written with learning-rate settings {changed} = "
-                f"{[old_train.get(k) for k in changed]}; the requested "
-                f"{[new_train.get(k) for k in changed]} change the learning rate of step {s} "
-                f"({lr_old[s]:.6g} -> {lr_new[s]:.6g}), one of the {done} steps already taken, "
-                f"so resuming would not reproduce the run. Fix: keep the stored settings, or "
-                f"anneal from here with --config.train.cosine_decay=True "
-                f"--config.train.decay_start={done} and a larger num_steps, or use a fresh "
-                f"--workdir.")
-        if any(k != "num_steps" for k in changed) or new_cfg.cosine_decay:
-            # The new schedule describes every stored step as well as the old one did, and the
-            # steps to come: record it, so that exports carry the schedule that made them.
-            self.meta = {**old, "train": self.meta["train"]}
-            _atomic_write_text(path, json.dumps(self.meta, indent=2, sort_keys=True))
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def all_steps(self):
-        return sorted(self.manager.all_steps())
-
-    def save(self, state: TrainState):
-        import orbax.checkpoint as ocp
-
-        step = int(jax.device_get(state.step))
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            ema_params=ocp.args.StandardSave(state.ema_params),
-            opt_state=ocp.args.StandardSave(state.opt_state)), force=True)
-        self.manager.wait_until_finished()
-
-    def restore_latest(self, template: TrainState) -> Optional[TrainState]:
-        """Restore the newest checkpoint into the structure/shardings of ``template``; ``None``
-        when there is none."""
-        import orbax.checkpoint as ocp
-
-        step = self.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            template)
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract.params),
-                ema_params=ocp.args.StandardRestore(abstract.ema_params),
-                opt_state=ocp.args.StandardRestore(abstract.opt_state)))
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            raise _restore_error(self.directory, step, self.all_steps(), e) from e
-        return TrainState(step=jnp.asarray(step, jnp.int32), params=out["params"],
-                          ema_params=out["ema_params"], opt_state=out["opt_state"])
-
-    def close(self):
-        self.manager.close()
-
-
-def _restore_error(directory: Path, step: int, steps, err: Exception) -> CheckpointError:
-    earlier = [s for s in steps if s < step]
-    fix = (f"delete {directory / str(step)} to resume from step {earlier[-1]}"
-           if earlier else f"delete {directory / str(step)} to start over")
-    return CheckpointError(
-        f"cannot restore checkpoint step {step} from {directory / str(step)}: it is corrupt, "
-        f"incomplete or has other shapes than the model in {directory / CONFIG_FILE} "
-        f"({type(err).__name__}: {str(err)[:300]}). Fix: {fix}, or use a fresh --workdir.")
-
-
-def load_params(checkpoint, use_ema: bool = True, step: Optional[int] = None):
-    """Load ``(model_config, params, meta)`` from a checkpoint directory (or a workdir).
-
-    Args:
-      checkpoint: a directory written by :func:`train` (``workdir`` or ``workdir/checkpoints``)
-        or by :func:`export_params`.
-      use_ema: EMA weights (default) or the raw training weights.
-      step: a saved step; default the latest.
-    Raises:
-      CheckpointError: missing/corrupt files, or weights whose shapes do not match the config.
-    """
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = resolve_checkpoint_dir(checkpoint)
-    meta = read_checkpoint_config(ckpt_dir)
-    model = build_model(meta["model"])
-    manager = _manager(ckpt_dir, read_only=True)
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointError(f"{ckpt_dir} holds a {CONFIG_FILE} but no saved step. Fix: "
-                                  f"train longer (checkpoints are written every checkpoint_every "
-                                  f"steps) or point to another directory.")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointError(f"step {step} is not saved in {ckpt_dir}; available: {steps}")
-        item = "ema_params" if use_ema else "params"
-        item_dir = ckpt_dir / str(step) / item
-        if not item_dir.exists():
-            raise CheckpointError(f"{item_dir} does not exist (exported checkpoints hold only "
-                                  f"EMA weights). Fix: use_ema=True, or load the training workdir.")
-        target = abstract_params(model, tuple(meta["image_shape"]))
-        try:
-            out = manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(target)}))
-        except Exception as e:
-            raise _restore_error(ckpt_dir, step, steps, e) from e
-    finally:
-        manager.close()
-    return meta["model"], out[item], meta
-
-
-def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
-    """Write an inference-only checkpoint (``config.json`` + EMA weights of ``step``) that
-    ``make("network", checkpoint=directory)`` loads.
-
-    The weights are written to a temporary directory first and then moved into place, so
-    exporting again (the same step or another) replaces the previous export only once the new
-    one is complete; other files in ``directory`` (figures) are kept."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    manager = _manager(tmp, keep=1)
-    manager.save(int(step), args=ocp.args.Composite(
-        ema_params=ocp.args.StandardSave(jax.device_get(ema_params))), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    target, old = directory / str(int(step)), directory / f".old-{int(step)}-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp / str(int(step)), target)
-    _atomic_write_text(directory / CONFIG_FILE, json.dumps(_jsonable(dict(meta)), indent=2,
-                                                           sort_keys=True))
-    for p in [old, tmp] + [p for p in directory.iterdir() if p.name.isdigit() and p != target]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def export_workdir(workdir, out, step: Optional[int] = None) -> int:
-    """Export the EMA weights of a training ``workdir`` at ``step`` (default: the latest saved) to
-    ``out`` with :func:`export_params`, plus the run's loss curve, the sample grid of that step and
-    a ``metrics.json``: the run's own when it describes that step (a finished or time-limited
-    run; for a resumed one with ``wall_s_all_invocations`` added), else one summarised from
-    ``metrics.jsonl`` (:func:`summary_from_log`). Returns the step.
-
-    With a constant learning rate (``cosine_decay=False``) the weights at step S are those of the
-    run with ``num_steps = S`` (also for a run stopped by ``time_limit_s``, killed, or extended
-    from a shorter one), so the exported config records ``num_steps = S``.
-    """
-    workdir, out = Path(workdir), Path(out)
-    if step is None:
-        manager = _manager(resolve_checkpoint_dir(workdir), read_only=True)
-        try:
-            step = manager.latest_step()  # None without a saved step: load_params then explains
-        finally:
-            manager.close()
-    _, ema_params, meta = load_params(workdir, use_ema=True, step=step)
-    meta = json.loads(json.dumps(meta))
-    if not meta["train"].get("cosine_decay"):
-        meta["train"]["num_steps"] = int(step)
-    export_params(out, meta, ema_params, int(step))
-    for name in ("loss.png", f"samples_{int(step):07d}.png"):
-        if (workdir / name).exists():
-            shutil.copy(workdir / name, out / name)
-    summary = None
-    try:
-        summary = json.loads((workdir / "metrics.json").read_text())
-        if int(summary.get("steps", -1)) != int(step):
-            summary = None
-    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
-        summary = None
-    if summary is not None and summary.get("resumed_from") is not None:
-        # The run's own wall_s covers its last invocation only; add the earlier ones from the log.
-        earlier = summary_from_log(workdir / "metrics.jsonl", int(summary["resumed_from"]))
-        summary["wall_s_all_invocations"] = earlier["wall_s"] + float(summary["wall_s"])
-    if summary is None:  # a killed run, or an earlier step: summarise the log up to ``step``
-        summary = summary_from_log(workdir / "metrics.jsonl", int(step))
-        summary.update(num_steps=int(meta["train"].get("num_steps", step)),
-                       num_params=count_params(ema_params), image_shape=list(meta["image_shape"]),
-                       checkpoint_dir=str(resolve_checkpoint_dir(workdir)))
-    _atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
-    return int(step)
-
-
-def summary_from_log(log_path, step: int) -> dict:
-    """A ``metrics.json``-like summary of a run up to ``step`` from its ``metrics.jsonl``:
-    ``final_loss`` is the logged loss of the last row at or before ``step``; ``wall_s`` adds up
-    the wall time of every invocation (the log's ``wall_s`` restarts at 0 on each resume)."""
-    rows = []
-    if Path(log_path).exists():
-        for line in Path(log_path).read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if isinstance(r, dict) and "step" in r and r["step"] <= step:
-                rows.append(r)
-    wall, seg_max, prev = 0.0, 0.0, None
-    for r in rows:
-        w = float(r.get("wall_s", 0.0))
-        if prev is not None and w < prev:  # a new invocation
-            wall, seg_max = wall + seg_max, 0.0
-        seg_max, prev = max(seg_max, w), w
-    last = max(rows, key=lambda r: r["step"]) if rows else {}
-    return {"steps": int(step), "num_steps": int(step), "stopped_early": False,
-            "final_loss": last.get("loss", float("nan")), "final_loss_step": last.get("step"),
-            "wall_s": wall + seg_max, "from_log": True}
-
-
-# ----------------------------------------------------------------------------------------------
-# Artifacts
-
-
-def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
-    """Tile ``images`` [N, H, W, C] in [-1, 1] into one [rows*(H+pad)+pad, ..., C] array in [0, 1]."""
-    images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-    n, h, w, c = images.shape
-    ncols = ncols or int(math.ceil(math.sqrt(n)))
-    nrows = int(math.ceil(n / ncols))
-    grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
-    for i in range(n):
-        r, q = divmod(i, ncols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
-    return grid
-
-
-def save_image_grid(path, images, ncols=None, scale: int = 4):
-    """Write an image grid PNG (nearest-neighbour upscaled by ``scale``); temp name then rename."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = image_grid(images, ncols)
-    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    if grid.shape[-1] == 1:
-        plt.imsave(tmp, grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-    else:
-        plt.imsave(tmp, grid)
-    os.replace(tmp, path)
-
-
-def save_loss_curve(metrics_path, png_path):
-    """Plot ``loss`` against ``step`` from ``metrics.jsonl`` (log scale) to ``png_path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("eps-MSE (mean over log interval)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = Path(png_path).with_name(Path(png_path).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
-
-def sample_images(model, params, x_T, num_steps: int = 10,
-                  schedule: Optional[schedules_lib.DiscreteSchedule] = None,
-                  guidance: float = 0.0) -> np.ndarray:
-    """Deterministic DDIM (ALGORITHMS.md §1, via :func:`locality.sampling.ddim`) with the network
-    wrapped as a denoiser; returns the final images [B, H, W, C]. A class-conditional net samples
-    image ``i`` from class ``i mod num_classes`` with guidance weight ``guidance``."""
-    from locality import sampling
-    from locality.denoisers.network import NetworkDenoiser
-
-    schedule = schedule or schedules_lib.ddpm_linear()
-    labels = "cycle" if getattr(model, "num_classes", 0) else None
-    denoise = NetworkDenoiser.create(model, params, schedule, labels=labels,
-                                     guidance=guidance if labels else 0.0)
-    return np.asarray(sampling.ddim(denoise, x_T, schedule, num_steps=num_steps).images)
-
-
-def merge_params(fresh, loaded, source: str = "the checkpoint"):
-    """``fresh`` with every weight that ``loaded`` also holds replaced by the loaded one.
-
-    Weights only in ``fresh`` keep their values (returned as ``(params, new_names)``); a weight
-    only in ``loaded``, or one with another shape, raises :class:`CheckpointError` naming it.
-    """
-    flat_f = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
-    flat_l = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
-    extra = sorted(set(flat_l) - set(flat_f))
-    if extra:
-        raise CheckpointError(f"{source} holds weights this model lacks: {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''}. Fix: init_from a checkpoint of "
-                              f"the same architecture (only new weights such as the label "
-                              f"embedding may be missing from it).")
-    bad = [(k, tuple(flat_l[k].shape), tuple(flat_f[k].shape)) for k in flat_f
-           if k in flat_l and tuple(flat_l[k].shape) != tuple(flat_f[k].shape)]
-    if bad:
-        k, got, want = bad[0]
-        raise CheckpointError(f"{source}: weight {k} has shape {got} but this model needs {want} "
-                              f"({len(bad)} mismatched). Fix: init_from a checkpoint of the same "
-                              f"architecture and image size.")
-    new = sorted(set(flat_f) - set(flat_l))
-    merged = {k: jnp.asarray(flat_l[k], flat_f[k].dtype) if k in flat_l else flat_f[k]
-              for k in flat_f}
-    return flax.traverse_util.unflatten_dict(merged, sep="/"), new
+    # A field missing from the stored settings was added to TrainConfig after that run was
+    # written; the run used what is now its default.
+    defaults = jsonable({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    old_train = {**defaults, **old.get("train", {})}
+    new_train = {**defaults, **new.get("train", {})}
+    diff = sorted(k for k in set(old_train) | set(new_train)
+                  if k not in _RESUMABLE_FIELDS + _SCHEDULE_FIELDS
+                  and old_train.get(k) != new_train.get(k))
+    if diff:
+        raise CheckpointError(
+            f"{path} was written with different training settings {diff} "
+            f"(stored {[old_train.get(k) for k in diff]}, requested "
+            f"{[new_train.get(k) for k in diff]}); resuming would not reproduce the run. "
+            f"Fix: use a fresh --workdir, or rerun with the stored settings.")
+    changed = sorted(k for k in _SCHEDULE_FIELDS if old_train.get(k) != new_train.get(k))
+    if not changed:
+        return False
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    old_cfg = TrainConfig(**{k: v for k, v in old_train.items() if k in fields})
+    new_cfg = TrainConfig(**{k: v for k, v in new_train.items() if k in fields})
+    done = max([int(p.name) for p in Path(path).parent.iterdir() if p.name.isdigit()], default=0)
+    steps = jnp.arange(done)
+    lr_old = np.asarray(learning_rate_schedule(old_cfg)(steps))
+    lr_new = np.asarray(learning_rate_schedule(new_cfg)(steps))
+    bad = np.flatnonzero(lr_old != lr_new)
+    if bad.size:
+        s = int(bad[0])
+        raise CheckpointError(
+            f"{path} was written with learning-rate settings {changed} = "
+            f"{[old_train.get(k) for k in changed]}; the requested "
+            f"{[new_train.get(k) for k in changed]} change the learning rate of step {s} "
+            f"({lr_old[s]:.6g} -> {lr_new[s]:.6g}), one of the {done} steps already taken, "
+            f"so resuming would not reproduce the run. Fix: keep the stored settings, or "
+            f"anneal from here with --config.train.cosine_decay=True "
+            f"--config.train.decay_start={done} and a larger num_steps, or use a fresh "
+            f"--workdir.")
+    return any(k != "num_steps" for k in changed) or new_cfg.cosine_decay
 
 
 def _init_from(state: TrainState, cfg: TrainConfig, checkpoint) -> TrainState:
     """A step-0 state whose params and EMA are the EMA weights of ``checkpoint`` merged into the
-    fresh ``state`` (:func:`merge_params`), with a fresh optimiser state."""
+    fresh ``state`` (:func:`locality.checkpoints.merge_params`), with a fresh optimiser state."""
     _, loaded, _ = load_params(checkpoint, use_ema=True)  # shapes as stored there
     params, new = merge_params(jax.device_get(state.params), loaded, f"init_from={checkpoint}")
     logging.info("initialised from %s; weights not in it (kept at init): %s", checkpoint, new)
@@ -912,7 +548,7 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     if time_limit_s is not None and time_limit_s < 0:
         raise ValueError(f"time_limit_s must be >= 0 or None, got {time_limit_s}")
     workdir = Path(workdir)
-    model_config = _jsonable(dict(model_config))
+    model_config = jsonable(dict(model_config))
     if not model_config.get("num_classes"):
         # Unconditional: stored exactly as before the option existed, so old runs still resume.
         model_config.pop("num_classes", None)
@@ -922,15 +558,11 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                          "num_classes to make it class-conditional, or drop the labels")
     workdir.mkdir(parents=True, exist_ok=True)
     if images is None:
-        from locality import data
-
         need_labels = bool(num_classes) or cfg.holdout > 0
         loaded = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
                            limit=cfg.data_limit, with_labels=need_labels)
         images, labels = loaded if need_labels else (loaded, None)
         if cfg.holdout > 0:
-            from locality.classify import balanced_split
-
             keep, held = balanced_split(labels, cfg.holdout, cfg.seed)
             if eval_images is None:
                 eval_images = images[held]
@@ -962,8 +594,6 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                              f"model's num_classes to the number of classes.")
     images = np.asarray(images, np.float32)
     if cfg.transform:
-        from locality.data import transforms
-
         images = transforms.apply(images, cfg.transform)
     if images.ndim != 4 or not np.all(np.isfinite(images)):
         raise ValueError(f"training images must be finite [N, H, W, C]; got shape {images.shape}")
@@ -978,8 +608,9 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                          f"choose a multiple of {ndev}")
     meta = {"format": FORMAT_VERSION, "model": model_config, "image_shape": list(image_shape),
             "schedule": schedule.name, "train": dataclasses.asdict(cfg)}
-    _atomic_write_text(workdir / CONFIG_FILE, json.dumps(_jsonable(meta), indent=2, sort_keys=True))
-    ckpts = Checkpoints(workdir / CHECKPOINT_SUBDIR, meta, keep=cfg.keep_checkpoints)
+    atomic_write_text(workdir / CONFIG_FILE, json.dumps(jsonable(meta), indent=2, sort_keys=True))
+    ckpts = Checkpoints(workdir / CHECKPOINT_SUBDIR, meta, keep=cfg.keep_checkpoints,
+                        check_train=check_resumable)
 
     repl = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
@@ -1005,8 +636,6 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         if eval_images is None:
             raise ValueError(f"eval_every={cfg.eval_every} needs held-out images: pass "
                              "eval_images, or set eval_every=0")
-        from locality import quality
-
         eval_images = np.asarray(eval_images, np.float32)[:cfg.eval_count]
 
     def evaluate(state, done):
@@ -1023,14 +652,14 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
 
     def write_artifacts(state):
         step = int(jax.device_get(state.step))
-        if metrics_path.exists():
-            save_loss_curve(metrics_path, workdir / "loss.png")
+        rows = [r for r in read_log(metrics_path) if "loss" in r]
+        if rows:
+            plotting.save_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
+                                     str(workdir / "loss.png"))
         if sample_noise is not None:
             imgs = sample_images(model, state.ema_params, sample_noise, cfg.sample_steps, schedule,
                                  guidance=cfg.sample_guidance)
-            save_image_grid(workdir / f"samples_{step:07d}.png", imgs)
-
-    from tqdm.auto import tqdm
+            plotting.save_image_grid(imgs, str(workdir / f"samples_{step:07d}.png"), scale=4)
 
     bar = tqdm(total=cfg.num_steps, initial=start, disable=not cfg.progress, desc="train",
                dynamic_ncols=True)
@@ -1097,8 +726,8 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                "checkpoint_dir": str(workdir / CHECKPOINT_SUBDIR)}
     # Also when stopped early (a rerun then has start < num_steps and trains on), so that an
     # export never carries the summary of an earlier, shorter run of the same workdir.
-    _atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
-    _atomic_write_text(workdir / "summary.txt",
+    atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
+    atomic_write_text(workdir / "summary.txt",
                        f"trained {model_config.get('arch')} ({n_params:,} params) on {cfg.dataset} "
                        f"{image_shape} for {done} of {cfg.num_steps} steps (resumed from {start}); "
                        f"final loss {last_loss:.4f}; {total_s / 60:.1f} min on {ndev} device(s).\n"

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from locality import schedules
+from locality.checkpoints import CheckpointError, load_params, merge_params
 from locality.denoisers.registry import make
 from locality.nets import build_model, count_params, init_params
-from locality.train import (BatchSource, CheckpointError, TrainConfig, diffusion_loss,
-                            learning_rate_schedule, load_params, make_optimizer, merge_params,
-                            train)
+from locality.train import (BatchSource, TrainConfig, diffusion_loss, learning_rate_schedule,
+                            make_optimizer, train)
 
 REPO = Path(__file__).resolve().parents[1]
 UNC = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)

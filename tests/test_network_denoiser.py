@@ -10,7 +10,7 @@ from locality import schedules
 from locality.denoisers.network import make_network, timestep_from_ab
 from locality.denoisers.registry import make, names
 from locality.nets import build_model, init_params
-from locality.train import CheckpointError, export_params
+from locality.checkpoints import CheckpointError, export_params
 
 MODEL = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
 

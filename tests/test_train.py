@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from locality import schedules
+from locality.checkpoints import CheckpointError, export_workdir, load_params, summary_from_log
 from locality.nets import build_model
-from locality.train import (BatchSource, CheckpointError, TrainConfig, batch_indices,
-                            create_train_state, diffusion_loss, ema_decay_at, ema_update,
-                            export_workdir, learning_rate_schedule, load_params, make_mesh,
-                            make_train_step, summary_from_log, train)
+from locality.train import (BatchSource, TrainConfig, batch_indices, create_train_state,
+                            diffusion_loss, ema_decay_at, ema_update, learning_rate_schedule,
+                            make_mesh, make_train_step, train)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.1)

@@ -45,7 +45,7 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # here, not at the top: fcntl exists on POSIX only (see the docstring)
         import fcntl  # pylint: disable=g-import-not-at-top
     except ImportError:  # pragma: no cover - non-POSIX
         yield

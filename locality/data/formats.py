@@ -21,7 +21,9 @@ import io
 import json
 import os
 import tarfile
+
 import numpy as np
+from PIL import Image
 
 from locality.data.errors import CorruptDataError
 
@@ -233,8 +235,6 @@ def decode_lfw_faces(path: str | os.PathLike) -> np.ndarray:
 
 def decode_photo(path: str | os.PathLike) -> np.ndarray:
     """An image file -> uint8 [H, W, 3] RGB (grey or palette images converted by PIL)."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -252,8 +252,6 @@ def _check_channels(channels: int) -> None:
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, H, W, C] -> uint8 [N, size, size, C]; PIL bilinear, antialiased (module doc)."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"resize_images expects uint8 [N, H, W, C], got {images.dtype} "
@@ -284,8 +282,6 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 [H, W, C] (C in {1, 3}) -> PNG bytes (used for grids and test fixtures)."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
     c = image.shape[-1]
     _check_channels(c)
     src = image[:, :, 0] if c == 1 else image

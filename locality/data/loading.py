@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from locality.data import acquire, registry
+from locality.data import acquire, catalog, folders, formats, registry, store
 
 _SPLIT_PART = re.compile(r"^(\w+)(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$")
 _PHOTO_BLOCK = 1024
@@ -203,8 +203,6 @@ def _check_options(split, resolution, limit, download, with_labels) -> None:
 
 
 def _prepared_set(name: str, root):
-    from locality.data import folders, store  # pylint: disable=g-import-not-at-top
-
     spec = registry.SPECS[name]
     if spec.kind == "folder":
         layout = folders.scan_folder(name, folders.folder_root(name, root))
@@ -225,8 +223,6 @@ def _prepared_set(name: str, root):
 
 
 def _gather_prepared(prepared, ranges, resolution):
-    from locality.data import formats  # pylint: disable=g-import-not-at-top
-
     images, labels = [], []
     native = prepared.shape[0]
     for base, lo, hi in ranges:
@@ -340,8 +336,6 @@ def load(name: str, split: str = "train", *, resolution: Optional[int] = None,
 
 
 def _load_catalog(name, root, split, resolution, limit, download, with_labels):
-    from locality.data import catalog, formats  # pylint: disable=g-import-not-at-top
-
     dataset = catalog.CatalogSet(name[len(registry.TFDS_PREFIX):], root, download=download)
     if with_labels and not dataset.has_labels:
         raise ValueError(f"{name} has no 'label' feature; call without with_labels=True.")
@@ -370,8 +364,6 @@ def prepare(name: str, data_dir=None, *, force: bool = False, download: bool = F
     root = acquire.cache_root(data_dir)
     spec = registry.SPECS.get(name)
     if spec is None or spec.kind == "tfds":
-        from locality.data import catalog  # pylint: disable=g-import-not-at-top
-
         dataset = catalog.CatalogSet(name[len(registry.TFDS_PREFIX):], root, download=download)
         return f"prepared in {dataset.builder.data_dir}"
     if force and spec.kind != "folder":

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from locality.data import registry
+from locality.data import formats, registry
 from locality.data._files import atomic_save_npy, file_lock
 from locality.data.errors import CorruptDataError
 
@@ -88,6 +88,7 @@ class PreparedSet:
 
     def builder(self):
         """The TFDS builder over this key's directory (constructing it does not build data)."""
+        # Lazy: builders imports tensorflow_datasets (~0.4 s), needed only to build a dataset.
         from locality.data import builders  # pylint: disable=g-import-not-at-top
 
         cls = builders.BUILDERS[self.name]
@@ -95,6 +96,7 @@ class PreparedSet:
                    **self.builder_kwargs)
 
     def _built_builder(self):
+        # Lazy: builders imports tensorflow_datasets (see builder()).
         from locality.data import builders  # pylint: disable=g-import-not-at-top
 
         builder = self.builder()
@@ -184,8 +186,6 @@ class PreparedSet:
 
     def resized(self, split: str, size: int) -> np.ndarray:
         """uint8 [N, size, size, C]: `arrays(split)` resized (formats.resize_images), cached."""
-        from locality.data import formats  # pylint: disable=g-import-not-at-top
-
         cached = self._load_cached(split, size)
         if cached is not None:
             return cached[0]

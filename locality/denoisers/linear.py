@@ -62,6 +62,9 @@ import optax
 
 from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array
 from locality.denoisers.registry import register
+from locality.denoisers.wiener import dense_wiener_matrices
+from locality.sensitivity import check_pixels
+from locality.stats import moments
 
 FORMAT_VERSION = 1
 Weights = Mapping[float, Tuple[np.ndarray, np.ndarray]]
@@ -77,9 +80,6 @@ def least_squares_linear(images, ab: float) -> Tuple[np.ndarray, np.ndarray]:
     noise in closed form: ``W = sqrt(ab) S_N (ab S_N + (1 - ab) I)^-1``, ``b = (I - sqrt(ab) W) mu``
     with the biased (1/N) covariance ``S_N``; i.e. the Wiener filter of the empirical moments.
     """
-    from locality.denoisers.wiener import dense_wiener_matrices
-    from locality.stats import moments
-
     arr = as_train_array(images, "images")
     ab = _check_ab(ab)
     mean, cov, count = moments(arr)
@@ -209,12 +209,7 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
     n = h * w * c
     if pixel is None:
         pixel = (h // 2, w // 2)
-    from locality.sensitivity import check_pixels
-
     (pixel,) = check_pixels([pixel], h, w)
-    from locality.denoisers.wiener import dense_wiener_matrices
-    from locality.stats import moments
-
     mu64, cov, count = moments(arr)
     cov_n = cov * ((count - 1) / count)                         # biased: the empirical law
     w_ls, b_ls = dense_wiener_matrices(cov_n, mu64, ab)         # exact minimiser of the loss

@@ -16,8 +16,9 @@ label" unless ``labels`` are given; with ``guidance = w != 0`` the eps is classi
 ``eps = (1 + w) eps(x, y) - w eps(x, no label)`` (Ho & Salimans 2022, eq. 6), both terms from one
 forward pass over the doubled batch.
 
-Importing this module only registers the factory; orbax and the trainer are imported when a
-checkpoint is actually loaded.
+:func:`sample_images` draws DDIM samples from a net (the trainer's sample grids). Importing this
+module registers the factory and reads nothing; checkpoints are read by
+:func:`locality.checkpoints.load_params` when ``checkpoint=`` is given.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from locality import sampling
 from locality import schedules as schedules_lib
+from locality.checkpoints import load_params
 from locality.denoisers.registry import register
+from locality.nets import build_model
 
 
 def timestep_from_ab(ab, alphas_cumprod):
@@ -133,24 +137,20 @@ def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] =
     """A trained eps-network as a denoiser.
 
     Either ``checkpoint`` (a training workdir, its ``checkpoints/`` directory, or a directory
-    written by :func:`locality.train.export_params`; the saved ``config.json`` rebuilds the model)
-    with ``use_ema`` / ``step`` (default: latest), or an in-memory ``model`` (a flax module or a
-    model-config dict) with its ``params``. ``schedule``: the discrete schedule the net was trained
-    on (default ``ddpm_linear()``), used to map ``ab`` to a timestep. ``labels`` / ``guidance``:
-    class and classifier-free guidance weight for a class-conditional net (``labels``: an int, a
-    list with one int per image, or ``"cycle"`` for image ``i`` -> class ``i mod num_classes``;
-    see :class:`NetworkDenoiser`).
+    written by :func:`locality.checkpoints.export_params`; the saved ``config.json`` rebuilds the
+    model) with ``use_ema`` / ``step`` (default: latest), or an in-memory ``model`` (a flax module
+    or a model-config dict) with its ``params``. ``schedule``: the discrete schedule the net was
+    trained on (default ``ddpm_linear()``), used to map ``ab`` to a timestep. ``labels`` /
+    ``guidance``: class and classifier-free guidance weight for a class-conditional net
+    (``labels``: an int, a list with one int per image, or ``"cycle"`` for image ``i`` -> class
+    ``i mod num_classes``; see :class:`NetworkDenoiser`).
     """
-    from locality.nets import build_model
-
     if (checkpoint is None) == (model is None):
         raise ValueError("make('network', ...) needs exactly one of checkpoint=... or "
                          "model=... (with params=...)")
     if checkpoint is not None:
         if params is not None:
             raise ValueError("params=... is only used with model=...; a checkpoint holds its own")
-        from locality.train import load_params
-
         model_config, params, _ = load_params(checkpoint, use_ema=use_ema, step=step)
         model = build_model(model_config)
     else:
@@ -162,3 +162,16 @@ def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] =
             else params
     params = jax.tree.map(jnp.asarray, params)
     return NetworkDenoiser.create(model, params, schedule, labels=labels, guidance=guidance)
+
+
+def sample_images(model, params, x_T, num_steps: int = 10,
+                  schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+                  guidance: float = 0.0) -> np.ndarray:
+    """Deterministic DDIM (ALGORITHMS.md §1, via :func:`locality.sampling.ddim`) with the network
+    wrapped as a denoiser; returns the final images [B, H, W, C]. A class-conditional net samples
+    image ``i`` from class ``i mod num_classes`` with guidance weight ``guidance``."""
+    schedule = schedule or schedules_lib.ddpm_linear()
+    labels = "cycle" if getattr(model, "num_classes", 0) else None
+    denoise = NetworkDenoiser.create(model, params, schedule, labels=labels,
+                                     guidance=guidance if labels else 0.0)
+    return np.asarray(sampling.ddim(denoise, x_T, schedule, num_steps=num_steps).images)
