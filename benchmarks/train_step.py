@@ -55,8 +55,10 @@ def machine_context() -> dict:
     """What a CPU timing depends on, read now."""
     affinity = sorted(os.sched_getaffinity(0))
     load = os.getloadavg()
+    # The load average counts the whole machine, so it is compared with all its CPUs (a run
+    # pinned to one core of an otherwise idle machine is quiet at a load of 1).
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "affinity": affinity,
-            "load_avg": list(load), "busy": load[0] > len(affinity),
+            "load_avg": list(load), "busy": load[0] > (os.cpu_count() or 1),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
 
@@ -108,9 +110,8 @@ def main(argv):
     batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()]
     before = machine_context()
     if before["busy"]:
-        print(f"WARNING: load average {before['load_avg'][0]:.2f} exceeds the "
-              f"{len(before['affinity'])} CPUs in the affinity mask: timings are not the "
-              "machine's rate", flush=True)
+        print(f"WARNING: load average {before['load_avg'][0]:.2f} exceeds the machine's "
+              f"{before['cpu_count']} CPUs: timings are not the machine's rate", flush=True)
     results = []
     for name in names:
         for b in batch_sizes:

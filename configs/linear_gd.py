@@ -1,4 +1,4 @@
-"""Gradient-descent-trained linear denoisers against the Wiener filter (ALGORITHMS.md §4).
+"""Gradient-descent-trained linear denoisers against the Wiener filter (docs/algorithms.md §4).
 
     python experiments/linear_gd.py --config configs/linear_gd.py:fashion_mnist --workdir workdirs/linear_gd_fmnist
 

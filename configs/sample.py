@@ -14,7 +14,7 @@ overridden, e.g. ``--config.num_samples=16 --config.limit=10000``.
 
 import ml_collections
 
-# Released per-dataset thresholds (ALGORITHMS.md §5).
+# Released per-dataset thresholds (docs/algorithms.md §5).
 PCA_THRESHOLD = {"mnist": 0.005, "fashion_mnist": 0.005, "cifar10_catsdogs": 0.05,
                  "cifar10": 0.05, "celeb_a_hq": 0.02, "afhq": 0.02, "lfw_faces": 0.02,
                  "natural_patches": 0.05}

@@ -1,4 +1,4 @@
-"""Sensitivity fields (Jacobian rows) of several denoisers across noise levels (ALGORITHMS.md §9).
+"""Sensitivity fields (Jacobian rows) of several denoisers across noise levels (docs/algorithms.md §9).
 
     python experiments/sensitivity.py --config configs/sensitivity.py:fashion_mnist --workdir workdirs/sensitivity_fmnist
 

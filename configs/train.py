@@ -1,4 +1,4 @@
-"""Training configs for the reference networks (ALGORITHMS.md §11).
+"""Training configs for the reference networks (docs/algorithms.md §11).
 
 ``get_config("<dataset>,<preset>[,<arch>]")``; dataset one of ``fashion_mnist``, ``mnist``,
 ``cifar10_catsdogs``, ``lfw_faces``, ``natural_patches``; preset ``paper`` (the paper's network
@@ -41,6 +41,16 @@ Commands (run from the repository root)::
     python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu --config.train.num_steps=13000 \
         --config.train.cosine_decay=True --config.train.decay_start=8000
+
+    # The reference networks of the comparisons ('long': the cpu UNet for 40 epochs, exports
+    # after 1, 5, 10, 20, 40 epochs, the held-out loss in eval.jsonl). They take hours on a CPU,
+    # so run them in pieces: stop with --time_limit_s, keep what resuming needs with
+    # --snapshot_to, and continue on any machine with --resume_from (one core per run):
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+    taskset -c 0 python experiments/train.py --config configs/train.py:fashion_mnist,long \
+        --workdir workdirs/fashion_mnist_unet_long --time_limit_s 9000 \
+        --resume_from checkpoints/fashion_mnist_unet_long/resume \
+        --snapshot_to checkpoints/fashion_mnist_unet_long/resume
 
 Any field can be overridden, e.g. ``--config.train.num_steps=200 --config.model.ch=16``.
 Rerunning a command with the same ``--workdir`` resumes from the latest checkpoint.

@@ -1,4 +1,4 @@
-"""Compare analytical denoisers with a trained network along DDIM trajectories (ALGORITHMS.md §10).
+"""Compare analytical denoisers with a trained network along DDIM trajectories (docs/algorithms.md §10).
 
     python experiments/compare.py --config configs/compare.py:fashion_mnist --workdir workdirs/compare_fashion_mnist
 

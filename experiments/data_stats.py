@@ -6,7 +6,7 @@ Three parts (issue #6, item 4), each switched on by ``config.parts``:
 
 ``link``  A long-range correlation is injected by copying the ``K x K`` block at ``src`` of every
     image over the block at ``dst`` (:func:`locality.data.transforms.link`). For the centre pixel
-    of each block we measure the *linked mass*: the fraction of the sensitivity field (ALGORITHMS.md
+    of each block we measure the *linked mass*: the fraction of the sensitivity field (docs/algorithms.md
     §9) that lies inside the partner block, for the Wiener filter of the original and of the linked
     data, and for networks trained on the original data and on the linked data (trained with
     ``--config.train.transform=<spec>``, see ``configs/data_stats.py``). If locality comes from

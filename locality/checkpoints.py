@@ -1,4 +1,4 @@
-"""Checkpoints of the trainer on disk: save, resume, load, export (ALGORITHMS.md §11).
+"""Checkpoints of the trainer on disk: save, resume, load, export (docs/algorithms.md §11).
 
 Layout of a checkpoint directory (``workdir/checkpoints`` of a run of :func:`locality.train.train`,
 or an export): ``config.json`` (format version, model config, image shape, schedule name and the
@@ -343,3 +343,69 @@ def merge_params(fresh, loaded, source: str = "the checkpoint"):
     merged = {k: jnp.asarray(flat_l[k], flat_f[k].dtype) if k in flat_l else flat_f[k]
               for k in flat_f}
     return flax.traverse_util.unflatten_dict(merged, sep="/"), new
+
+
+# Files of a training workdir that resuming it needs, beside the latest checkpoint step.
+RESUME_FILES = (CONFIG_FILE, "metrics.jsonl", "eval.jsonl")
+
+
+def _latest_step_dir(ckpt_dir: Path) -> Path:
+    steps = sorted((int(p.name), p) for p in ckpt_dir.iterdir()
+                   if p.name.isdigit() and p.is_dir())
+    if not steps:
+        raise CheckpointError(f"{ckpt_dir} holds no saved step to snapshot. Fix: train until a "
+                              "checkpoint is written (checkpoint_every, or --time_limit_s)")
+    return steps[-1][1]
+
+
+def snapshot_workdir(workdir, dest) -> int:
+    """Copy what resuming the training run in ``workdir`` needs to ``dest``: its ``config.json``,
+    ``checkpoints/config.json``, the latest saved step (parameters, EMA and optimiser state) and
+    the logs (``metrics.jsonl``, ``eval.jsonl``) -- a few MB for the CPU nets, small enough to
+    keep in version control, so that a run interrupted on one machine continues on another
+    (:func:`restore_workdir`). Written to a temporary directory and swapped in, so an
+    interrupted snapshot never replaces a good one. Returns the step."""
+    workdir, dest = Path(workdir), Path(dest)
+    ckpt_dir = workdir / CHECKPOINT_SUBDIR
+    if not (ckpt_dir / CONFIG_FILE).exists():
+        raise CheckpointError(f"{workdir} is not a training workdir (no {CHECKPOINT_SUBDIR}/"
+                              f"{CONFIG_FILE}). Fix: pass the --workdir of a training run")
+    step_dir = _latest_step_dir(ckpt_dir)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / CHECKPOINT_SUBDIR).mkdir(parents=True)
+    for name in RESUME_FILES:
+        if (workdir / name).exists():
+            shutil.copy2(workdir / name, tmp / name)
+    shutil.copy2(ckpt_dir / CONFIG_FILE, tmp / CHECKPOINT_SUBDIR / CONFIG_FILE)
+    shutil.copytree(step_dir, tmp / CHECKPOINT_SUBDIR / step_dir.name)
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return int(step_dir.name)
+
+
+def restore_workdir(snapshot, workdir) -> Optional[int]:
+    """Seed ``workdir`` from a :func:`snapshot_workdir` snapshot when it has no checkpoint yet;
+    a workdir that already holds checkpoints is left alone (it is at least as far along, or
+    another run). Returns the snapshot's step, or ``None`` when nothing was copied."""
+    snapshot, workdir = Path(snapshot), Path(workdir)
+    if (workdir / CHECKPOINT_SUBDIR).exists() and any(
+            p.name.isdigit() for p in (workdir / CHECKPOINT_SUBDIR).iterdir()):
+        return None
+    if not (snapshot / CHECKPOINT_SUBDIR / CONFIG_FILE).exists():
+        raise CheckpointError(f"{snapshot} is not a snapshot written by snapshot_workdir (no "
+                              f"{CHECKPOINT_SUBDIR}/{CONFIG_FILE}). Fix: pass the directory that "
+                              "--snapshot_to wrote")
+    step_dir = _latest_step_dir(snapshot / CHECKPOINT_SUBDIR)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in RESUME_FILES:
+        if (snapshot / name).exists():
+            shutil.copy2(snapshot / name, workdir / name)
+    (workdir / CHECKPOINT_SUBDIR).mkdir(exist_ok=True)
+    shutil.copy2(snapshot / CHECKPOINT_SUBDIR / CONFIG_FILE,
+                 workdir / CHECKPOINT_SUBDIR / CONFIG_FILE)
+    shutil.copytree(step_dir, workdir / CHECKPOINT_SUBDIR / step_dir.name)
+    return int(step_dir.name)

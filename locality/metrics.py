@@ -1,4 +1,4 @@
-"""Comparison metrics, as the paper's released code defines them (ALGORITHMS.md §10).
+"""Comparison metrics, as the paper's released code defines them (docs/algorithms.md §10).
 
 Per image, with ``x`` the analytical output and ``y`` the reference (network) output flattened to
 D values: ``r2 = 1 - sum (x - y)^2 / (D * var_unbiased(y))`` (a variance of 0 is replaced by 1),

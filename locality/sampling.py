@@ -1,7 +1,7 @@
 """Samplers over any denoiser ``D(x_t, ab) -> x0_hat``, with full trajectories recorded.
 
 * :func:`ddim` -- deterministic DDIM (eta = 0) with exactly the released semantics of
-  ALGORITHMS.md §1, or stochastic DDIM (eta > 0); ``eta = 1`` on all T steps is DDPM ancestral
+  docs/algorithms.md §1, or stochastic DDIM (eta > 0); ``eta = 1`` on all T steps is DDPM ancestral
   sampling (Song et al. 2021, eq. 16 with sigma_t = eta * sqrt((1-ab_prev)/(1-ab_t)) *
   sqrt(1 - ab_t/ab_prev)), exposed as :func:`ddpm`.
 * :func:`edm` -- Euler or Heun on the probability-flow ODE of the VE process
@@ -110,7 +110,7 @@ def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, 
          progress: bool = False) -> SampleResult:
     """DDIM sampling from ``x_T`` [B, H, W, C] with ``denoiser(x_t, ab) -> x0_hat``.
 
-    ALGORITHMS.md §1: leading timesteps (900, 800, ..., 0 for 10 steps), ``ab_prev = 1`` after
+    docs/algorithms.md §1: leading timesteps (900, 800, ..., 0 for 10 steps), ``ab_prev = 1`` after
     the last step; ``eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab + 1e-8)``; the update uses
     ``x0c = clip((x_t - sqrt(1-ab) eps_hat) / sqrt(ab), -1, 1)`` and
     ``x_prev = sqrt(ab_prev) x0c + sqrt(1-ab_prev) eps_hat`` (eps not recomputed after clipping);

@@ -3,7 +3,7 @@
 Notation used throughout the project: ``ab`` is alpha-bar, the signal fraction of the
 variance-preserving (VP) forward process
 
-    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps,   eps ~ N(0, I)          (ALGORITHMS.md §1)
+    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps,   eps ~ N(0, I)          (docs/algorithms.md §1)
 
 Denoisers receive ``ab`` (a float), never a schedule-specific integer timestep, so every method
 runs under every process. The variance-exploding (VE / EDM) view of the same process is
@@ -52,7 +52,7 @@ def ddpm_linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
     """The DDPM linear schedule (Ho et al. 2020), as used by the paper's released code.
 
     ``betas = linspace(beta_start, beta_end, T)`` in float32 and ``ab = cumprod(1 - betas)``
-    accumulated in float32 (ALGORITHMS.md §1).
+    accumulated in float32 (docs/algorithms.md §1).
     """
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
@@ -64,7 +64,7 @@ def ddpm_linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
 def ddim_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
     """"Leading" DDIM timesteps, high to low: ``(arange(S) * (T // S))[::-1]``.
 
-    For S = 10, T = 1000 this is ``900, 800, ..., 100, 0`` (ALGORITHMS.md §1).
+    For S = 10, T = 1000 this is ``900, 800, ..., 100, 0`` (docs/algorithms.md §1).
     """
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
@@ -74,7 +74,7 @@ def ddim_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
 def cosine_legacy_ab(t) -> np.ndarray:
     """Kamb & Ganguli's "cosine-legacy" process: ``ab(t) = cos^2(t / 1.008 * pi / 2)``, t in [0, 1].
 
-    No +0.008 offset on t (ALGORITHMS.md §1). Returns float64 numpy values.
+    No +0.008 offset on t (docs/algorithms.md §1). Returns float64 numpy values.
     """
     t = np.asarray(t, dtype=np.float64)
     if np.any(t < 0) or np.any(t > 1):
@@ -107,7 +107,7 @@ def edm_sigmas(num_steps: int = 18, sigma_min: float = 2e-3, sigma_max: float = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Conversions (ALGORITHMS.md §1). They work on numpy or jax arrays; ``ab`` broadcasts.
+# Conversions (docs/algorithms.md §1). They work on numpy or jax arrays; ``ab`` broadcasts.
 
 
 def sigma_from_ab(ab):

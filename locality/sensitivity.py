@@ -1,11 +1,11 @@
 """Sensitivity fields: Jacobian rows of a denoiser and summaries of their locality.
 
-ALGORITHMS.md §9. The sensitivity field of output pixel ``p`` at noise level ``ab`` is the row
+docs/algorithms.md §9. The sensitivity field of output pixel ``p`` at noise level ``ab`` is the row
 ``d D(x_t)_p / d x_t`` of the denoiser's Jacobian, computed with one vector-Jacobian product
 (VJP) per output pixel and output channel, its absolute value summed over input channels (and
 over the output channels of ``p``), averaged over M noisy inputs and shown as an H x W heat map.
 For an affine denoiser ``D(x) = W x + b`` the Jacobian is ``W`` everywhere, so the field of pixel
-``p`` is ``|row p of W|``; for the Wiener filter (ALGORITHMS.md §4) that is ``|row p of
+``p`` is ``|row p of W|``; for the Wiener filter (docs/algorithms.md §4) that is ``|row p of
 P_t / sqrt(ab)|``.
 
 Everything here works with any ``denoise(x_t [B, H, W, C], ab) -> x0_hat [B, H, W, C]``: a
@@ -126,7 +126,7 @@ def _is_pytree_denoiser(denoise) -> bool:
 
 def jacobian_rows(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
                   pixel_batch: Optional[int] = None) -> jax.Array:
-    """Jacobian rows of output pixels, one VJP per (pixel, output channel) (ALGORITHMS.md §9).
+    """Jacobian rows of output pixels, one VJP per (pixel, output channel) (docs/algorithms.md §9).
 
     Args:
       denoise: ``denoise(x_t [B, H, W, C], ab) -> x0_hat [B, H, W, C]``.
@@ -155,7 +155,7 @@ def jacobian_rows(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
 
 def fields(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
            pixel_batch: Optional[int] = None) -> jax.Array:
-    """Sensitivity fields [P, H, W] of ``pixels`` (ALGORITHMS.md §9).
+    """Sensitivity fields [P, H, W] of ``pixels`` (docs/algorithms.md §9).
 
     ``field[k] = mean_b sum_{c_out, c_in} |d D(x_t)[b, p_k, c_out] / d x_t[b, :, :, c_in]|``.
     """
@@ -211,7 +211,7 @@ def _check_mass(mass: float):
 
 
 def cosine(f, g) -> float:
-    """Cosine similarity ``<f, g> / (||f|| ||g||)`` of two [H, W] fields (ALGORITHMS.md §9)."""
+    """Cosine similarity ``<f, g> / (||f|| ||g||)`` of two [H, W] fields (docs/algorithms.md §9)."""
     a, b = _as_field(f, "f"), _as_field(g, "g")
     if a.shape != b.shape:
         raise ValueError(f"fields have different shapes {a.shape} and {b.shape}")
@@ -247,7 +247,7 @@ def support(f, mass: float = 0.9, threshold: Optional[float] = None) -> np.ndarr
 
 
 def iou(f, g, mass: float = 0.9, threshold: Optional[float] = None) -> float:
-    """Intersection over union of the :func:`support` of two fields (ALGORITHMS.md §9)."""
+    """Intersection over union of the :func:`support` of two fields (docs/algorithms.md §9)."""
     a = support(f, mass, threshold)
     b = support(g, mass, threshold)
     if a.shape != b.shape:
@@ -256,7 +256,7 @@ def iou(f, g, mass: float = 0.9, threshold: Optional[float] = None) -> float:
 
 
 def radius(f, pixel: Optional[Pixel] = None, mass: float = 0.5) -> float:
-    """Smallest Euclidean radius around ``pixel`` holding ``mass`` of the field (ALGORITHMS.md §9).
+    """Smallest Euclidean radius around ``pixel`` holding ``mass`` of the field (docs/algorithms.md §9).
 
     ``r = min { r : sum_{|q - p| <= r} f(q) >= mass * sum_q f(q) }`` with distances between
     pixel centres; ``r = 0`` when ``p`` alone holds that fraction. ``pixel`` defaults to the

@@ -1,6 +1,6 @@
 """Dataset statistics: streaming mean and covariance in float64, eigendecomposition, cache.
 
-ALGORITHMS.md §2. The covariance ``S = sum_k (x_k - mu)(x_k - mu)^T / (N - 1)`` over all
+docs/algorithms.md §2. The covariance ``S = sum_k (x_k - mu)(x_k - mu)^T / (N - 1)`` over all
 ``n = H*W*C`` elements (row-major NHWC flattening) is accumulated in float64 over chunks of
 images, never materialising ``N x n`` in float64; memory is O(chunk * n + n^2) whatever N is.
 To avoid cancellation, sums are taken about a shift (the first chunk's mean), which leaves the
@@ -93,7 +93,7 @@ def fingerprint(images: np.ndarray) -> str:
 def moments(images: np.ndarray, chunk_size: int = 4096) -> Tuple[np.ndarray, np.ndarray, int]:
     """Streaming float64 mean [n] and unbiased covariance [n, n] of ``images`` [N, H, W, C].
 
-    ALGORITHMS.md §2. With N == 1 the covariance is all zeros (no spread observed).
+    docs/algorithms.md §2. With N == 1 the covariance is all zeros (no spread observed).
     """
     images = np.asarray(images)
     n_img = int(images.shape[0])

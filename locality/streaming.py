@@ -8,14 +8,14 @@ SCFDM) computes, for each query ``b`` and each of ``M`` independent softmaxes ``
 over ``K`` items that never all fit in memory at once. The items are streamed in chunks and
 combined with the log-sum-exp algebra (running maximum; numerator and denominator rescaled
 when the maximum grows), so the result is exact -- identical up to float round-off for every
-chunk size and every order of the items (DESIGN.md, "Streaming over the training set").
+chunk size and every order of the items (docs/architecture.md, "Streaming over the training set").
 
 The same merge combines partial results from different devices: :func:`stream` accepts a
 ``jax.sharding.Mesh`` and then shards the chunk axis over the mesh axis ``"data"`` with
 ``shard_map``; each device streams its own chunks and the partial accumulators are merged with
 ``pmax`` / ``psum`` (exactly the merge below, written as collectives).
 
-``mode="chunk_mean"`` reproduces the released implementation's quirk (ALGORITHMS.md §5): each
+``mode="chunk_mean"`` reproduces the released implementation's quirk (docs/algorithms.md §5): each
 chunk's softmax is normalised within the chunk and the per-chunk posterior means are averaged
 with equal weight. It depends on chunk size and order and is *not* the posterior mean.
 """

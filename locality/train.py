@@ -1,4 +1,4 @@
-"""Trainer for the eps-prediction networks (ALGORITHMS.md §1 and §11).
+"""Trainer for the eps-prediction networks (docs/algorithms.md §1 and §11).
 
 Objective: the DDPM "simple" loss (Ho et al. 2020, eq. 14 / Algorithm 1)
 

@@ -22,7 +22,7 @@ def softmax_average_np(logits, values):
 
 
 def optimal_np(x_t, train, ab, tau=1.0):
-    """Brute-force float64 posterior mean (ALGORITHMS.md §3)."""
+    """Brute-force float64 posterior mean (docs/algorithms.md §3)."""
     q = np.asarray(x_t, np.float64).reshape(len(x_t), -1)
     x = np.asarray(train, np.float64).reshape(len(train), -1)
     d = ((q[:, None, :] - np.sqrt(ab) * x[None]) ** 2).sum(-1)

@@ -54,7 +54,7 @@ def test_permute_roundtrip_and_definition():
 
 
 def test_wiener_is_permutation_equivariant():
-    """W of permuted data == P W P^T (a symmetry of the closed form, ALGORITHMS.md §4)."""
+    """W of permuted data == P W P^T (a symmetry of the closed form, docs/algorithms.md §4)."""
     x = _images(300, 6, 6)
     perm = transforms.permutation(3, 6, 6)
     st0 = stats.gaussian_stats(x)

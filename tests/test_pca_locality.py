@@ -1,4 +1,4 @@
-"""pca_locality (ALGORITHMS.md §5) against a literal float64 numpy oracle on tiny images."""
+"""pca_locality (docs/algorithms.md §5) against a literal float64 numpy oracle on tiny images."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Sensitivity fields (ALGORITHMS.md §9): Jacobian rows, fields, locality summaries."""
+"""Sensitivity fields (docs/algorithms.md §9): Jacobian rows, fields, locality summaries."""
 
 import importlib.util
 import json

@@ -407,3 +407,28 @@ def test_export_steps_and_heldout_eval_leave_the_run_unchanged(reference_run, tm
         train(TINY, dataclasses.replace(cfg, eval_every=2), tmp_path / "x", images=_images())
     with pytest.raises(ValueError, match="holdout"):
         train(TINY, dataclasses.replace(CFG, holdout=0.1), tmp_path / "y", images=_images())
+
+
+def test_snapshot_restores_on_a_fresh_workdir_bit_identical(reference_run, tmp_path):
+    """A run stopped at step 3, snapshotted (latest step + optimiser state + logs), restored into
+    an empty workdir elsewhere and continued to step 6 equals the uninterrupted run."""
+    from locality.checkpoints import CheckpointError, restore_workdir, snapshot_workdir
+
+    _, ref_state, _ = reference_run
+    first = tmp_path / "first"
+    train(TINY, dataclasses.replace(CFG, num_steps=3), first, images=_images())
+    assert snapshot_workdir(first, tmp_path / "snap") == 3
+    assert snapshot_workdir(first, tmp_path / "snap") == 3  # replaces an earlier snapshot
+    snap_steps = [p.name for p in (tmp_path / "snap" / "checkpoints").iterdir()]
+    assert sorted(snap_steps) == ["3", "config.json"]
+    fresh = tmp_path / "elsewhere" / "w"
+    assert restore_workdir(tmp_path / "snap", fresh) == 3
+    assert restore_workdir(tmp_path / "snap", fresh) is None  # never overwrites a started run
+    state, summary = train(TINY, CFG, fresh, images=_images())
+    assert summary["resumed_from"] == 3
+    assert _leaves_equal(state.params, ref_state.params)
+    assert _leaves_equal(state.opt_state, ref_state.opt_state)
+    with pytest.raises(CheckpointError, match="not a snapshot"):
+        restore_workdir(tmp_path / "nothing", tmp_path / "w2")
+    with pytest.raises(CheckpointError, match="not a training workdir"):
+        snapshot_workdir(tmp_path / "nothing", tmp_path / "s2")

@@ -1,4 +1,4 @@
-"""Calibration of a per-step patch / square size against a reference denoiser (ALGORITHMS.md §6).
+"""Calibration of a per-step patch / square size against a reference denoiser (docs/algorithms.md §6).
 
 Kamb & Ganguli fit the patch size k of their local score machines (:mod:`locality.denoisers.
 local_score`) per noise level by comparing the machine with a trained network along the

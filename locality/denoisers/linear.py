@@ -1,6 +1,6 @@
 """Linear (affine) denoisers trained by gradient descent, and their registry entry.
 
-ALGORITHMS.md §4: a denoiser ``D_t(x) = W_t x + b_t`` (``W_t`` [n, n], ``b_t`` [n], NHWC
+docs/algorithms.md §4: a denoiser ``D_t(x) = W_t x + b_t`` (``W_t`` [n, n], ``b_t`` [n], NHWC
 flattening) trained with optax on
 
     L(W, b) = E_{x0 ~ train, eps ~ N(0, I)} || W (sqrt(ab) x0 + sqrt(1 - ab) eps) + b - x0 ||^2
@@ -35,7 +35,7 @@ Steps run in chunks of ``log_every`` inside one jitted ``lax.scan`` (buffers don
 chunk the history records the chunk's mean training loss and, for the current estimate (the tail
 average once averaging has begun), the relative Frobenius error ``||W - W*||_F / ||W*||_F``, the
 relative error of ``b``, the relative excess loss ``(L(W, b) - L*) / L*`` (exact, from the
-moments) and the cosine between the sensitivity fields (ALGORITHMS.md §9) of ``W`` and ``W*`` at
+moments) and the cosine between the sensitivity fields (docs/algorithms.md §9) of ``W`` and ``W*`` at
 one pixel.
 
 Registry: ``make("linear", weights={ab: (W, b), ...} | "path.npz", shape=(H, W, C))`` returns
@@ -74,7 +74,7 @@ Weights = Mapping[float, Tuple[np.ndarray, np.ndarray]]
 
 
 def least_squares_linear(images, ab: float) -> Tuple[np.ndarray, np.ndarray]:
-    """float64 ``(W, b)`` minimising the training objective exactly (ALGORITHMS.md §4).
+    """float64 ``(W, b)`` minimising the training objective exactly (docs/algorithms.md §4).
 
     The expectation over the empirical distribution of ``images`` [N, H, W, C] and Gaussian
     noise in closed form: ``W = sqrt(ab) S_N (ab S_N + (1 - ab) I)^-1``, ``b = (I - sqrt(ab) W) mu``

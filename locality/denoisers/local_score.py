@@ -1,4 +1,4 @@
-"""Local score machines of Kamb & Ganguli: LS, ELS and bbELS (ALGORITHMS.md §6).
+"""Local score machines of Kamb & Ganguli: LS, ELS and bbELS (docs/algorithms.md §6).
 
 Source: M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
 models" (2024/2025), the LS / ELS machines and their boundary-broken variant. All three are a
@@ -128,7 +128,7 @@ def logit_scale(ab):
 
 
 def _ls_flat(x_t, ab, chunked, k: int, softmax: str, mesh) -> jax.Array:
-    """LS machine -> [B, H*W, C] (ALGORITHMS.md §6, LS)."""
+    """LS machine -> [B, H*W, C] (docs/algorithms.md §6, LS)."""
     b, h, w, c = x_t.shape
 
     def chunk_fn(ctx, data):
@@ -248,7 +248,7 @@ def _grid(h: int, w: int) -> np.ndarray:
 
 
 def _els_flat(x_t, ab, chunked, k, dictionary, softmax, mesh):
-    """ELS machine -> [B, H*W, C] (ALGORITHMS.md §6, ELS)."""
+    """ELS machine -> [B, H*W, C] (docs/algorithms.md §6, ELS)."""
     _, h, w, c = x_t.shape
     r = k // 2
     allpix = _grid(h, w)
@@ -269,7 +269,7 @@ def _els_flat(x_t, ab, chunked, k, dictionary, softmax, mesh):
 
 
 def bbels_classes(h: int, w: int, k: int) -> np.ndarray:
-    """Pixel class for bbELS: 0 interior, 1 edge, 2 corner; int [H, W] (ALGORITHMS.md §6)."""
+    """Pixel class for bbELS: 0 interior, 1 edge, 2 corner; int [H, W] (docs/algorithms.md §6)."""
     r = k // 2
     rb = (np.arange(h) < r) | (np.arange(h) > h - 1 - r)
     cb = (np.arange(w) < r) | (np.arange(w) > w - 1 - r)
@@ -277,7 +277,7 @@ def bbels_classes(h: int, w: int, k: int) -> np.ndarray:
 
 
 def _bbels_flat(x_t, ab, chunked, k, softmax, mesh):
-    """bbELS machine -> [B, H*W, C] for k <= min(H, W) (ALGORITHMS.md §6, bbELS).
+    """bbELS machine -> [B, H*W, C] for k <= min(H, W) (docs/algorithms.md §6, bbELS).
 
     Interior pixels: one stream over all interior (valid) patches. Edge pixels: one stream per
     orientation over lines parallel to the edge (:func:`_line_softmax`). Corner pixels: LS.
@@ -319,7 +319,7 @@ DICTIONARIES = ("wrapped", "valid")
 
 @flax.struct.dataclass
 class LocalScoreMachine(SizedDenoiser):
-    """LS / ELS / bbELS over a chunked training set (module docs; ALGORITHMS.md §6).
+    """LS / ELS / bbELS over a chunked training set (module docs; docs/algorithms.md §6).
 
     Attributes:
       chunked: ``(images [C, cs, H, W, Ch],)`` and ``valid [C, cs]``.

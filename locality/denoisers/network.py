@@ -1,14 +1,14 @@
 """A trained eps-prediction network wrapped as a denoiser ``D(x_t, ab) -> x0_hat``.
 
 The network was trained on integer timesteps of a discrete schedule (default
-:func:`locality.schedules.ddpm_linear`), but denoisers receive ``ab`` (DESIGN.md, "Denoiser").
+:func:`locality.schedules.ddpm_linear`), but denoisers receive ``ab`` (docs/architecture.md, "Denoiser").
 The wrapper maps ``ab`` to a continuous timestep by piecewise-linear interpolation of the
 schedule's ``(ab_t, t)`` table: ``t(ab) = t_k + (ab_k - ab) / (ab_k - ab_{k+1})`` for
 ``ab_{k+1} <= ab <= ab_k``. When ``ab`` equals a schedule value ``ab_k`` the result is exactly the
 integer ``k`` (the interpolation is exact at the nodes), so on the schedule's own grid the net is
 called exactly as during training. ``ab`` above ``ab_0`` maps to ``t = 0`` and below ``ab_{T-1}``
 to ``t = T - 1`` (clamped; the net never saw other times). The eps prediction is converted with
-``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (ALGORITHMS.md §1, :func:`schedules.x0_from_eps`),
+``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (docs/algorithms.md §1, :func:`schedules.x0_from_eps`),
 using the requested ``ab`` itself.
 
 Class-conditional nets (``num_classes > 0``, see :mod:`locality.nets.unet`) are called with "no
@@ -167,7 +167,7 @@ def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] =
 def sample_images(model, params, x_T, num_steps: int = 10,
                   schedule: Optional[schedules_lib.DiscreteSchedule] = None,
                   guidance: float = 0.0) -> np.ndarray:
-    """Deterministic DDIM (ALGORITHMS.md §1, via :func:`locality.sampling.ddim`) with the network
+    """Deterministic DDIM (docs/algorithms.md §1, via :func:`locality.sampling.ddim`) with the network
     wrapped as a denoiser; returns the final images [B, H, W, C]. A class-conditional net samples
     image ``i`` from class ``i mod num_classes`` with guidance weight ``guidance``."""
     schedule = schedule or schedules_lib.ddpm_linear()

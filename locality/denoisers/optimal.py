@@ -1,4 +1,4 @@
-"""The empirical optimal denoiser and the nearest-neighbour baseline (ALGORITHMS.md §3).
+"""The empirical optimal denoiser and the nearest-neighbour baseline (docs/algorithms.md §3).
 
 Optimal (posterior mean under the empirical training distribution):
 

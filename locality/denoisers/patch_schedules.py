@@ -1,4 +1,4 @@
-"""Patch-size schedules shared by the local score machines and PSPC-Square (ALGORITHMS.md §6, §7).
+"""Patch-size schedules shared by the local score machines and PSPC-Square (docs/algorithms.md §6, §7).
 
 A per-step size -- the patch size k of Kamb & Ganguli's LS / ELS / bbELS machines
 (:mod:`locality.denoisers.local_score`) or the square size s of Niedoba et al.'s PSPC-Square
@@ -57,7 +57,7 @@ from locality import schedules
 from locality.denoisers.base import DenoiserBase, _is_tracer
 
 # ----------------------------------------------------------------------------------------------
-# Published calibrated schedules (Kamb & Ganguli's released files; ALGORITHMS.md §6).
+# Published calibrated schedules (Kamb & Ganguli's released files; docs/algorithms.md §6).
 # Index 0 = t 0 ... index 19 = t 0.95 on the cosine-legacy 20-step grid.
 
 KS_CIFAR10_RESNET_ZEROS_COND = (3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17)

@@ -1,4 +1,4 @@
-"""The paper's analytical denoiser, "pca_locality" (Lukoianov et al. 2025; ALGORITHMS.md §5).
+"""The paper's analytical denoiser, "pca_locality" (Lukoianov et al. 2025; docs/algorithms.md §5).
 
 Per noise level, a binary mask per output element is derived from the Wiener filter
 ``P_t = U diag(s_t) U^T`` (float64, on the host):
@@ -72,7 +72,7 @@ DIAG_GUARD = 1e-6
 
 
 def wiener_projection(stats: GaussianStats, ab: float) -> np.ndarray:
-    """``P_t = U diag(s) U^T`` in float64, ``s = ab lam / (ab lam + 1 - ab)`` (ALGORITHMS.md §4)."""
+    """``P_t = U diag(s) U^T`` in float64, ``s = ab lam / (ab lam + 1 - ab)`` (docs/algorithms.md §4)."""
     lam = np.asarray(stats.eigvals, np.float64)
     s = ab * lam / (ab * lam + (1.0 - ab))
     u = np.asarray(stats.eigvecs, np.float64)
@@ -80,7 +80,7 @@ def wiener_projection(stats: GaussianStats, ab: float) -> np.ndarray:
 
 
 def masks(stats: GaussianStats, ab: float, threshold: float, mode: str = "global"):
-    """The mask of ALGORITHMS.md §5 at noise level ``ab``; returns ``(M [n, n], density)``.
+    """The mask of docs/algorithms.md §5 at noise level ``ab``; returns ``(M [n, n], density)``.
 
     Args:
       threshold: theta. ``0`` returns the soft (unbinarised) mask ``Mc`` itself (float64).
@@ -500,10 +500,10 @@ TILE_EFFICIENCY = 0.7
 # A gathered correction block of O output columns runs at O / (O + CLUSTER_OVERHEAD) of the dense
 # rate: every gathered input row is copied (gather, GEMM packing) and feeds only (B + 1) O
 # multiply-adds per item, and the batch-independent X^2 term only O, so small clusters pay the
-# copies. Provisional: interleaved medians of the clusters path (O = 8, 16, 32) against the dense
-# path at t = 900 and 700 (full-size Fashion-MNIST masks, N = 8192, B = 8) on a busy 2-core machine
-# gave efficiencies 0.26 / 0.33-0.40 / 0.50-0.54, i.e. an overhead of about 27 columns.
-CLUSTER_OVERHEAD = 27.0
+# copies. Measured by benchmarks/pca_locality.py on a quiet 2-core machine (load 1.0, full
+# Fashion-MNIST, B = 8, the calibration section of benchmarks/results/pca_locality.json): 33
+# columns (a provisional busy-machine estimate was 27).
+CLUSTER_OVERHEAD = 33.0
 # Candidates of path="auto"/"clusters" when num_centroids / cluster_size are not given. On the
 # Fashion-MNIST masks k-means centroid bases do not pay for their dense columns (padded plan cost
 # at t = 900 / 500 / 100 with O = 32: 0.42 / 0.84 / 0.39 of dense without centroids, 0.44 / 0.88 /
@@ -860,7 +860,7 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
                       tile: Optional[int] = None, num_centroids: Optional[int] = None,
                       cluster_size: Optional[int] = None, abs=None, mesh=None,
                       shard: bool = False, progress: bool = False) -> PcaLocality:
-    """The paper's analytical denoiser (ALGORITHMS.md §5).
+    """The paper's analytical denoiser (docs/algorithms.md §5).
 
     Args:
       stats: Gaussian statistics of the training set (``stats.gaussian_stats``).

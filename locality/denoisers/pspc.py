@@ -1,4 +1,4 @@
-"""Patch-based posterior means of Niedoba et al.: PSPC-Square and PSPC-Flex (ALGORITHMS.md §7).
+"""Patch-based posterior means of Niedoba et al.: PSPC-Square and PSPC-Flex (docs/algorithms.md §7).
 
 Source: M. Niedoba, B. Zwartsenberg, K. Murphy, F. Wood, "Towards a mechanistic explanation of
 diffusion model generalization" (2024/2025). Process: EDM VE, ``z = x + t eps``. For a 0/1 crop
@@ -32,13 +32,13 @@ PSPC-Flex (``pspc_flex``)
 
         h_p(q) = mean over probes of  sum_{c_out, c_in} | d D(x_t)[p, c_out] / d x_t[q, c_in] |
 
-    (the sensitivity fields of ALGORITHMS.md §9 for all output pixels, :func:`gradient_heatmaps`,
+    (the sensitivity fields of docs/algorithms.md §9 for all output pixels, :func:`gradient_heatmaps`,
     also summed over the output channels of ``p``; probes are noisy training images). The
     crop of ``p`` holds the pixels of largest ``h_p``, taken in decreasing order until their mass
     reaches a fraction ``lambda(t)`` of ``sum_q h_p(q)`` (the pixel crossing the threshold is
     included), plus ``p`` itself (:func:`grow_masks`). Output pixel ``p`` is the posterior mean
     of ``x_p`` under its own crop -- the per-pixel masked empirical denoiser, i.e. the PCA-locality
-    machine of ALGORITHMS.md §5 with the crop masks in place of the Wiener-derived ones. At call
+    machine of docs/algorithms.md §5 with the crop masks in place of the Wiener-derived ones. At call
     time the mask set of the grid point nearest in ``log(sigma)`` is used (traced-friendly).
     ``lambda`` is a float or a callable ``sigma -> fraction``; masks can also be given directly.
 
@@ -65,7 +65,7 @@ from locality.denoisers.registry import register
 
 EDM_STEPS = 18
 
-# Published CIFAR-10 schedule on the 18-step EDM grid (ALGORITHMS.md §7): (lowest sigma of the
+# Published CIFAR-10 schedule on the 18-step EDM grid (docs/algorithms.md §7): (lowest sigma of the
 # band on the grid, square size), high to low noise; below 0.585 the size is 3.
 CIFAR10_EDM_BANDS = ((8.40, 32), (5.32, 23), (3.26, 15), (1.92, 11), (1.09, 7), (0.585, 5),
                      (0.0, 3))
@@ -184,7 +184,7 @@ def _resolve_pspc_spec(spec, shape):
 def make_pspc_square(*, train, patch_size: SizeSpec = "cifar10_edm", flip: bool = True,
                      softmax: str = "exact", chunk_size: int = 64, mesh=None,
                      shard: bool = False) -> PSPCSquare:
-    """PSPC-Square over ``train`` [N, H, W, C] (module docs; ALGORITHMS.md §7).
+    """PSPC-Square over ``train`` [N, H, W, C] (module docs; docs/algorithms.md §7).
 
     Args:
       patch_size: square size s: int, callable ``sigma -> int``, SizeSchedule, list of 18 sizes
@@ -212,7 +212,7 @@ def gradient_heatmaps(denoise, x_t, ab: float, *, pixel_batch: Optional[int] = 6
     """Gradient heat maps of a denoiser: float32 [H*W, H*W], row p = heat map of output pixel p.
 
     ``h[p, q] = mean_b sum_{c_out, c_in} |d D(x_t)[b, p, c_out] / d x_t[b, q, c_in]|`` -- the
-    sensitivity field of ALGORITHMS.md §9 for every output pixel (the batch elements of ``x_t``
+    sensitivity field of docs/algorithms.md §9 for every output pixel (the batch elements of ``x_t``
     [B, H, W, C] are the probes). Computed with :func:`locality.sensitivity.fields` (one VJP per
     output pixel and channel, ``pixel_batch`` cotangents at a time); if that module is not
     available, with the equivalent :func:`_own_heatmaps`.
@@ -248,7 +248,7 @@ def _own_heatmaps(denoise, x_t, ab: float, *, pixel_batch: int = 64) -> np.ndarr
 def grow_masks(heat, lam: float) -> np.ndarray:
     """Crop masks from heat maps [P, Q] (row p = output pixel p; P = Q = H*W).
 
-    Returns float32 [Q, P] in the column convention of ALGORITHMS.md §5 (column p = the inputs
+    Returns float32 [Q, P] in the column convention of docs/algorithms.md §5 (column p = the inputs
     output p looks at): the pixels of largest heat in decreasing order (ties by index) until
     their mass reaches ``lam`` times the row's total (the crossing pixel included), plus p.
     """
@@ -340,7 +340,7 @@ def make_pspc_flex(*, train, network=None, masks=None, abs=None, sigmas=None,
                    seed: int = 0, flip: bool = True, softmax: str = "exact",
                    chunk_size: int = 256, pixel_batch: Optional[int] = 64, mesh=None,
                    shard: bool = False) -> PSPCFlex:
-    """PSPC-Flex over ``train`` [N, H, W, C] (module docs; ALGORITHMS.md §7).
+    """PSPC-Flex over ``train`` [N, H, W, C] (module docs; docs/algorithms.md §7).
 
     Args:
       network: the denoiser whose heat maps define the crops (any ``D(x_t, ab)``, e.g.

@@ -1,4 +1,4 @@
-"""Name -> factory registry shared by every denoiser (DESIGN.md, "Denoiser" contract).
+"""Name -> factory registry shared by every denoiser (docs/architecture.md, "Denoiser" contract).
 
 A factory binds fitted state and static hyper-parameters and returns a pure function
 ``denoise(x_t [B, H, W, C], ab) -> x0_hat [B, H, W, C]``. Register one with::

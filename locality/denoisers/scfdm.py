@@ -1,4 +1,4 @@
-"""Smoothed closed-form denoiser (ALGORITHMS.md §8).
+"""Smoothed closed-form denoiser (docs/algorithms.md §8).
 
 Source: C. Scarvelis, H. Sáez de Ocáriz Borde, J. Solomon, "Closed-form diffusion models"
 (arXiv:2310.12395, 2023; TMLR 2025). The closed-form (optimal, empirical) score memorises the
@@ -6,19 +6,19 @@ training set; the paper smooths it explicitly so that sampling produces new poin
 of nearby training points) without training.
 
 ``smoothing="input"`` (default) -- the form used by the analytical-diffusion comparisons
-(ALGORITHMS.md §8): the optimal denoiser :mod:`locality.denoisers.optimal` averaged over ``R``
+(docs/algorithms.md §8): the optimal denoiser :mod:`locality.denoisers.optimal` averaged over ``R``
 Gaussian perturbations of its input,
 
     x0_hat(x_t) = (1/R) sum_r D*(x_t + sigma_s xi_r),   xi_r ~ N(0, I)   (R = 10, sigma_s = 0.1).
 
-Relation to the score: with ``score = (sqrt(ab) x0_hat - x_t) / (1 - ab)`` (ALGORITHMS.md §1),
+Relation to the score: with ``score = (sqrt(ab) x0_hat - x_t) / (1 - ab)`` (docs/algorithms.md §1),
 this is ``(1/R) sum_r s*(x_t + sigma_s xi_r) + sigma_s mean_r(xi_r) / (1 - ab)``, i.e. the
 Monte-Carlo estimate of the Gaussian-smoothed closed-form score ``E_xi[s*(x_t + sigma_s xi)]``
 (the second term has mean zero). ``sigma_s`` is in units of ``x_t`` (the VP state), at every
 noise level.
 
 ``smoothing="train"`` -- smoothing in the space of training points, the paper's own kind of
-parameterisation as ALGORITHMS.md §8 describes it (its sigma perturbs the training points rather
+parameterisation as docs/algorithms.md §8 describes it (its sigma perturbs the training points rather
 than the query; this is our reading of that description -- check it against the paper's
 definitions before relying on the exact form): the closed-form posterior mean of a training set
 whose points are perturbed, averaged over ``R`` perturbations,
@@ -172,7 +172,7 @@ def make_scfdm(*, train, num_samples: int = 10, sigma_s: float = 0.1, key=None, 
       num_samples: R perturbations per call (default 10).
       sigma_s: perturbation scale (default 0.1).
       key: a ``jax.random`` key; default ``jax.random.key(seed)``.
-      smoothing: ``"input"`` (default, ALGORITHMS.md §8) or ``"train"`` (training points).
+      smoothing: ``"input"`` (default, docs/algorithms.md §8) or ``"train"`` (training points).
       top_k: nearest-neighbour approximation of the optimal denoiser (input smoothing only).
     """
     arr = as_train_array(train)

@@ -1,4 +1,4 @@
-"""Wiener filter = the optimal linear (affine) denoiser (ALGORITHMS.md §4).
+"""Wiener filter = the optimal linear (affine) denoiser (docs/algorithms.md §4).
 
 ``W* = sqrt(ab) S (ab S + (1 - ab) I)^-1`` and ``b* = (I - sqrt(ab) W*) mu``. In the eigenbasis
 ``S = U diag(lam) U^T`` with shrinkage ``s_i = ab lam_i / (ab lam_i + 1 - ab)``:
@@ -23,7 +23,7 @@ from locality.stats import GaussianStats
 
 
 def shrinkage(eigvals, ab):
-    """``s_i = ab lam_i / (ab lam_i + 1 - ab)`` (ALGORITHMS.md §4)."""
+    """``s_i = ab lam_i / (ab lam_i + 1 - ab)`` (docs/algorithms.md §4)."""
     return ab * eigvals / (ab * eigvals + (1.0 - ab))
 
 

@@ -1,4 +1,4 @@
-"""The paper's DDPM-style eps-prediction UNet (ALGORITHMS.md §11).
+"""The paper's DDPM-style eps-prediction UNet (docs/algorithms.md §11).
 
 Architecture (Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", appendix B;
 the layout of their released ``diffusion_tf/models/unet.py``):
@@ -141,7 +141,7 @@ class Norm(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """DDPM residual block (ALGORITHMS.md §11)."""
+    """DDPM residual block (docs/algorithms.md §11)."""
 
     out_ch: int
     dropout: float = 0.0
@@ -189,7 +189,7 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM eps-prediction UNet (ALGORITHMS.md §11); see the module docstring.
+    """DDPM eps-prediction UNet (docs/algorithms.md §11); see the module docstring.
 
     Attributes:
       ch: base width. Paper: 64 at 28 px, 128 at 32/64 px.
