@@ -43,7 +43,8 @@ def _load(path: str) -> Optional[dict]:
 
 def discover(results: str) -> Dict[str, List[tuple]]:
     """{kind: [(run dir, metrics, config)]} for every run under ``results``."""
-    runs = {"compare": [], "sensitivity": [], "linear_gd": [], "data_stats": [], "guidance": []}
+    runs = {"quality": [], "training_path": [], "compare": [], "sensitivity": [], "linear_gd": [],
+            "data_stats": [], "guidance": []}
     if not os.path.isdir(results):
         raise FileNotFoundError(f"--results {results!r} is not a directory; run the experiments "
                                 "first (see the README)")
@@ -53,7 +54,11 @@ def discover(results: str) -> Dict[str, List[tuple]]:
         if not isinstance(m, dict):
             continue
         cfg = _load(os.path.join(d, "config.json")) or {}
-        if "methods" in m and "checkpoint" in m:
+        if "real_vs_real_fd" in m:
+            runs["quality"].append((d, m, cfg))
+        elif "method_seconds" in m and "networks" in m:
+            runs["training_path"].append((d, m, cfg))
+        elif "methods" in m and "checkpoint" in m:
             runs["compare"].append((d, m, cfg))
         elif "radius" in m and "cosine" in m:
             runs["sensitivity"].append((d, m, cfg))
@@ -403,6 +408,81 @@ def guidance_section(d, m, cfg, out_dir):
     return lines, readme
 
 
+def quality_section(d, m, cfg, out_dir):
+    """Measured sample quality per network (experiments/quality.py), and a README row comparing
+    the best-trained network with the committed CPU one."""
+    ds = m["dataset"]
+    cmd = _cmd("quality", ds, d) + _overrides("quality", ds, cfg)
+    nets = m["networks"]
+    ts = m["timesteps"]
+    lines = [f"### Sample quality of the {ds} networks", "",
+             f"{m['num_samples']} samples per network ({m['sampler']}, {m['num_steps']} steps, "
+             f"shared noise) against {m['num_real']} real held-out images ({m['heldout']}), in "
+             f"the features of a classifier trained on the training split (accuracy "
+             f"{m['classifier']['heldout_accuracy']:.4f} on {m['classifier']['heldout_size']} "
+             f"held-out images). Real training vs real held-out images of the same sizes: FD "
+             f"{m['real_vs_real_fd']:.3f} (the floor). Reproduce: `{cmd}`", "",
+             "| network | epochs | FD | confident > 0.9 | held-out eps-MSE | "
+             + " | ".join(f"t={t}" for t in ts) + " |",
+             "|---|---|---|---|---|" + "---|" * len(ts)]
+    for label, r in nets.items():
+        seen = " (trained on the held-out images)" if r.get("trained_on_heldout") else ""
+        lines.append(f"| {label}{seen} | {r['epochs']:.1f} | {r['fd']:.3f} | "
+                     f"{r['confident_fraction']:.3f} | {r['eps_mse_mean']:.5f} | "
+                     + " | ".join(f"{r['eps_mse'][str(t)]['mean']:.5f} ± "
+                                  f"{r['eps_mse'][str(t)]['se']:.5f}" for t in ts) + " |")
+    lines += [""] + _figures(d, ["quality.png"], out_dir)
+    grids = sorted(f for f in os.listdir(d) if f.startswith("samples_"))
+    lines += [f"![{g}]({_rel(os.path.join(d, g), out_dir)})" for g in grids] + [""]
+    committed = [l for l in nets if "committed" in l]
+    trained = [l for l in nets if l not in committed]
+    row = None
+    if committed and trained:
+        c, best = nets[committed[0]], max(trained, key=lambda l: nets[l]["epochs"])
+        b = nets[best]
+        ratio = c["fd"] / b["fd"] if b["fd"] > 0 else float("inf")
+        verdict = (f"better samples: FD {ratio:.1f}x lower" if ratio > 1.5 else
+                   "no clear improvement in FD")
+        row = (f"sample quality of the reference net ({ds})",
+               f"FD {b['fd']:.2f} for `{b['checkpoint']}` ({b['epochs']:.0f} epochs) vs "
+               f"{c['fd']:.2f} for `{c['checkpoint']}`; confident labels {b['confident_fraction']:.2f} "
+               f"vs {c['confident_fraction']:.2f}; real-vs-real floor {m['real_vs_real_fd']:.2f}",
+               verdict, cmd)
+    return lines, row
+
+
+def training_path_section(d, m, cfg, out_dir):
+    """r2 of every method against the network as it trains (experiments/training_path.py)."""
+    ds = m["dataset"]
+    arg = ds + (",quick" if m["num_samples"] <= 8 else "")
+    cmd = _cmd("training_path", arg, d) + _overrides("training_path", arg, cfg)
+    table = open(os.path.join(d, "table.md")).read().strip().splitlines()
+    nets = m["networks"]
+    order = list(nets)
+    first, last = nets[order[0]], nets[order[-1]]
+    lines = [f"### Which denoiser does the {ds} network approach as it trains?", "",
+             f"Every method samples once from the shared noise; every export of the network "
+             f"samples its own trajectories from the same noise ({m['num_samples']} samples, all "
+             f"methods on the same {m['train_size']} training images). Reproduce: `{cmd}`", "",
+             *table, ""] + _figures(d, ["r2_vs_epochs.png"], out_dir) + [""]
+    moves = []
+    for meth in m["methods"]:
+        a = first["final_trajectory_r2"][meth]["mean"]
+        b = last["final_trajectory_r2"][meth]["mean"]
+        moves.append(f"{meth} {a:.2f} -> {b:.2f}")
+    best = last["best"]
+    sep = [k for k, p in last["paired_vs_best"].items() if p["verdict"] == "A"]
+    tied = [k for k, p in last["paired_vs_best"].items() if p["verdict"] != "A"]
+    verdict = (f"after {last['epochs']:.0f} epochs the network is closest to {best}"
+               + (f", separated from {', '.join(sep)}" if sep else "")
+               + (f"; not separated from {', '.join(tied)}" if tied else ""))
+    lines += [f"**Verdict:** {verdict}. Final r2 from the first to the last export: "
+              + "; ".join(moves) + ".", ""]
+    row = (f"network vs methods as it trains ({ds}, {first['epochs']:.0f} -> "
+           f"{last['epochs']:.0f} epochs)", "final r2 " + "; ".join(moves), verdict, cmd)
+    return lines, row
+
+
 def training_section(checkpoints: str, out_dir: str):
     lines = ["### Trained networks", "", "| checkpoint | params | steps | final loss | samples |",
              "|---|---|---|---|---|"]
@@ -432,6 +512,11 @@ def build_report(results: str, out: str, checkpoints: str = "checkpoints"):
           f"`{results}`; each section names the command that regenerates it. Measured on a 2-core "
           "CPU unless a section says otherwise.", ""]
     rows = []
+    for kind, section in (("quality", quality_section), ("training_path", training_path_section)):
+        for d, m, cfg in runs[kind]:
+            lines, row = section(d, m, cfg, out_dir)
+            md += lines
+            rows += [row] if row else []
     for d, m, _ in runs["compare"]:
         lines, row = compare_section(d, m, out_dir)
         md += lines

@@ -119,3 +119,48 @@ def test_guidance_section_and_verdicts(tmp_path):
     # hand-computed limits: se(0.5, 128) = 0.0442, so 0.60 is above chance + 2 se = 0.588
     assert report.guidance_verdict(0.60, 128, 0.9, 200, 2) == "above chance, below real images"
     assert report.guidance_verdict(0.58, 128, 0.9, 200, 2) == "not above chance"
+
+
+def test_quality_and_training_path_sections(tmp_path):
+    """Hand-made quality and training-path runs: the FD verdict and the closest-method verdict
+    follow the numbers (paired statistics from locality.metrics)."""
+    from locality import metrics
+
+    res = tmp_path / "results"
+    q = res / "quality_toy"
+    q.mkdir(parents=True)
+    eps = {str(t): {"mean": 0.02, "se": 0.001} for t in (100, 900)}
+    net = lambda fd, ep, conf: {"checkpoint": f"ck{ep}", "epochs": ep, "step": 1, "fd": fd,
+                                "confident_fraction": conf, "eps_mse": eps,
+                                "eps_mse_mean": 0.02, "trained_on_heldout": False}
+    (q / "metrics.json").write_text(json.dumps({
+        "dataset": "mnist", "sampler": "ddim", "num_steps": 10, "num_samples": 20, "num_real": 10,
+        "heldout": "test split", "classifier": {"heldout_accuracy": 0.9, "heldout_size": 10},
+        "real_vs_real_fd": 0.05, "timesteps": [100, 900],
+        "networks": {"cpu (committed)": net(9.0, 8.5, 0.1), "long epoch 20": net(2.0, 20, 0.6)}}))
+    t = res / "training_path_toy"
+    t.mkdir()
+    rng = np.random.default_rng(0)
+    per = {"early": {"wiener": 0.6 + 0.01 * rng.normal(size=12),
+                     "pca_locality": 0.5 + 0.01 * rng.normal(size=12)},
+           "late": {"wiener": 0.5 + 0.01 * rng.normal(size=12),
+                    "pca_locality": 0.7 + 0.01 * rng.normal(size=12)}}
+    nets = {}
+    for i, (label, r) in enumerate(per.items()):
+        best = max(r, key=lambda k: r[k].mean())
+        nets[label] = {"epochs": [1, 20][i], "best": best,
+                       "final_trajectory_r2": {k: {"mean": float(v.mean())} for k, v in r.items()},
+                       "paired_vs_best": {k: metrics.paired_comparison(r[best], v)
+                                          for k, v in r.items() if k != best}}
+    (t / "metrics.json").write_text(json.dumps({
+        "dataset": "mnist", "train_size": 40, "num_samples": 12,
+        "methods": ["pca_locality", "wiener"], "method_seconds": {}, "networks": nets}))
+    (t / "table.md").write_text("| network | epochs |\n|---|---|\n")
+    text, rows = report.build_report(str(res), str(res / "REPORT.md"), str(tmp_path / "none"))
+    assert "Sample quality of the mnist networks" in text and "| long epoch 20 | 20.0 | 2.000" in text
+    (qc, qm, qv, _), (tc, tm, tv, _) = rows
+    assert qv == "better samples: FD 4.5x lower" and "floor 0.05" in qm
+    assert tv == ("after 20 epochs the network is closest to pca_locality, separated from "
+                  "wiener")
+    first, last = (per[k]["pca_locality"].mean() for k in ("early", "late"))
+    assert f"pca_locality {first:.2f} -> {last:.2f}" in tm and "wiener 0.60 -> 0.50" in tm
