@@ -30,21 +30,16 @@ from absl import logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from experiments.compare import build, sample_batches  # noqa: E402
+from experiments import quality as quality_exp  # noqa: E402
 from experiments.quality import describe  # noqa: E402
 from locality import classify, data, denoisers, metrics, plotting, schedules, stats  # noqa: E402
 
 
 def parse_networks(spec: str, dataset: str) -> dict:
-    """``"a=path,..."`` -> ``{"a": path}``; ``""`` -> the long run's exports ``epoch_*``."""
+    """``"a=path,..."`` -> ``{"a": path}`` (:func:`experiments.quality.parse_networks`);
+    ``""`` -> the long run's exports ``epoch_*``."""
     if spec.strip():
-        out = {}
-        for item in spec.split(","):
-            label, sep, path = item.partition("=")
-            if not sep or not label.strip() or not path.strip() or label.strip() in out:
-                raise ValueError(f"networks={spec!r}: use 'label=path,label=path' with distinct "
-                                 "labels")
-            out[label.strip()] = path.strip()
-        return out
+        return quality_exp.parse_networks(spec, dataset)
     found = sorted(glob.glob(f"checkpoints/{dataset}_unet_long/epoch_*"))
     if not found:
         raise ValueError(f"no exports under checkpoints/{dataset}_unet_long/; train the long run "

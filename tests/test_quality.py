@@ -84,17 +84,10 @@ def test_eps_mse_of_an_oracle_net_and_of_the_zero_net():
 
 
 def _bars(n=60, hw=8, seed=0):
-    """Class 0: a bright horizontal bar, class 1: a vertical one, at random positions."""
-    rng = np.random.default_rng(seed)
-    x = 0.3 * rng.standard_normal((n, hw, hw, 1)).astype(np.float32) - 0.5
-    y = np.arange(n) % 2
-    pos = rng.integers(1, hw - 1, n)
-    for i in range(n):
-        if y[i] == 0:
-            x[i, pos[i], :, 0] = 1.0
-        else:
-            x[i, :, pos[i], 0] = 1.0
-    return np.clip(x, -1, 1), y
+    """The two-class bar images of tests/test_guidance.py."""
+    from test_guidance import _bars as bars
+
+    return bars(n=n, hw=hw, seed=seed)
 
 
 def test_cached_classifier_is_keyed_by_content(tmp_path, monkeypatch):
