@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/quickstart
 
-.PHONY: setup data quickstart test bench clean
+.PHONY: setup data quickstart lint format test bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,23 +22,32 @@ data: setup
 # levels, every registered method against the committed UNet (8 samples), sensitivity fields of
 # Wiener / linear / UNet / DiT, and the report.
 quickstart: data
-	$(BIN)/python experiments/linear_gd.py --config configs/linear_gd.py:fashion_mnist,ddim \
+	$(BIN)/python -m experiments.linear_gd --config configs/linear_gd.py:fashion_mnist,ddim \
 		--config.steps=400 --workdir $(WORKDIR)/linear_gd_ddim
-	$(BIN)/python experiments/compare.py --config configs/compare.py:fashion_mnist,quick \
+	$(BIN)/python -m experiments.compare --config configs/compare.py:fashion_mnist,quick \
 		--config.method_kwargs.linear.weights=$(WORKDIR)/linear_gd_ddim/linear_weights.npz \
 		--workdir $(WORKDIR)/compare_fashion_mnist
-	$(BIN)/python experiments/sensitivity.py --config configs/sensitivity.py:fashion_mnist,quick \
+	$(BIN)/python -m experiments.sensitivity --config configs/sensitivity.py:fashion_mnist,quick \
 		--config.linear_weights=$(WORKDIR)/linear_gd_ddim/linear_weights.npz \
 		--workdir $(WORKDIR)/sensitivity_fashion_mnist
-	$(BIN)/python experiments/report.py --results $(WORKDIR) --out $(WORKDIR)/REPORT.md --readme=
+	$(BIN)/python -m experiments.report --results $(WORKDIR) --out $(WORKDIR)/REPORT.md --readme=
 	@echo "report: $(WORKDIR)/REPORT.md"
 
-test: setup
+# ruff (lint + format check, line length 100; configured in pyproject.toml). `make format` fixes.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: setup
-	$(BIN)/python benchmarks/stats_and_optimal.py
-	$(BIN)/python benchmarks/pca_locality.py
+	$(BIN)/python -m benchmarks.stats_and_optimal
+	$(BIN)/python -m benchmarks.pca_locality
 
 clean:
 	rm -rf $(VENV) workdirs

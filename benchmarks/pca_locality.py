@@ -1,8 +1,8 @@
 """Speed and memory of pca_locality against a straightforward port of the released formulation.
 
-    python benchmarks/pca_locality.py [--out benchmarks/results/pca_locality.json]
-    python benchmarks/pca_locality.py --quick             # smoke run -> pca_locality_quick.json
-    python benchmarks/pca_locality.py --readme README.md  # README section from the JSON, no timing
+    python -m benchmarks.pca_locality [--out benchmarks/results/pca_locality.json]
+    python -m benchmarks.pca_locality --quick             # smoke run -> pca_locality_quick.json
+    python -m benchmarks.pca_locality --readme README.md  # README section from the JSON, no timing
 
 Full Fashion-MNIST (N = 60,000, n = 784), B = 8 queries, threshold 0.005. The baseline is the
 released dense formulation ported to JAX: per chunk of 512 images the residual tensor
@@ -37,22 +37,26 @@ import os
 import platform
 import re
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from locality import data, denoisers, sampling, schedules, stats  # noqa: E402
-from locality._io import atomic_write_text  # noqa: E402
-from locality.denoisers import pca_locality as pl  # noqa: E402
+from locality import data, denoisers, sampling, schedules, stats
+from locality._io import atomic_write_text
+from locality.denoisers import pca_locality as pl
 
 HIGHEST = jax.lax.Precision.HIGHEST
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS",
-              "JAX_PLATFORMS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "XLA_FLAGS",
+    "JAX_PLATFORMS",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+)
 
 
 # --------------------------------------------------------------------------------- machine
@@ -66,20 +70,29 @@ def n_cores() -> int:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "cores_in_affinity": n_cores(),
-            "load_average_before": list(os.getloadavg()),
-            "thread_env": {k: os.environ.get(k) for k in THREAD_ENV},
-            "jax": jax.__version__, "numpy": np.__version__,
-            "device": str(jax.devices()[0]), "device_count": jax.device_count()}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "cores_in_affinity": n_cores(),
+        "load_average_before": list(os.getloadavg()),
+        "thread_env": {k: os.environ.get(k) for k in THREAD_ENV},
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "device": str(jax.devices()[0]),
+        "device_count": jax.device_count(),
+    }
     try:
         info["affinity"] = sorted(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         pass
     try:
         from threadpoolctl import threadpool_info
-        info["native_thread_pools"] = [{k: p.get(k) for k in ("internal_api", "num_threads", "version")}
-                                       for p in threadpool_info()]
+
+        info["native_thread_pools"] = [
+            {k: p.get(k) for k in ("internal_api", "num_threads", "version")}
+            for p in threadpool_info()
+        ]
     except Exception:  # pragma: no cover - optional
         pass
     return info
@@ -91,8 +104,13 @@ _T0 = time.perf_counter()
 
 def note_load(where: str) -> None:
     """Record the load average (and the elapsed seconds) at the end of a section."""
-    _LOADS.append({"where": where, "load_average": list(os.getloadavg()),
-                   "elapsed_seconds": time.perf_counter() - _T0})
+    _LOADS.append(
+        {
+            "where": where,
+            "load_average": list(os.getloadavg()),
+            "elapsed_seconds": time.perf_counter() - _T0,
+        }
+    )
 
 
 def busy_warnings(info: dict) -> list:
@@ -100,14 +118,18 @@ def busy_warnings(info: dict) -> list:
     out = []
     before = info["load_average_before"][0]
     if before > cores:
-        out.append(f"WARNING: busy machine: 1-minute load average {before:.2f} before the run "
-                   f"exceeds the {cores} cores in the affinity mask; the figures are not "
-                   "representative")
+        out.append(
+            f"WARNING: busy machine: 1-minute load average {before:.2f} before the run "
+            f"exceeds the {cores} cores in the affinity mask; the figures are not "
+            "representative"
+        )
     worst = max([l["load_average"][0] for l in _LOADS] + [0.0])
     if worst > 1.5 * cores:
-        out.append(f"WARNING: busy machine: 1-minute load average reached {worst:.2f} during the "
-                   f"run (the benchmark alone accounts for about {cores}); the figures are not "
-                   "representative")
+        out.append(
+            f"WARNING: busy machine: 1-minute load average reached {worst:.2f} during the "
+            f"run (the benchmark alone accounts for about {cores}); the figures are not "
+            "representative"
+        )
     return out
 
 
@@ -143,13 +165,18 @@ def matmul_rates(repeats=7) -> dict:
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=HIGHEST))
     big = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-    res = interleaved({"numpy": lambda: a @ b, "jax": lambda: f(ja, jb),
-                       "jax_2048": lambda: f(big, big)}, repeats)
+    res = interleaved(
+        {"numpy": lambda: a @ b, "jax": lambda: f(ja, jb), "jax_2048": lambda: f(big, big)}, repeats
+    )
     fl = 2.0 * 784 * 784 * 4096
-    return {"shape": "[784, 784] x [784, 4096] float32",
-            "numpy_gflops": fl / res["numpy"][0] / 1e9, "jax_gflops": fl / res["jax"][0] / 1e9,
-            "jax_2048_gflops": 2.0 * 2048 ** 3 / res["jax_2048"][0] / 1e9,
-            "numpy_seconds": res["numpy"][1], "jax_seconds": res["jax"][1]}
+    return {
+        "shape": "[784, 784] x [784, 4096] float32",
+        "numpy_gflops": fl / res["numpy"][0] / 1e9,
+        "jax_gflops": fl / res["jax"][0] / 1e9,
+        "jax_2048_gflops": 2.0 * 2048**3 / res["jax_2048"][0] / 1e9,
+        "numpy_seconds": res["numpy"][1],
+        "jax_seconds": res["jax"][1],
+    }
 
 
 # ----------------------------------------------------------------------- released port
@@ -158,8 +185,8 @@ def matmul_rates(repeats=7) -> dict:
 @jax.jit
 def _released_chunk(q, x, m, ab):
     """Released formulation for one chunk: residual tensor + einsum against the mask."""
-    r = q[:, None, :] - jnp.sqrt(ab) * x[None]                       # [B, K, n]
-    dist = jnp.einsum("bkj,jm->bkm", r * r, m, precision=HIGHEST)    # [B, K, n]
+    r = q[:, None, :] - jnp.sqrt(ab) * x[None]  # [B, K, n]
+    dist = jnp.einsum("bkj,jm->bkm", r * r, m, precision=HIGHEST)  # [B, K, n]
     logits = -dist / (2.0 * (1.0 - ab))
     mx = jnp.max(logits, axis=1)
     w = jnp.exp(logits - mx[:, None])
@@ -174,7 +201,7 @@ def released_denoise(x_t, ab, train_flat, mask, chunk=512):
     ab = jnp.float32(ab)
     gmax = num = den = None
     for s in range(0, train_flat.shape[0], chunk):
-        mx, nu, de = _released_chunk(q, train_flat[s:s + chunk], m, ab)
+        mx, nu, de = _released_chunk(q, train_flat[s : s + chunk], m, ab)
         if gmax is None:
             gmax, num, den = mx, nu, de
         else:
@@ -221,7 +248,7 @@ def gemm_macs(plan: pl.StepPlan, b: int) -> int:
     if plan.path == "dense":
         return b * n * n
     if plan.path == "tiles":
-        return (b + 1) * plan.tiles.cost() + (b + 1) * n            # + the full distance
+        return (b + 1) * plan.tiles.cost() + (b + 1) * n  # + the full distance
     c = plan.clusters
     nb = n * c.bases.shape[1]
     return b * nb + (b + 1) * (c.cost() - nb)
@@ -229,14 +256,18 @@ def gemm_macs(plan: pl.StepPlan, b: int) -> int:
 
 def plan_summary(plan: pl.StepPlan) -> dict:
     n = plan.mask.shape[0]
-    out = {"path": plan.path, "mask_density": plan.density, "cost_over_dense": plan.cost() / n ** 2}
+    out = {"path": plan.path, "mask_density": plan.density, "cost_over_dense": plan.cost() / n**2}
     if plan.path == "tiles":
         out["groups"] = [list(g.ins.shape) for g in plan.tiles.groups]
     if plan.path == "clusters":
         c = plan.clusters
-        out.update(cluster_size=c.cluster_size, num_centroids=c.num_centroids,
-                   base_columns=int(c.bases.shape[1]), correction_density=c.correction_density(),
-                   groups=[list(g.ins.shape) for g in c.groups])
+        out.update(
+            cluster_size=c.cluster_size,
+            num_centroids=c.num_centroids,
+            base_columns=int(c.bases.shape[1]),
+            correction_density=c.correction_density(),
+            groups=[list(g.ins.shape) for g in c.groups],
+        )
     return out
 
 
@@ -258,7 +289,7 @@ def modelled_time(plan: pl.StepPlan) -> float:
 def whole_run(ours, st, flat, x_T, sched, thr, repeats) -> dict:
     timesteps = schedules.ddim_timesteps(10)
     t0 = time.perf_counter()
-    fresh = ours.replace(host=pl._Host(st))          # empty plan cache: the one-off planning cost
+    fresh = ours.replace(host=pl._Host(st))  # empty plan cache: the one-off planning cost
     fresh.prepare(sched.ab(timesteps).astype(np.float32))
     t_plan = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -272,7 +303,7 @@ def whole_run(ours, st, flat, x_T, sched, thr, repeats) -> dict:
         return released_ddim(x_T, sched, timesteps, flat, step_masks)
 
     t0 = time.perf_counter()
-    r = sampling.ddim(ours, x_T, sched, 10)          # plans + compile (not timed below)
+    r = sampling.ddim(ours, x_T, sched, 10)  # plans + compile (not timed below)
     block(r.images)
     t_first = time.perf_counter() - t0
     block(released_denoise(x_T, float(sched.alphas_cumprod[timesteps[0]]), flat, step_masks[0]))
@@ -280,10 +311,13 @@ def whole_run(ours, st, flat, x_T, sched, thr, repeats) -> dict:
     img_o, img_p = np.asarray(res["ours"][2]), np.asarray(res["port"][2])
     prepared = ours.prepare(r.abs)
     out = {
-        "seconds_ours": res["ours"][1], "seconds_released_port": res["port"][1],
-        "median_seconds_ours": res["ours"][0], "median_seconds_released_port": res["port"][0],
+        "seconds_ours": res["ours"][1],
+        "seconds_released_port": res["port"][1],
+        "median_seconds_ours": res["ours"][0],
+        "median_seconds_released_port": res["port"][0],
         "speedup_median": res["port"][0] / res["ours"][0],
-        "planning_seconds_ours": t_plan, "mask_seconds_port": t_masks,
+        "planning_seconds_ours": t_plan,
+        "mask_seconds_port": t_masks,
         "speedup_including_planning": (res["port"][0] + t_masks) / (res["ours"][0] + t_plan),
         "first_run_seconds_ours_with_planning_and_compile": t_first,
         "max_abs_diff_final_images": float(np.abs(img_o - img_p).max()),
@@ -308,38 +342,57 @@ def per_step(ours, dense, st, flat, train, r, thr, repeats, oracle_n) -> dict:
         den_t = ours.prepare([ab])
         dense_t = dense.prepare([ab])
         plan = den_t.plans.plans[0]
-        fns = {"ours": lambda: den_t(x_t, ab), "dense": lambda: dense_t(x_t, ab),
-               "port": lambda: released_denoise(x_t, ab, flat, plan.mask)}
+        fns = {
+            "ours": lambda: den_t(x_t, ab),
+            "dense": lambda: dense_t(x_t, ab),
+            "port": lambda: released_denoise(x_t, ab, flat, plan.mask),
+        }
         if plan.path == "dense":
             fns.pop("dense")
-        warm = {"ours"} | ({"dense"} & set(fns) - warmed)     # each program compiles once
+        warm = {"ours"} | ({"dense"} & set(fns) - warmed)  # each program compiles once
         warmed |= warm
         res = interleaved(fns, repeats, warmup=warm)
         t_o, t_p = res["ours"][0], res["port"][0]
         t_d = res["dense"][0] if "dense" in res else t_o
         y_o, y_p = np.asarray(res["ours"][2]), np.asarray(res["port"][2])
         c = plan.clusters
-        small = denoisers.make("pca_locality", stats=st, train=train[sub], mask=plan.mask,
-                               path=plan.path, num_centroids=c.num_centroids if c else None,
-                               cluster_size=c.cluster_size if c else None)
+        small = denoisers.make(
+            "pca_locality",
+            stats=st,
+            train=train[sub],
+            mask=plan.mask,
+            path=plan.path,
+            num_centroids=c.num_centroids if c else None,
+            cluster_size=c.cluster_size if c else None,
+        )
         y_s = np.asarray(small(x_t[:2], ab))
         y_orc = oracle64(x_t[:2], np.asarray(flat[sub]), plan.mask, ab)
         macs = gemm_macs(plan, b)
-        row = dict(plan_summary(plan), ab=ab,
-                   seconds_ours=t_o, seconds_ours_dense=t_d, seconds_released_port=t_p,
-                   ratio_port_over_ours=t_p / t_o, ratio_dense_over_ours=t_d / t_o,
-                   gflops_ours=2.0 * n_train * macs / t_o / 1e9,
-                   gflops_ours_dense=2.0 * n_train * b * n * n / t_d / 1e9,
-                   gflops_released_port=2.0 * n_train * b * n * n / t_p / 1e9,
-                   gflops_dense_equivalent_ours=2.0 * n_train * b * n * n / t_o / 1e9,
-                   modelled_over_dense=modelled_time(plan) / n ** 2,
-                   max_abs_diff_ours_vs_released=float(np.abs(y_o - y_p).max()),
-                   max_abs_diff_vs_float64_oracle_subset=float(np.abs(y_s - y_orc).max()),
-                   oracle_subset_N=int(oracle_n), times={k: v[1] for k, v in res.items()})
+        row = dict(
+            plan_summary(plan),
+            ab=ab,
+            seconds_ours=t_o,
+            seconds_ours_dense=t_d,
+            seconds_released_port=t_p,
+            ratio_port_over_ours=t_p / t_o,
+            ratio_dense_over_ours=t_d / t_o,
+            gflops_ours=2.0 * n_train * macs / t_o / 1e9,
+            gflops_ours_dense=2.0 * n_train * b * n * n / t_d / 1e9,
+            gflops_released_port=2.0 * n_train * b * n * n / t_p / 1e9,
+            gflops_dense_equivalent_ours=2.0 * n_train * b * n * n / t_o / 1e9,
+            modelled_over_dense=modelled_time(plan) / n**2,
+            max_abs_diff_ours_vs_released=float(np.abs(y_o - y_p).max()),
+            max_abs_diff_vs_float64_oracle_subset=float(np.abs(y_s - y_orc).max()),
+            oracle_subset_N=int(oracle_n),
+            times={k: v[1] for k, v in res.items()},
+        )
         rows[int(t)] = row
-        print(f"  t={int(t):4d} density {plan.density:.3f} {plan.path:9s} ours {t_o:7.3f}s "
-              f"dense {t_d:7.3f}s port {t_p:7.3f}s  port/ours {t_p / t_o:5.2f}x  "
-              f"oracle {row['max_abs_diff_vs_float64_oracle_subset']:.1e}", flush=True)
+        print(
+            f"  t={int(t):4d} density {plan.density:.3f} {plan.path:9s} ours {t_o:7.3f}s "
+            f"dense {t_d:7.3f}s port {t_p:7.3f}s  port/ours {t_p / t_o:5.2f}x  "
+            f"oracle {row['max_abs_diff_vs_float64_oracle_subset']:.1e}",
+            flush=True,
+        )
         note_load(f"per_step t={int(t)}")
     return rows
 
@@ -353,8 +406,15 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
     "auto" picks; it only makes the constants describe the GEMM work they model."""
     n = int(np.prod(train.shape[1:]))
     base = denoisers.make("pca_locality", stats=st, train=train, threshold=thr)
-    empty = denoisers.make("pca_locality", stats=st, train=train, mask=np.zeros((n, n)),
-                           path="clusters", num_centroids=0, cluster_size=max(pl.CLUSTER_SIZES))
+    empty = denoisers.make(
+        "pca_locality",
+        stats=st,
+        train=train,
+        mask=np.zeros((n, n)),
+        path="clusters",
+        num_centroids=0,
+        cluster_size=max(pl.CLUSTER_SIZES),
+    )
     key = jax.random.key(7)
     out = {"N": int(len(train)), "levels": {}}
     tile_eff, overhead = [], {}
@@ -363,7 +423,9 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
         x_t = np.asarray(jax.random.normal(jax.random.fold_in(key, t), (b,) + train.shape[1:]))
         variants = {"dense": base.replace(path="dense"), "tiles": base.replace(path="tiles")}
         for o in pl.CLUSTER_SIZES:
-            variants[f"clusters_O{o}"] = base.replace(path="clusters", num_centroids=0, cluster_size=o)
+            variants[f"clusters_O{o}"] = base.replace(
+                path="clusters", num_centroids=0, cluster_size=o
+            )
         dens = {k: v.prepare([ab]) for k, v in variants.items()}
         dens["fixed"] = empty
         res = interleaved({k: (lambda d=d: d(x_t, ab)) for k, d in dens.items()}, repeats)
@@ -375,26 +437,39 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
                 continue
             p = d.plans.plans[0]
             ratio = res[k][0] / t_d
-            gemm = max((ratio - g) / (1.0 - g), 1e-9)       # GEMM time relative to dense's
-            e = dict(seconds=res[k][0], time_over_dense=ratio, cost_over_dense=p.cost() / n ** 2,
-                     gemm_time_over_dense=gemm,
-                     gflops=2.0 * len(train) * gemm_macs(p, b) / res[k][0] / 1e9)
+            gemm = max((ratio - g) / (1.0 - g), 1e-9)  # GEMM time relative to dense's
+            e = dict(
+                seconds=res[k][0],
+                time_over_dense=ratio,
+                cost_over_dense=p.cost() / n**2,
+                gemm_time_over_dense=gemm,
+                gflops=2.0 * len(train) * gemm_macs(p, b) / res[k][0] / 1e9,
+            )
             if k == "tiles":
-                e["efficiency"] = (p.cost() / n ** 2) / gemm
+                e["efficiency"] = (p.cost() / n**2) / gemm
                 tile_eff.append(e["efficiency"])
             elif k.startswith("clusters"):
                 c = p.clusters
                 nb = c.bases.shape[1] / n
-                corr = p.cost() / n ** 2 - nb
+                corr = p.cost() / n**2 - nb
                 eff = corr / max(gemm - nb, 1e-9)
-                e.update(efficiency=eff, modelled_efficiency=pl.cluster_efficiency(c.cluster_size),
-                         implied_overhead=c.cluster_size * (1.0 / eff - 1.0))
+                e.update(
+                    efficiency=eff,
+                    modelled_efficiency=pl.cluster_efficiency(c.cluster_size),
+                    implied_overhead=c.cluster_size * (1.0 / eff - 1.0),
+                )
                 overhead.setdefault(c.cluster_size, []).append(e["implied_overhead"])
             lvl[k] = e
         out["levels"][int(t)] = lvl
-        print("  calibration t=%d: fixed %.2fx  " % (t, g) + "  ".join(
-            f"{k} {v['time_over_dense']:.2f}x (cost {v['cost_over_dense']:.2f})"
-            for k, v in lvl.items() if k != "fixed"), flush=True)
+        print(
+            "  calibration t=%d: fixed %.2fx  " % (t, g)
+            + "  ".join(
+                f"{k} {v['time_over_dense']:.2f}x (cost {v['cost_over_dense']:.2f})"
+                for k, v in lvl.items()
+                if k != "fixed"
+            ),
+            flush=True,
+        )
         note_load(f"calibration t={int(t)}")
     out["suggested"] = {
         "TILE_EFFICIENCY": float(np.median(tile_eff)),
@@ -407,7 +482,7 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
 
 def cifar_case(repeats, quick) -> dict:
     cd = data.load("cifar10_catsdogs")
-    train, test = cd[:600 if quick else 1800], cd[1800:]
+    train, test = cd[: 600 if quick else 1800], cd[1800:]
     st = stats.gaussian_stats(train)
     flat = jnp.asarray(train.reshape(len(train), -1))
     sched = schedules.ddpm_linear()
@@ -416,18 +491,38 @@ def cifar_case(repeats, quick) -> dict:
     eps = np.asarray(jax.random.normal(jax.random.key(3), test[:b].shape))
     x_t = (np.sqrt(ab) * test[:b] + np.sqrt(1 - ab) * eps).astype(np.float32)
     ours = denoisers.make("pca_locality", stats=st, train=train, threshold=0.05).prepare([ab])
-    dense = denoisers.make("pca_locality", stats=st, train=train, threshold=0.05, path="dense").prepare([ab])
+    dense = denoisers.make(
+        "pca_locality", stats=st, train=train, threshold=0.05, path="dense"
+    ).prepare([ab])
     plan = ours.plans.plans[0]
-    res = interleaved({"ours": lambda: ours(x_t, ab), "dense": lambda: dense(x_t, ab),
-                       "port": lambda: released_denoise(x_t, ab, flat, plan.mask)}, repeats)
+    res = interleaved(
+        {
+            "ours": lambda: ours(x_t, ab),
+            "dense": lambda: dense(x_t, ab),
+            "port": lambda: released_denoise(x_t, ab, flat, plan.mask),
+        },
+        repeats,
+    )
     y_o, y_p = np.asarray(res["ours"][2]), np.asarray(res["port"][2])
-    row = dict(plan_summary(plan), ab=ab, seconds_ours=res["ours"][0],
-               seconds_ours_dense=res["dense"][0], seconds_released_port=res["port"][0],
-               max_abs_diff_ours_vs_released=float(np.abs(y_o - y_p).max()))
+    row = dict(
+        plan_summary(plan),
+        ab=ab,
+        seconds_ours=res["ours"][0],
+        seconds_ours_dense=res["dense"][0],
+        seconds_released_port=res["port"][0],
+        max_abs_diff_ours_vs_released=float(np.abs(y_o - y_p).max()),
+    )
     n_train, n = flat.shape
-    return dict(row, N=int(n_train), n=int(n), B=b, threshold=0.05, t=300,
-                ratio_port_over_ours=res["port"][0] / res["ours"][0],
-                per_t={300: legacy_entry(row, int(n), int(n_train), b)})
+    return dict(
+        row,
+        N=int(n_train),
+        n=int(n),
+        B=b,
+        threshold=0.05,
+        t=300,
+        ratio_port_over_ours=res["port"][0] / res["ours"][0],
+        per_t={300: legacy_entry(row, int(n), int(n_train), b)},
+    )
 
 
 # --------------------------------------------------------------------------------- README
@@ -438,18 +533,25 @@ START, END = "<!-- pca_locality-benchmark:start -->", "<!-- pca_locality-benchma
 def legacy_entry(r: dict, n: int, n_train: int, b: int) -> dict:
     """A per-step row under the keys of earlier versions of this benchmark (``per_t``)."""
     fl = 2.0 * b * n_train * n * n
-    return {"ab": r["ab"], "mask_density": r["mask_density"], "path": r["path"],
-            "tile_cost_over_dense": r["cost_over_dense"] if r["path"] == "tiles" else None,
-            "seconds_ours_auto": r["seconds_ours"], "seconds_ours_dense": r["seconds_ours_dense"],
-            "seconds_released_port": r["seconds_released_port"],
-            "speedup_auto_vs_released": r["seconds_released_port"] / r["seconds_ours"],
-            "speedup_dense_vs_released": r["seconds_released_port"] / r["seconds_ours_dense"],
-            "gflops_dense_equivalent_ours_dense": fl / r["seconds_ours_dense"] / 1e9,
-            "gflops_dense_equivalent_released": fl / r["seconds_released_port"] / 1e9,
-            "gflops_dense_equivalent_ours_auto": fl / r["seconds_ours"] / 1e9,
-            "max_abs_diff_ours_vs_released": r["max_abs_diff_ours_vs_released"],
-            "max_abs_diff_exact_vs_float64_oracle_subset": r.get("max_abs_diff_vs_float64_oracle_subset"),
-            "oracle_subset_N": r.get("oracle_subset_N")}
+    return {
+        "ab": r["ab"],
+        "mask_density": r["mask_density"],
+        "path": r["path"],
+        "tile_cost_over_dense": r["cost_over_dense"] if r["path"] == "tiles" else None,
+        "seconds_ours_auto": r["seconds_ours"],
+        "seconds_ours_dense": r["seconds_ours_dense"],
+        "seconds_released_port": r["seconds_released_port"],
+        "speedup_auto_vs_released": r["seconds_released_port"] / r["seconds_ours"],
+        "speedup_dense_vs_released": r["seconds_released_port"] / r["seconds_ours_dense"],
+        "gflops_dense_equivalent_ours_dense": fl / r["seconds_ours_dense"] / 1e9,
+        "gflops_dense_equivalent_released": fl / r["seconds_released_port"] / 1e9,
+        "gflops_dense_equivalent_ours_auto": fl / r["seconds_ours"] / 1e9,
+        "max_abs_diff_ours_vs_released": r["max_abs_diff_ours_vs_released"],
+        "max_abs_diff_exact_vs_float64_oracle_subset": r.get(
+            "max_abs_diff_vs_float64_oracle_subset"
+        ),
+        "oracle_subset_N": r.get("oracle_subset_N"),
+    }
 
 
 def readme_section(res: dict) -> str:
@@ -458,8 +560,8 @@ def readme_section(res: dict) -> str:
     mm = res["matmul"]
     run = fm["sampling_10_steps"]
     lines = [
-        f"`python benchmarks/pca_locality.py` (writes `benchmarks/results/pca_locality.json`; this "
-        f"section: `python benchmarks/pca_locality.py --readme README.md`): Fashion-MNIST "
+        f"`python -m benchmarks.pca_locality` (writes `benchmarks/results/pca_locality.json`; this "
+        f"section: `python -m benchmarks.pca_locality --readme README.md`): Fashion-MNIST "
         f"(N = {fm['N']:,}, n = {fm['n']}), B = {fm['B']}, threshold {fm['threshold']}, against a "
         "straightforward JAX port of the released dense formulation (residual tensor + einsum per "
         "chunk of 512, exact merge), interleaved, medians. Machine: "
@@ -471,40 +573,56 @@ def readme_section(res: dict) -> str:
     for w in res.get("warnings", []):
         lines += [f"**{w}**", ""]
     lines += [
-        "| t | mask density | path | cost / dense | ours | released port | ratio | GFLOP/s (ours / port) |",
+        (
+            "| t | mask density | path | cost / dense | ours | released port | ratio "
+            "| GFLOP/s (ours / port) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for t, r in sorted(fm["per_step"].items(), key=lambda kv: -int(kv[0])):
-        lines.append(f"| {t} | {r['mask_density']:.3f} | {r['path']} | {r['cost_over_dense']:.2f} | "
-                     f"{r['seconds_ours']:.2f} s | {r['seconds_released_port']:.2f} s | "
-                     f"{r['ratio_port_over_ours']:.2f}x | {r['gflops_ours']:.0f} / "
-                     f"{r['gflops_released_port']:.0f} |")
-    so, sp = sum(r["seconds_ours"] for r in fm["per_step"].values()), sum(
-        r["seconds_released_port"] for r in fm["per_step"].values())
+        lines.append(
+            f"| {t} | {r['mask_density']:.3f} | {r['path']} | {r['cost_over_dense']:.2f} | "
+            f"{r['seconds_ours']:.2f} s | {r['seconds_released_port']:.2f} s | "
+            f"{r['ratio_port_over_ours']:.2f}x | {r['gflops_ours']:.0f} / "
+            f"{r['gflops_released_port']:.0f} |"
+        )
+    so, sp = (
+        sum(r["seconds_ours"] for r in fm["per_step"].values()),
+        sum(r["seconds_released_port"] for r in fm["per_step"].values()),
+    )
     lines.append(f"| sum of the calls | | | | {so:.1f} s | {sp:.1f} s | {sp / so:.2f}x | |")
-    lines.append(f"| **whole 10-step DDIM run** | | auto | | {run['median_seconds_ours']:.1f} s | "
-                 f"{run['median_seconds_released_port']:.1f} s | **{run['speedup_median']:.2f}x** | |")
+    lines.append(
+        f"| **whole 10-step DDIM run** | | auto | | {run['median_seconds_ours']:.1f} s | "
+        f"{run['median_seconds_released_port']:.1f} s | **{run['speedup_median']:.2f}x** | |"
+    )
     worst = max(r["max_abs_diff_vs_float64_oracle_subset"] for r in fm["per_step"].values())
     port = max(r["max_abs_diff_ours_vs_released"] for r in fm["per_step"].values())
     cal = fm.get("calibration", {}).get("suggested", {})
     lines += [
         "",
         f"Planning (masks and plans of the 10 levels, once per denoiser and grid, cached): "
-        f"{run['planning_seconds_ours']:.1f} s (the port's masks: {run['mask_seconds_port']:.1f} s); "
+        f"{run['planning_seconds_ours']:.1f} s "
+        f"(the port's masks: {run['mask_seconds_port']:.1f} s); "
         f"with it the run is {run['speedup_including_planning']:.2f}x. Outputs agree with the port "
         f"to {port:.0e} per call and {run['max_abs_diff_final_images']:.0e} on the final images, "
         f"with a float64 oracle ({fm['per_step'][max(fm['per_step'])]['oracle_subset_N']:,}-image "
         f"subset) to {worst:.0e}; peak RSS {res['peak_rss_gib']:.2f} GiB.",
     ]
     if cal:
-        lines += ["", f"Cost model measured in the same run: TILE_EFFICIENCY {cal['TILE_EFFICIENCY']:.2f} "
-                  f"(set: {cal['current']['TILE_EFFICIENCY']}), CLUSTER_OVERHEAD "
-                  f"{cal['CLUSTER_OVERHEAD']:.0f} (set: {cal['current']['CLUSTER_OVERHEAD']:g})."]
+        lines += [
+            "",
+            f"Cost model measured in the same run: TILE_EFFICIENCY {cal['TILE_EFFICIENCY']:.2f} "
+            f"(set: {cal['current']['TILE_EFFICIENCY']}), CLUSTER_OVERHEAD "
+            f"{cal['CLUSTER_OVERHEAD']:.0f} (set: {cal['current']['CLUSTER_OVERHEAD']:g}).",
+        ]
     if "cifar10_catsdogs" in res:
         c = res["cifar10_catsdogs"]
-        lines += ["", f"Cats/dogs (n = {c['n']}, N = {c['N']:,}), t = 300: density "
-                  f"{c['mask_density']:.3f}, path {c['path']}, {c['seconds_ours']:.2f} s vs "
-                  f"{c['seconds_released_port']:.2f} s ({c['ratio_port_over_ours']:.2f}x)."]
+        lines += [
+            "",
+            f"Cats/dogs (n = {c['n']}, N = {c['N']:,}), t = 300: density "
+            f"{c['mask_density']:.3f}, path {c['path']}, {c['seconds_ours']:.2f} s vs "
+            f"{c['seconds_released_port']:.2f} s ({c['ratio_port_over_ours']:.2f}x).",
+        ]
     return "\n".join(lines)
 
 
@@ -514,8 +632,12 @@ def write_readme(json_path: str, readme: str) -> None:
     text = open(readme).read()
     if START not in text or END not in text:
         raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END),
-                 lambda _: START + "\n" + readme_section(res) + "\n" + END, text, flags=re.S)
+    new = re.sub(
+        re.escape(START) + ".*?" + re.escape(END),
+        lambda _: START + "\n" + readme_section(res) + "\n" + END,
+        text,
+        flags=re.S,
+    )
     atomic_write_text(readme, new)
     print(f"wrote the pca_locality section of {readme} from {json_path}")
 
@@ -525,15 +647,25 @@ def write_readme(json_path: str, readme: str) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None,
-                    help="JSON path (default benchmarks/results/pca_locality.json; with --quick "
-                         "benchmarks/results/pca_locality_quick.json, so a smoke run never "
-                         "replaces the recorded figures)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default benchmarks/results/pca_locality.json; with --quick "
+        "benchmarks/results/pca_locality_quick.json, so a smoke run never "
+        "replaces the recorded figures)",
+    )
     ap.add_argument("--quick", action="store_true", help="3,000-image subset, fewer repeats")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="interleaved rounds (default 3 for the whole run, 2 per step; quick: 2, 1)")
-    ap.add_argument("--readme", default=None,
-                    help="only rewrite this README's benchmark section from --out and exit")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved rounds (default 3 for the whole run, 2 per step; quick: 2, 1)",
+    )
+    ap.add_argument(
+        "--readme",
+        default=None,
+        help="only rewrite this README's benchmark section from --out and exit",
+    )
     ap.add_argument("--no-cifar", action="store_true")
     args = ap.parse_args()
     if args.out is None:
@@ -552,8 +684,11 @@ def main():
     mm = matmul_rates()
     out["matmul"] = mm
     out["matmul_gflops_f32_highest"] = mm["jax_2048_gflops"]
-    print("matmul GFLOP/s numpy %.1f  jax %.1f  (jax 2048^3 %.1f)" % (
-        mm["numpy_gflops"], mm["jax_gflops"], mm["jax_2048_gflops"]), flush=True)
+    print(
+        "matmul GFLOP/s numpy %.1f  jax %.1f  (jax 2048^3 %.1f)"
+        % (mm["numpy_gflops"], mm["jax_gflops"], mm["jax_2048_gflops"]),
+        flush=True,
+    )
     note_load("matmul")
 
     thr, b = 0.005, 8
@@ -570,15 +705,27 @@ def main():
     print("whole 10-step DDIM run (ours auto vs released port, interleaved)", flush=True)
     run, r = whole_run(ours, st, flat, x_T, sched, thr, run_rep)
     res["sampling_10_steps"] = run
-    print("  ours %.2f s  port %.2f s  -> %.2fx (median of %d); planning %.2f s" % (
-        run["median_seconds_ours"], run["median_seconds_released_port"], run["speedup_median"],
-        run_rep, run["planning_seconds_ours"]), flush=True)
+    print(
+        "  ours %.2f s  port %.2f s  -> %.2fx (median of %d); planning %.2f s"
+        % (
+            run["median_seconds_ours"],
+            run["median_seconds_released_port"],
+            run["speedup_median"],
+            run_rep,
+            run["planning_seconds_ours"],
+        ),
+        flush=True,
+    )
     note_load("whole run")
 
     print("per step (ours auto / ours dense / port at the run's own x_t)", flush=True)
-    res["per_step"] = per_step(ours, dense, st, flat, fm, r, thr, step_rep, 500 if args.quick else 2000)
-    res["per_t"] = {t: legacy_entry(res["per_step"][t], res["n"], res["N"], b)   # earlier keys
-                    for t in (700, 300, 100)}
+    res["per_step"] = per_step(
+        ours, dense, st, flat, fm, r, thr, step_rep, 500 if args.quick else 2000
+    )
+    res["per_t"] = {
+        t: legacy_entry(res["per_step"][t], res["n"], res["N"], b)  # earlier keys
+        for t in (700, 300, 100)
+    }
 
     print("calibration of the cost model", flush=True)
     cal_n = 3000 if args.quick else 16384
@@ -586,14 +733,14 @@ def main():
     res["calibration"] = calibrate(st, fm[:cal_n], cal_ts, sched, thr, b, step_rep)
     print("  suggested", json.dumps(res["calibration"]["suggested"]), flush=True)
     out["fashion_mnist"] = res
-    out["peak_rss_gib_fashion_mnist"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    out["peak_rss_gib_fashion_mnist"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     if not args.no_cifar:
         print("cats/dogs, t = 300", flush=True)
         out["cifar10_catsdogs"] = cifar_case(run_rep, args.quick)
         print("  " + json.dumps(out["cifar10_catsdogs"]), flush=True)
         note_load("cifar")
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     info["load_average_after"] = list(os.getloadavg())
     out["load_samples"] = _LOADS
     out["warnings"] = busy_warnings(info)

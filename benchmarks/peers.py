@@ -1,7 +1,7 @@
 """Speed of the peer machines (LS, ELS, bbELS, PSPC-Square/Flex, SCFDM) against straightforward
 numpy implementations, in the same run.
 
-    python benchmarks/peers.py [--out benchmarks/results/peers.json] [--n 10000] [--quick]
+    python -m benchmarks.peers [--out benchmarks/results/peers.json] [--n 10000] [--quick]
 
 Data: the first N Fashion-MNIST training images (``locality.data.load("fashion_mnist",
 limit=N)``; synthetic smooth images of the same shape if that source is unavailable -- the JSON
@@ -20,15 +20,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from locality.denoisers import local_score, pspc, scfdm  # noqa: E402
+from locality.denoisers import local_score, pspc, scfdm
 
 AB = 0.5
 
@@ -103,11 +100,14 @@ def windows(a, k, mode):
 def naive_ls(train, x, k, pixels, chunk=2000):
     tw, xw = windows(train, k, "zeros"), windows(x, k, "zeros")
     out = {}
-    for (i, j) in pixels:
+    for i, j in pixels:
         q = xw[:, i, j].reshape(len(x), -1)
         out[(i, j)] = naive_softmax(
-            q, lambda c: tw[c * chunk:(c + 1) * chunk, i, j].reshape(-1, q.shape[1]),
-            lambda c: train[c * chunk:(c + 1) * chunk, i, j], -(-len(train) // chunk))
+            q,
+            lambda c: tw[c * chunk : (c + 1) * chunk, i, j].reshape(-1, q.shape[1]),
+            lambda c: train[c * chunk : (c + 1) * chunk, i, j],
+            -(-len(train) // chunk),
+        )
     return out
 
 
@@ -115,13 +115,19 @@ def naive_dictionary(train, x, k, pixels, locs_fn, query_mode, train_mode, chunk
     """Patch dictionary at locations ``locs_fn(i, j)`` of every training image."""
     tw, xw = windows(train, k, train_mode), windows(x, k, query_mode)
     out = {}
-    for (i, j) in pixels:
+    for i, j in pixels:
         locs = np.asarray(locs_fn(i, j))
         q = xw[:, i, j].reshape(len(x), -1)
         out[(i, j)] = naive_softmax(
-            q, lambda c: tw[c * chunk:(c + 1) * chunk, locs[:, 0], locs[:, 1]].reshape(-1, q.shape[1]),
-            lambda c: train[c * chunk:(c + 1) * chunk, locs[:, 0], locs[:, 1]].reshape(-1, train.shape[-1]),
-            -(-len(train) // chunk))
+            q,
+            lambda c: tw[c * chunk : (c + 1) * chunk, locs[:, 0], locs[:, 1]].reshape(
+                -1, q.shape[1]
+            ),
+            lambda c: train[c * chunk : (c + 1) * chunk, locs[:, 0], locs[:, 1]].reshape(
+                -1, train.shape[-1]
+            ),
+            -(-len(train) // chunk),
+        )
     return out
 
 
@@ -130,12 +136,19 @@ def naive_pspc(train, x, s, chunk=2000):
     total, count = np.zeros(x.shape), np.zeros((h, w))
     for u in range(h - s + 1):
         for v in range(w - s + 1):
-            q = x[:, u:u + s, v:v + s].reshape(b, -1)
-            mean = naive_softmax(q, lambda cc: train[cc * chunk:(cc + 1) * chunk, u:u + s, v:v + s].reshape(-1, q.shape[1]),
-                                 lambda cc: train[cc * chunk:(cc + 1) * chunk, u:u + s, v:v + s].reshape(-1, q.shape[1]),
-                                 -(-len(train) // chunk))
-            total[:, u:u + s, v:v + s] += mean.reshape(b, s, s, c)
-            count[u:u + s, v:v + s] += 1
+            q = x[:, u : u + s, v : v + s].reshape(b, -1)
+            mean = naive_softmax(
+                q,
+                lambda cc: train[cc * chunk : (cc + 1) * chunk, u : u + s, v : v + s].reshape(
+                    -1, q.shape[1]
+                ),
+                lambda cc: train[cc * chunk : (cc + 1) * chunk, u : u + s, v : v + s].reshape(
+                    -1, q.shape[1]
+                ),
+                -(-len(train) // chunk),
+            )
+            total[:, u : u + s, v : v + s] += mean.reshape(b, s, s, c)
+            count[u : u + s, v : v + s] += 1
     return total / count[None, :, :, None]
 
 
@@ -143,12 +156,16 @@ def naive_flex(train, x, mask_cols, pixels, chunk=2000):
     b, h, w, c = x.shape
     tf, xf = train.reshape(len(train), h * w, c), x.reshape(b, h * w, c)
     out = {}
-    for (i, j) in pixels:
+    for i, j in pixels:
         p = i * w + j
         sel = np.flatnonzero(mask_cols[:, p])
         q = xf[:, sel].reshape(b, -1)
-        out[(i, j)] = naive_softmax(q, lambda cc: tf[cc * chunk:(cc + 1) * chunk, sel].reshape(-1, q.shape[1]),
-                                    lambda cc: tf[cc * chunk:(cc + 1) * chunk, p], -(-len(train) // chunk))
+        out[(i, j)] = naive_softmax(
+            q,
+            lambda cc: tf[cc * chunk : (cc + 1) * chunk, sel].reshape(-1, q.shape[1]),
+            lambda cc: tf[cc * chunk : (cc + 1) * chunk, p],
+            -(-len(train) // chunk),
+        )
     return out
 
 
@@ -157,8 +174,12 @@ def naive_scfdm(train, x, xi, sigma_s, chunk=2000):
     out = 0.0
     for r in range(xi.shape[0]):
         q = (x + sigma_s * xi[r]).reshape(len(x), -1)
-        out = out + naive_softmax(q, lambda c: tf[c * chunk:(c + 1) * chunk],
-                                  lambda c: tf[c * chunk:(c + 1) * chunk], -(-len(tf) // chunk))
+        out = out + naive_softmax(
+            q,
+            lambda c: tf[c * chunk : (c + 1) * chunk],
+            lambda c: tf[c * chunk : (c + 1) * chunk],
+            -(-len(tf) // chunk),
+        )
     return (out / xi.shape[0]).reshape(x.shape)
 
 
@@ -196,25 +217,36 @@ def run_pixel_case(name, den, x, naive_fn, classes, per_class):
     ours, first, med, reps = time_ours(den, x)
     pix, groups = sample_pixels(classes, per_class)
     t_naive, outs = 0.0, {}
-    for c, (count, sel) in groups.items():
+    for _, (count, sel) in groups.items():
         t0 = time.perf_counter()
         outs.update(naive_fn(sel))
         t_naive += (time.perf_counter() - t0) * count / len(sel)
     diff = max(float(np.abs(ours[:, i, j] - outs[(i, j)]).max()) for (i, j) in pix)
-    res = {"ours_first_call_s": first, "ours_median_s": med, "ours_repeats": reps,
-           "naive_s": t_naive, "naive_pixels_timed": len(pix),
-           "naive_extrapolated": len(pix) < classes.size, "ratio_naive_over_ours": t_naive / med,
-           "max_abs_diff": diff}
-    print(f"{name:28s} ours {med:9.3f}s (first {first:8.2f}s)  naive {t_naive:9.2f}s"
-          f"{' (extrap.)' if res['naive_extrapolated'] else ''}  x{t_naive / med:7.1f}"
-          f"  maxdiff {diff:.1e}", flush=True)
+    res = {
+        "ours_first_call_s": first,
+        "ours_median_s": med,
+        "ours_repeats": reps,
+        "naive_s": t_naive,
+        "naive_pixels_timed": len(pix),
+        "naive_extrapolated": len(pix) < classes.size,
+        "ratio_naive_over_ours": t_naive / med,
+        "max_abs_diff": diff,
+    }
+    print(
+        f"{name:28s} ours {med:9.3f}s (first {first:8.2f}s)  naive {t_naive:9.2f}s"
+        f"{' (extrap.)' if res['naive_extrapolated'] else ''}  x{t_naive / med:7.1f}"
+        f"  maxdiff {diff:.1e}",
+        flush=True,
+    )
     return res
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "peers.json"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "peers.json"),
+    )
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="N = 500, for a smoke run")
@@ -230,8 +262,13 @@ def main():
     for k in (3, 15):
         den = local_score.make_ls(train=train, patch_size=k)
         results[f"ls_k{k}"] = run_pixel_case(
-            f"ls k={k}", den, x, lambda pix: naive_ls(train, x, k, pix), everywhere,
-            per_class=h * w if k == 3 else 64)
+            f"ls k={k}",
+            den,
+            x,
+            lambda pix: naive_ls(train, x, k, pix),
+            everywhere,
+            per_class=h * w if k == 3 else 64,
+        )
     for k, dictionary in ((3, "wrapped"), (15, "valid")):
         den = local_score.make_els(train=train, patch_size=k, dictionary=dictionary)
         if dictionary == "wrapped":
@@ -239,10 +276,21 @@ def main():
         else:
             locs = inner(k)
         results[f"els_k{k}_{dictionary}"] = run_pixel_case(
-            f"els k={k} {dictionary}", den, x,
-            lambda pix: naive_dictionary(train, x, k, pix, lambda i, j: locs, "wrap",
-                                         "wrap" if dictionary == "wrapped" else "valid"),
-            everywhere, per_class=4)
+            f"els k={k} {dictionary}",
+            den,
+            x,
+            lambda pix: naive_dictionary(
+                train,
+                x,
+                k,
+                pix,
+                lambda i, j: locs,
+                "wrap",
+                "wrap" if dictionary == "wrapped" else "valid",
+            ),
+            everywhere,
+            per_class=4,
+        )
     for k in (3, 15):
         r = k // 2
         den = local_score.make_bbels(train=train, patch_size=k)
@@ -259,9 +307,15 @@ def main():
             return [(i, j)]
 
         results[f"bbels_k{k}"] = run_pixel_case(
-            f"bbels k={k}", den, x,
-            lambda pix, locs_fn=locs_fn: naive_dictionary(train, x, k, pix, locs_fn, "zeros", "zeros"),
-            local_score.bbels_classes(h, w, k), per_class=4)
+            f"bbels k={k}",
+            den,
+            x,
+            lambda pix, locs_fn=locs_fn: naive_dictionary(
+                train, x, k, pix, locs_fn, "zeros", "zeros"
+            ),
+            local_score.bbels_classes(h, w, k),
+            per_class=4,
+        )
     for s in (3, 14):
         den = pspc.make_pspc_square(train=train, patch_size=s, flip=False)
         ours, first, med, reps = time_ours(den, x)
@@ -269,45 +323,76 @@ def main():
         ref = naive_pspc(train, x, s)
         t_naive = time.perf_counter() - t0
         diff = float(np.abs(ours - ref).max())
-        results[f"pspc_square_s{s}"] = {"ours_first_call_s": first, "ours_median_s": med,
-                                        "ours_repeats": reps, "naive_s": t_naive,
-                                        "naive_extrapolated": False,
-                                        "ratio_naive_over_ours": t_naive / med, "max_abs_diff": diff,
-                                        "flip": False}
-        print(f"{'pspc_square s=' + str(s):28s} ours {med:9.3f}s  naive {t_naive:9.2f}s  "
-              f"x{t_naive / med:7.1f}  maxdiff {diff:.1e}", flush=True)
+        results[f"pspc_square_s{s}"] = {
+            "ours_first_call_s": first,
+            "ours_median_s": med,
+            "ours_repeats": reps,
+            "naive_s": t_naive,
+            "naive_extrapolated": False,
+            "ratio_naive_over_ours": t_naive / med,
+            "max_abs_diff": diff,
+            "flip": False,
+        }
+        print(
+            f"{'pspc_square s=' + str(s):28s} ours {med:9.3f}s  naive {t_naive:9.2f}s  "
+            f"x{t_naive / med:7.1f}  maxdiff {diff:.1e}",
+            flush=True,
+        )
     ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     for k in (3, 15):  # flex with box crops of side k (masks given; no network needed)
-        box = ((np.abs(ii.ravel()[:, None] - ii.ravel()[None]) <= k // 2)
-               & (np.abs(jj.ravel()[:, None] - jj.ravel()[None]) <= k // 2)).astype(np.float32)
+        box = (
+            (np.abs(ii.ravel()[:, None] - ii.ravel()[None]) <= k // 2)
+            & (np.abs(jj.ravel()[:, None] - jj.ravel()[None]) <= k // 2)
+        ).astype(np.float32)
         den = pspc.make_pspc_flex(train=train, masks=box, abs=[AB], flip=False)
         results[f"pspc_flex_box{k}"] = run_pixel_case(
-            f"pspc_flex box {k}", den, x, lambda pix, box=box: naive_flex(train, x, box, pix),
-            everywhere, per_class=64)
+            f"pspc_flex box {k}",
+            den,
+            x,
+            lambda pix, box=box: naive_flex(train, x, box, pix),
+            everywhere,
+            per_class=64,
+        )
     den = scfdm.make_scfdm(train=train, num_samples=10, sigma_s=0.1)
     ours, first, med, reps = time_ours(den, x)
     xi = np.asarray(scfdm.smoothing_noise(den.key, AB, x.shape, 10))
     t0 = time.perf_counter()
     ref = naive_scfdm(train, x, xi, 0.1)
     t_naive = time.perf_counter() - t0
-    results["scfdm_R10"] = {"ours_first_call_s": first, "ours_median_s": med, "ours_repeats": reps,
-                            "naive_s": t_naive, "naive_extrapolated": False,
-                            "ratio_naive_over_ours": t_naive / med,
-                            "max_abs_diff": float(np.abs(ours - ref).max())}
-    print(f"{'scfdm R=10':28s} ours {med:9.3f}s  naive {t_naive:9.2f}s  x{t_naive / med:7.1f}",
-          flush=True)
+    results["scfdm_R10"] = {
+        "ours_first_call_s": first,
+        "ours_median_s": med,
+        "ours_repeats": reps,
+        "naive_s": t_naive,
+        "naive_extrapolated": False,
+        "ratio_naive_over_ours": t_naive / med,
+        "max_abs_diff": float(np.abs(ours - ref).max()),
+    }
+    print(
+        f"{'scfdm R=10':28s} ours {med:9.3f}s  naive {t_naive:9.2f}s  x{t_naive / med:7.1f}",
+        flush=True,
+    )
 
-    out = {"data": source, "num_train": int(train.shape[0]), "batch": int(x.shape[0]),
-           "image_shape": list(train.shape[1:]), "ab": AB,
-           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-                       "load_average_at_end": list(os.getloadavg())},
-           "notes": "ours_median_s: median of repeats after the first call when the first call "
-                    "took < 5 s, else the first call (incl. compilation). naive_s: numpy float32, "
-                    "explicit patches and distances; when naive_extrapolated, timed on "
-                    "naive_pixels_timed output pixels per pixel class and scaled by class size. "
-                    "max_abs_diff over the pixels the baseline computed.",
-           "results": results}
+    out = {
+        "data": source,
+        "num_train": int(train.shape[0]),
+        "batch": int(x.shape[0]),
+        "image_shape": list(train.shape[1:]),
+        "ab": AB,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+            "load_average_at_end": list(os.getloadavg()),
+        },
+        "notes": "ours_median_s: median of repeats after the first call when the first call "
+        "took < 5 s, else the first call (incl. compilation). naive_s: numpy float32, "
+        "explicit patches and distances; when naive_extrapolated, timed on "
+        "naive_pixels_timed output pixels per pixel class and scaled by class size. "
+        "max_abs_diff over the pixels the baseline computed.",
+        "results": results,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -1,6 +1,6 @@
 """Statistics of full Fashion-MNIST and one exact optimal-denoiser call, against numpy baselines.
 
-    python benchmarks/stats_and_optimal.py [--out benchmarks/results/stats_and_optimal.json]
+    python -m benchmarks.stats_and_optimal [--out benchmarks/results/stats_and_optimal.json]
 
 * statistics: ``locality.stats.moments`` + ``eig`` (streamed float64) vs a straightforward numpy
   ``np.cov(X.T)`` + ``np.linalg.eigh`` in float64, and vs the time to read the arrays once
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from locality import data, denoisers, stats  # noqa: E402
-from locality._io import atomic_write_text  # noqa: E402
+from locality import data, denoisers, stats
+from locality._io import atomic_write_text
 
 
 def median_time(fn, repeats):
@@ -39,7 +35,11 @@ def median_time(fn, repeats):
 
 def numpy_optimal(x_t, train_flat, ab):
     q = x_t.reshape(len(x_t), -1)
-    d = (q * q).sum(1)[:, None] - 2 * np.sqrt(ab) * q @ train_flat.T + ab * (train_flat ** 2).sum(1)[None]
+    d = (
+        (q * q).sum(1)[:, None]
+        - 2 * np.sqrt(ab) * q @ train_flat.T
+        + ab * (train_flat**2).sum(1)[None]
+    )
     l = -d / (2 * (1 - ab))
     l -= l.max(1, keepdims=True)
     w = np.exp(l)
@@ -83,8 +83,12 @@ def main():
     out["optimal_seconds_ours"] = median_time(lambda: opt(x_t, ab), args.repeats)
     out["optimal_seconds_numpy"] = median_time(lambda: numpy_optimal(x_t, flat, ab), args.repeats)
     out["optimal_speedup_vs_numpy"] = out["optimal_seconds_numpy"] / out["optimal_seconds_ours"]
-    out["optimal_max_abs_diff_vs_numpy"] = float(np.abs(np.asarray(opt(x_t, ab)) - numpy_optimal(
-        x_t.astype(np.float64), flat.astype(np.float64), ab)).max())
+    out["optimal_max_abs_diff_vs_numpy"] = float(
+        np.abs(
+            np.asarray(opt(x_t, ab))
+            - numpy_optimal(x_t.astype(np.float64), flat.astype(np.float64), ab)
+        ).max()
+    )
     atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

@@ -37,8 +37,20 @@ import time
 from typing import Any, Mapping
 
 # Keys of a UNet model config (``locality.nets.build_model``) and the values this port handles.
-_UNET_KEYS = ("arch", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "mid_attn",
-              "dropout", "num_groups", "padding", "use_norm", "out_ch", "num_classes")
+_UNET_KEYS = (
+    "arch",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "mid_attn",
+    "dropout",
+    "num_groups",
+    "padding",
+    "use_norm",
+    "out_ch",
+    "num_classes",
+)
 _PADDING_MODES = {"zeros": "zeros", "circular": "circular"}
 MEMORY_FORMATS = ("channels_last", "channels_first")
 
@@ -52,8 +64,10 @@ def unsupported(model_config: Mapping[str, Any]) -> str | None:
     if unknown:
         return f"unknown UNet option(s) {unknown}"
     if cfg.get("num_classes", 0):
-        return (f"num_classes={cfg['num_classes']} (class conditioning) is not ported; "
-                "only unconditional nets (num_classes=0)")
+        return (
+            f"num_classes={cfg['num_classes']} (class conditioning) is not ported; "
+            "only unconditional nets (num_classes=0)"
+        )
     if cfg.get("padding", "zeros") not in _PADDING_MODES:
         return f"padding {cfg.get('padding')!r} is not one of {sorted(_PADDING_MODES)}"
     return None
@@ -61,9 +75,19 @@ def unsupported(model_config: Mapping[str, Any]) -> str | None:
 
 def _defaults(model_config: Mapping[str, Any]) -> dict:
     """The config with the Flax ``UNet`` defaults filled in."""
-    d = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(), mid_attn=True,
-             dropout=0.15, num_groups=32, padding="zeros", use_norm=True, out_ch=None,
-             num_classes=0)
+    d = dict(
+        ch=64,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(),
+        mid_attn=True,
+        dropout=0.15,
+        num_groups=32,
+        padding="zeros",
+        use_norm=True,
+        out_ch=None,
+        num_classes=0,
+    )
     d.update({k: v for k, v in model_config.items() if k != "arch"})
     d["ch_mult"] = tuple(d["ch_mult"])
     d["attn_resolutions"] = tuple(d["attn_resolutions"])
@@ -73,15 +97,14 @@ def _defaults(model_config: Mapping[str, Any]) -> dict:
 def _modules():
     """The torch module classes (defined lazily so that importing this file needs no torch)."""
     import torch
-    from torch import nn
     import torch.nn.functional as F
+    from torch import nn
 
     def xavier_(weight, gain=1.0):
         nn.init.xavier_uniform_(weight, gain=gain)
 
     def conv3x3(cin, cout, stride=1, padding="zeros", gain=1.0):
-        c = nn.Conv2d(cin, cout, 3, stride=stride, padding=1,
-                      padding_mode=_PADDING_MODES[padding])
+        c = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, padding_mode=_PADDING_MODES[padding])
         xavier_(c.weight, gain)
         nn.init.zeros_(c.bias)
         return c
@@ -96,8 +119,9 @@ def _modules():
         if not use_norm:
             return nn.Identity()
         if c % num_groups:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible by "
-                             f"num_groups={num_groups}")
+            raise ValueError(
+                f"GroupNorm: {c} channels are not divisible by num_groups={num_groups}"
+            )
         return nn.GroupNorm(num_groups, c, eps=1e-6)
 
     class ResBlock(nn.Module):
@@ -200,8 +224,10 @@ def _modules():
         def forward(self, x, t):
             t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
             half = self.ch // 2
-            freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device)
-                              * -(math.log(10000.0) / (half - 1)))
+            freqs = torch.exp(
+                torch.arange(half, dtype=torch.float32, device=x.device)
+                * -(math.log(10000.0) / (half - 1))
+            )
             args = t[:, None] * freqs[None, :]
             temb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
             if self.ch % 2:
@@ -252,9 +278,16 @@ def count_params(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
-def time_step(model_config: Mapping[str, Any], batch_size: int, repeats: int, repeat_s: float,
-              image_shape=(28, 28, 1), memory_format: str = "channels_last",
-              num_threads: int | None = None, seed: int = 0) -> dict:
+def time_step(
+    model_config: Mapping[str, Any],
+    batch_size: int,
+    repeats: int,
+    repeat_s: float,
+    image_shape=(28, 28, 1),
+    memory_format: str = "channels_last",
+    num_threads: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Time one eager PyTorch training step of the UNet on the CPU (see the module docstring).
 
     Same protocol as ``bench()`` in ``benchmarks/train_step.py``: one warm step, whose time sizes
@@ -270,13 +303,15 @@ def time_step(model_config: Mapping[str, Any], batch_size: int, repeats: int, re
     import torch
 
     if num_threads is None:
-        return _time_step(model_config, batch_size, repeats, repeat_s, image_shape,
-                          memory_format, seed)
+        return _time_step(
+            model_config, batch_size, repeats, repeat_s, image_shape, memory_format, seed
+        )
     saved = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        return _time_step(model_config, batch_size, repeats, repeat_s, image_shape,
-                          memory_format, seed)
+        return _time_step(
+            model_config, batch_size, repeats, repeat_s, image_shape, memory_format, seed
+        )
     finally:
         torch.set_num_threads(saved)
 
@@ -327,15 +362,30 @@ def _time_step(model_config, batch_size, repeats, repeat_s, image_shape, memory_
         loss.item()
         times.append((time.perf_counter() - t0) / n)
     med = statistics.median(times)
-    return {"model": dict(model_config), "num_params": count_params(net),
-            "batch_size": batch_size, "steps_per_repeat": n, "first_step_s": first,
-            "step_s_median": med, "step_s_all": times, "steps_per_s": 1.0 / med,
-            "images_per_s": batch_size / med, "torch_version": torch.__version__,
-            "torch_num_threads": torch.get_num_threads(), "memory_format": memory_format}
+    return {
+        "model": dict(model_config),
+        "num_params": count_params(net),
+        "batch_size": batch_size,
+        "steps_per_repeat": n,
+        "first_step_s": first,
+        "step_s_median": med,
+        "step_s_all": times,
+        "steps_per_s": 1.0 / med,
+        "images_per_s": batch_size / med,
+        "torch_version": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "memory_format": memory_format,
+    }
 
 
-def run(configs: Mapping[str, Mapping[str, Any]], names, batch_sizes, repeats: int,
-        repeat_s: float, num_threads: int | None = None) -> dict:
+def run(
+    configs: Mapping[str, Mapping[str, Any]],
+    names,
+    batch_sizes,
+    repeats: int,
+    repeat_s: float,
+    num_threads: int | None = None,
+) -> dict:
     """Time every (name, batch size) with :func:`time_step`, or say why torch is unavailable.
 
     Names whose config this port cannot build (not a UNet, conditional, ...) get a
@@ -344,8 +394,7 @@ def run(configs: Mapping[str, Mapping[str, Any]], names, batch_sizes, repeats: i
     try:
         import torch
     except ImportError as e:
-        return {"available": False,
-                "why": f"{e}; install with pip install '.[torch-bench]'"}
+        return {"available": False, "why": f"{e}; install with pip install '.[torch-bench]'"}
     results = []
     for name in names:
         why = unsupported(configs[name])
@@ -354,10 +403,15 @@ def run(configs: Mapping[str, Mapping[str, Any]], names, batch_sizes, repeats: i
             print(f"torch    {name:8s} skipped: {why}", flush=True)
             continue
         for b in batch_sizes:
-            r = {"name": name,
-                 **time_step(configs[name], b, repeats, repeat_s, num_threads=num_threads)}
+            r = {
+                "name": name,
+                **time_step(configs[name], b, repeats, repeat_s, num_threads=num_threads),
+            }
             results.append(r)
-            print(f"torch    {name:8s} b{b:<4d} params {r['num_params']:>10,d}  step "
-                  f"{r['step_s_median'] * 1e3:.0f} ms  {r['images_per_s']:.1f} img/s "
-                  f"({r['torch_num_threads']} threads, {r['memory_format']})", flush=True)
+            print(
+                f"torch    {name:8s} b{b:<4d} params {r['num_params']:>10,d}  step "
+                f"{r['step_s_median'] * 1e3:.0f} ms  {r['images_per_s']:.1f} img/s "
+                f"({r['torch_num_threads']} threads, {r['memory_format']})",
+                flush=True,
+            )
     return {"available": True, "torch": torch.__version__, "results": results}

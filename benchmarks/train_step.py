@@ -12,7 +12,7 @@ average above the CPUs in the affinity mask) so that a figure from a loaded mach
 read as the machine's rate. ``--torch`` also times the same step in PyTorch on the CPU (an
 optional reference, see ``benchmarks/torch_unet.py``), or records why it could not.
 
-    python benchmarks/train_step.py [--models cpu,cpu32] [--batch_sizes 32,64,128,256] \
+    python -m benchmarks.train_step [--models cpu,cpu32] [--batch_sizes 32,64,128,256] \
         [--repeats 3] [--repeat_s 3] [--out benchmarks/results/train_step.json]
 """
 
@@ -22,13 +22,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 flags.DEFINE_string("batch_sizes", "32,64,128,256", "Comma list of global batch sizes.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
@@ -57,10 +54,15 @@ def machine_context() -> dict:
     load = os.getloadavg()
     # The load average counts the whole machine, so it is compared with all its CPUs (a run
     # pinned to one core of an otherwise idle machine is quiet at a load of 1).
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "affinity": affinity,
-            "load_avg": list(load), "busy": load[0] > (os.cpu_count() or 1),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "affinity": affinity,
+        "load_avg": list(load),
+        "busy": load[0] > (os.cpu_count() or 1),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+    }
 
 
 def bench(model_config, batch_size: int, repeats: int, repeat_s: float, image_shape=(28, 28, 1)):
@@ -92,10 +94,17 @@ def bench(model_config, batch_size: int, repeats: int, repeat_s: float, image_sh
         jax.block_until_ready(m)
         times.append((time.perf_counter() - t0) / n)
     med = statistics.median(times)
-    return {"model": model_config, "num_params": count_params(state.params),
-            "batch_size": batch_size, "steps_per_repeat": n,
-            "compile_plus_first_step_s": first, "step_s_median": med, "step_s_all": times,
-            "steps_per_s": 1.0 / med, "images_per_s": batch_size / med}
+    return {
+        "model": model_config,
+        "num_params": count_params(state.params),
+        "batch_size": batch_size,
+        "steps_per_repeat": n,
+        "compile_plus_first_step_s": first,
+        "step_s_median": med,
+        "step_s_all": times,
+        "steps_per_s": 1.0 / med,
+        "images_per_s": batch_size / med,
+    }
 
 
 def main(argv):
@@ -110,22 +119,34 @@ def main(argv):
     batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()]
     before = machine_context()
     if before["busy"]:
-        print(f"WARNING: load average {before['load_avg'][0]:.2f} exceeds the machine's "
-              f"{before['cpu_count']} CPUs: timings are not the machine's rate", flush=True)
+        print(
+            f"WARNING: load average {before['load_avg'][0]:.2f} exceeds the machine's "
+            f"{before['cpu_count']} CPUs: timings are not the machine's rate",
+            flush=True,
+        )
     results = []
     for name in names:
         for b in batch_sizes:
             r = {"name": name, **bench(configs[name], b, FLAGS.repeats, FLAGS.repeat_s)}
             results.append(r)
-            print(f"{name:8s} b{b:<4d} params {r['num_params']:>10,d}  compile+1 "
-                  f"{r['compile_plus_first_step_s']:.1f}s  step {r['step_s_median'] * 1e3:.0f} ms"
-                  f"  {r['images_per_s']:.1f} img/s", flush=True)
+            print(
+                f"{name:8s} b{b:<4d} params {r['num_params']:>10,d}  compile+1 "
+                f"{r['compile_plus_first_step_s']:.1f}s  step {r['step_s_median'] * 1e3:.0f} ms"
+                f"  {r['images_per_s']:.1f} img/s",
+                flush=True,
+            )
     base = results[0]["images_per_s"]
     for r in results:
         r["images_per_s_ratio_to_first"] = r["images_per_s"] / base
-    out = {"benchmark": "train_step", "devices": [str(d) for d in jax.devices()],
-           "jax": jax.__version__, "before": before, "repeats": FLAGS.repeats,
-           "baseline": f"{results[0]['name']} b{results[0]['batch_size']}", "results": results}
+    out = {
+        "benchmark": "train_step",
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "before": before,
+        "repeats": FLAGS.repeats,
+        "baseline": f"{results[0]['name']} b{results[0]['batch_size']}",
+        "results": results,
+    }
     if FLAGS.torch:
         from benchmarks import torch_unet
 

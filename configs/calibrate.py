@@ -1,6 +1,7 @@
 """Calibrating a peer machine's patch size per step against a trained network.
 
-    python experiments/calibrate.py --config configs/calibrate.py:ls,fashion_mnist --workdir workdirs/calibrate_ls_fmnist
+    python -m experiments.calibrate --config configs/calibrate.py:ls,fashion_mnist \
+        --workdir workdirs/calibrate_ls_fmnist
 
 The argument is "<method>,<dataset>" with method in ls | els | bbels | pspc_square. The reference
 is ``denoisers.make("network", checkpoint=config.reference_kwargs.checkpoint)``; any registered
@@ -31,17 +32,17 @@ def get_config(arg: str = "ls,fashion_mnist"):
     c.method = method
     c.dataset = dataset
     c.split = "train"
-    c.limit = ml_collections.config_dict.placeholder(int)       # first K training images
+    c.limit = ml_collections.config_dict.placeholder(int)  # first K training images
     c.resolution = ml_collections.config_dict.placeholder(int)
     c.method_kwargs = ml_collections.ConfigDict({"flip": True} if method == "pspc_square" else {})
     c.reference = "network"
     c.reference_kwargs = ml_collections.ConfigDict({"checkpoint": default_checkpoint(dataset)})
-    c.criterion = "cosine"        # cosine (Kamb & Ganguli) | greedy | both
-    c.candidates = ()             # empty: odd 3, 5, ... up to the image side
-    c.grid = "ddpm"               # ddpm (DDIM on the net's training schedule) | cosine_legacy
+    c.criterion = "cosine"  # cosine (Kamb & Ganguli) | greedy | both
+    c.candidates = ()  # empty: odd 3, 5, ... up to the image side
+    c.grid = "ddpm"  # ddpm (DDIM on the net's training schedule) | cosine_legacy
     c.num_steps = 10
-    c.timesteps = ()              # ddpm grid: explicit timesteps (high to low) instead of leading
+    c.timesteps = ()  # ddpm grid: explicit timesteps (high to low) instead of leading
     c.num_seeds = 8
     c.seed = 0
-    c.output = ""                 # optional extra path for the schedule JSON
+    c.output = ""  # optional extra path for the schedule JSON
     return c

@@ -1,6 +1,7 @@
 """Score comparison: analytical denoisers against a trained network along DDIM trajectories.
 
-    python experiments/compare.py --config configs/compare.py:fashion_mnist --workdir workdirs/compare_fashion_mnist
+    python -m experiments.compare --config configs/compare.py:fashion_mnist \
+        --workdir workdirs/compare_fashion_mnist
 
 For every method: S samples (default 64) from the same initial noise as the network, 10-step DDIM
 of the paper's release; per step r2 / MSE / Pearson r of x0_hat, trajectory-vs-trajectory and
@@ -9,10 +10,12 @@ single-step (the network evaluated on the method's own states). Override the net
 
 The argument is ``<dataset>``, ``<dataset>,quick`` (8 samples, smaller subsets for the slow
 peers: the README's main job) and/or ``<dataset>,long`` (against the 40-epoch network of the
-``long`` training preset, every method on that network's own training set). Methods whose cost grows with N H^2 W^2 run on a fixed random
+``long`` training preset, every method on that network's own training set). Methods whose cost
+grows with N H^2 W^2 run on a fixed random
 subset of the training set (``method_kwargs.<label>.limit``, or ``peer_limit`` for
 ``slow_methods``); the table reports the N each method used. ``linear`` needs GD-trained weights
-at the sampler's ten timesteps (``experiments/linear_gd.py`` with ``configs/linear_gd.py:<dataset>,ddim``)
+at the sampler's ten timesteps (``experiments/linear_gd.py`` with
+``configs/linear_gd.py:<dataset>,ddim``)
 and is skipped, with the reason in ``metrics.json``, when they are missing. ``network`` is the
 reference itself and ``wiener_dense`` the float64 oracle of ``wiener``; neither is a row.
 """
@@ -21,14 +24,19 @@ import ml_collections
 
 from configs.sample import PCA_THRESHOLD
 
-LS_SCHEDULES = {"fashion_mnist": "fashionmnist_unet_zeros_cond", "mnist": "mnist_unet_zeros",
-                "cifar10_catsdogs": "cifar10_unet_zeros_cond"}
+LS_SCHEDULES = {
+    "fashion_mnist": "fashionmnist_unet_zeros_cond",
+    "mnist": "mnist_unet_zeros",
+    "cifar10_catsdogs": "cifar10_unet_zeros_cond",
+}
 
 
 # The reference networks of the headline comparison ('long' preset of configs/train.py, 40
 # epochs; the argument ',long' selects them) and the part of the training split they held out.
-LONG_NETS = {"fashion_mnist": "checkpoints/fashion_mnist_unet_long/epoch_40",
-             "mnist": "checkpoints/mnist_unet_long/epoch_40"}
+LONG_NETS = {
+    "fashion_mnist": "checkpoints/fashion_mnist_unet_long/epoch_40",
+    "mnist": "checkpoints/mnist_unet_long/epoch_40",
+}
 LONG_HOLDOUT = {"mnist": 0.1}
 
 
@@ -58,30 +66,45 @@ def get_config(arg: str = "fashion_mnist"):
     c.checkpoint = LONG_NETS[dataset] if long_net else f"checkpoints/{dataset}_unet_cpu"
     if long_net:
         c.holdout = LONG_HOLDOUT.get(dataset, 0.0)
-    c.methods = ("pca_locality,pca_locality_chunk_mean,wiener,optimal,nearest,linear,ls,els,bbels,"
-                 "pspc_square,pspc_flex,scfdm")
+    c.methods = (
+        "pca_locality,pca_locality_chunk_mean,wiener,optimal,nearest,linear,ls,els,bbels,"
+        "pspc_square,pspc_flex,scfdm"
+    )
     thr = PCA_THRESHOLD.get(dataset, 0.005)
     sched = LS_SCHEDULES.get(dataset, 3)
-    c.method_kwargs = ml_collections.ConfigDict({
-        "pca_locality": {"threshold": thr, "softmax": "exact"},
-        "pca_locality_chunk_mean": {"method": "pca_locality", "threshold": thr,
-                                    "softmax": "chunk_mean", "chunk_size": 512},
-        "optimal": {}, "nearest": {}, "wiener": {},
-        "ls": {"patch_size": sched},
-        # ELS / bbELS cost O(B N H^2 W^2 k^2) per call: about 7 ms per (sample, training image)
-        # and step on this CPU, so 32 samples x 10 steps x 100 images ~ 4 min.
-        "els": {"patch_size": sched, "limit": 100}, "bbels": {"patch_size": sched, "limit": 100},
-        "pspc_square": {"patch_size": 5, "flip": True},
-        # crops from the network's own gradient heat maps at the sampler's ten levels
-        "pspc_flex": {"network": c.checkpoint, "abs": _ddim_abs(),
-                      "num_probes": 1, "flip": True},
-        "linear": {"weights": f"workdirs/linear_gd_ddim_{dataset}/linear_weights.npz"},
-        "scfdm": {"num_samples": 10, "sigma_s": 0.1, "seed": 0},
-    })
+    c.method_kwargs = ml_collections.ConfigDict(
+        {
+            "pca_locality": {"threshold": thr, "softmax": "exact"},
+            "pca_locality_chunk_mean": {
+                "method": "pca_locality",
+                "threshold": thr,
+                "softmax": "chunk_mean",
+                "chunk_size": 512,
+            },
+            "optimal": {},
+            "nearest": {},
+            "wiener": {},
+            "ls": {"patch_size": sched},
+            # ELS / bbELS cost O(B N H^2 W^2 k^2) per call: about 7 ms per (sample, training image)
+            # and step on this CPU, so 32 samples x 10 steps x 100 images ~ 4 min.
+            "els": {"patch_size": sched, "limit": 100},
+            "bbels": {"patch_size": sched, "limit": 100},
+            "pspc_square": {"patch_size": 5, "flip": True},
+            # crops from the network's own gradient heat maps at the sampler's ten levels
+            "pspc_flex": {
+                "network": c.checkpoint,
+                "abs": _ddim_abs(),
+                "num_probes": 1,
+                "flip": True,
+            },
+            "linear": {"weights": f"workdirs/linear_gd_ddim_{dataset}/linear_weights.npz"},
+            "scfdm": {"num_samples": 10, "sigma_s": 0.1, "seed": 0},
+        }
+    )
     # methods too slow for the full set on a CPU run on a fixed random subset of `peer_limit` images
     c.peer_limit = 10000
     c.slow_methods = "els,bbels,pspc_square,pspc_flex,scfdm"
-    c.num_samples = 32   # the paper uses 64; 32 keeps a full table within ~30 min on 2 CPU cores
+    c.num_samples = 32  # the paper uses 64; 32 keeps a full table within ~30 min on 2 CPU cores
     c.batch_size = 16
     c.num_steps = 10
     c.seed = 0

@@ -1,17 +1,18 @@
 """Data-statistics experiments (``experiments/data_stats.py``): injected long-range links,
 permuted pixels, and Wiener fields against principal components of aligned faces.
 
-    python experiments/data_stats.py --config configs/data_stats.py:fashion_mnist --workdir workdirs/data_stats_fmnist
+    python -m experiments.data_stats --config configs/data_stats.py:fashion_mnist \
+        --workdir workdirs/data_stats_fmnist
 
 The networks trained on transformed data come from (about 20 min each on one CPU core)::
 
-    python experiments/train.py --config configs/train.py:fashion_mnist,cpu,unet \
+    python -m experiments.train --config configs/train.py:fashion_mnist,cpu,unet \
         --config.train.transform=link:18,10,0,0,5 --workdir workdirs/fashion_mnist_unet_cpu_link \
         --export_to checkpoints/fashion_mnist_unet_cpu_link
-    python experiments/train.py --config configs/train.py:fashion_mnist,cpu,unet \
+    python -m experiments.train --config configs/train.py:fashion_mnist,cpu,unet \
         --config.train.transform=permute:0 --workdir workdirs/fashion_mnist_unet_cpu_permute \
         --export_to checkpoints/fashion_mnist_unet_cpu_permute
-    python experiments/train.py --config configs/train.py:fashion_mnist,cpu,dit \
+    python -m experiments.train --config configs/train.py:fashion_mnist,cpu,dit \
         --config.train.transform=permute:0 --workdir workdirs/fashion_mnist_dit_cpu_permute \
         --export_to checkpoints/fashion_mnist_dit_cpu_permute
 
@@ -35,7 +36,7 @@ def get_config(arg: str = "fashion_mnist"):
     c.test_split = "test"
     c.num_inputs = 16
     c.test_random = False
-    if arg in NO_TEST_SPLIT:       # inputs: a random (seeded) choice of training images
+    if arg in NO_TEST_SPLIT:  # inputs: a random (seeded) choice of training images
         c.test_split = "train"
         c.test_random = True
     c.timesteps = (50, 100, 200, 300, 500, 700)
@@ -45,29 +46,33 @@ def get_config(arg: str = "fashion_mnist"):
     # (background, near-zero variance): the block centres (20, 12) and (2, 2) are 20.6 px apart.
     c.link = ml_collections.ConfigDict()
     c.link.spec = "link:18,10,0,0,5"
-    c.link.networks = ml_collections.ConfigDict({
-        "unet_original": f"checkpoints/{arg}_unet_cpu",
-        "unet_linked": f"checkpoints/{arg}_unet_cpu_link",
-    })
+    c.link.networks = ml_collections.ConfigDict(
+        {
+            "unet_original": f"checkpoints/{arg}_unet_cpu",
+            "unet_linked": f"checkpoints/{arg}_unet_cpu_link",
+        }
+    )
 
     # (b) one fixed permutation of the 784 pixel positions.
     c.permute = ml_collections.ConfigDict()
     c.permute.spec = "permute:0"
     c.permute.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))
     c.permute.num_samples = 16
-    c.permute.networks = ml_collections.ConfigDict({
-        "unet_original": f"checkpoints/{arg}_unet_cpu",
-        "dit_original": f"checkpoints/{arg}_dit_cpu",
-        "unet_permuted": f"checkpoints/{arg}_unet_cpu_permute",
-        "dit_permuted": f"checkpoints/{arg}_dit_cpu_permute",
-    })
+    c.permute.networks = ml_collections.ConfigDict(
+        {
+            "unet_original": f"checkpoints/{arg}_unet_cpu",
+            "dit_original": f"checkpoints/{arg}_dit_cpu",
+            "unet_permuted": f"checkpoints/{arg}_unet_cpu_permute",
+            "dit_permuted": f"checkpoints/{arg}_dit_cpu_permute",
+        }
+    )
 
     # (c) aligned faces: Wiener rows against the top principal components.
     c.pcs = ml_collections.ConfigDict()
     c.pcs.dataset = "lfw_faces"
     c.pcs.resolution = ml_collections.config_dict.placeholder(int)
     c.pcs.limit = ml_collections.config_dict.placeholder(int)
-    c.pcs.pixels = ((12, 12), (8, 8), (16, 12))   # centre, left eye region, mouth region
+    c.pcs.pixels = ((12, 12), (8, 8), (16, 12))  # centre, left eye region, mouth region
     c.pcs.top_k = (1, 4, 16, 64)
 
     if arg == "smoke":

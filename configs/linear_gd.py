@@ -1,6 +1,7 @@
 """Gradient-descent-trained linear denoisers against the Wiener filter (docs/algorithms.md §4).
 
-    python experiments/linear_gd.py --config configs/linear_gd.py:fashion_mnist --workdir workdirs/linear_gd_fmnist
+    python -m experiments.linear_gd --config configs/linear_gd.py:fashion_mnist \
+        --workdir workdirs/linear_gd_fmnist
 
 Trains ``D_t(x) = W_t x + b_t`` at each of ``config.timesteps`` (DDPM linear schedule) on the
 training set with fresh noise every batch and compares it with the float64 Wiener filter of the
@@ -21,25 +22,25 @@ def get_config(arg: str = "fashion_mnist"):
     c = ml_collections.ConfigDict()
     c.dataset = parts[0]
     c.split = "train"
-    c.limit = ml_collections.config_dict.placeholder(int)       # first K training images
+    c.limit = ml_collections.config_dict.placeholder(int)  # first K training images
     c.resolution = ml_collections.config_dict.placeholder(int)
     # The six noise levels of configs/sensitivity.py, so its "linear" row is complete.
     c.timesteps = (50, 100, 200, 300, 500, 700)
     c.steps = 2000
     c.batch_size = 256
     c.lr = 3e-3
-    c.optimizer = "adam"           # adam | sgd (momentum 0.9)
-    c.schedule = "constant"        # constant | cosine
-    c.tail = 0.5                   # fraction of final steps averaged into the result
+    c.optimizer = "adam"  # adam | sgd (momentum 0.9)
+    c.schedule = "constant"  # constant | cosine
+    c.tail = 0.5  # fraction of final steps averaged into the result
     c.log_every = 100
     c.center = True
-    c.init = "zeros"               # zeros | isotropic (W = g I, the isotropic-Gaussian Wiener gain)
-    c.pixel = ()                   # field-cosine pixel (row, col); empty: the centre
+    c.init = "zeros"  # zeros | isotropic (W = g I, the isotropic-Gaussian Wiener gain)
+    c.pixel = ()  # field-cosine pixel (row, col); empty: the centre
     c.seed = 0
     # Verdict "GD reached the Wiener filter" at the end of training.
-    c.max_rel_frob = 0.2           # ||W - W*||_F / ||W*||_F
-    c.min_cosine = 0.98            # centre-pixel field cosine vs Wiener
-    c.max_excess = 0.01            # (L(W, b) - L*) / L*
+    c.max_rel_frob = 0.2  # ||W - W*||_F / ||W*||_F
+    c.min_cosine = 0.98  # centre-pixel field cosine vs Wiener
+    c.max_excess = 0.01  # (L(W, b) - L*) / L*
     if "ddim" in parts[1:]:
         # the ten timesteps of the 10-step DDIM grid, so compare.py can sample with "linear"
         c.timesteps = (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)

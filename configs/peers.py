@@ -1,7 +1,9 @@
 """Sampling with the peer analytical machines: LS, ELS, bbELS, PSPC-Square, PSPC-Flex, SCFDM.
 
-    python experiments/sample.py --config configs/peers.py:ls,fashion_mnist --workdir workdirs/peers_ls_fashion_mnist
-    python experiments/sample.py --config configs/peers.py:pspc_square,cifar10_catsdogs --workdir workdirs/peers_pspc_square_cifar10_catsdogs
+    python -m experiments.sample --config configs/peers.py:ls,fashion_mnist \
+        --workdir workdirs/peers_ls_fashion_mnist
+    python -m experiments.sample --config configs/peers.py:pspc_square,cifar10_catsdogs \
+        --workdir workdirs/peers_pspc_square_cifar10_catsdogs
 
 The argument is "<method>,<dataset>" with method in ls | els | bbels | pspc_square | pspc_flex |
 scfdm and dataset in fashion_mnist | mnist | cifar10_catsdogs. The denoiser is built as
@@ -23,8 +25,11 @@ import ml_collections
 
 METHODS = ("ls", "els", "bbels", "pspc_square", "pspc_flex", "scfdm")
 DATASETS = ("fashion_mnist", "mnist", "cifar10_catsdogs")
-LS_SCHEDULES = {"fashion_mnist": "fashionmnist_unet_zeros_cond", "mnist": "mnist_unet_zeros",
-                "cifar10_catsdogs": "cifar10_unet_zeros_cond"}
+LS_SCHEDULES = {
+    "fashion_mnist": "fashionmnist_unet_zeros_cond",
+    "mnist": "mnist_unet_zeros",
+    "cifar10_catsdogs": "cifar10_unet_zeros_cond",
+}
 EDM_STEPS = 18
 
 
@@ -46,8 +51,13 @@ def method_kwargs(method: str, dataset: str) -> dict:
     if method == "pspc_flex":
         # heat maps at every other sigma of the sampler's grid (the nearest one in log sigma is
         # used in between), 2 probes each: H*W network VJPs per (sigma, probe)
-        return {"network": f"checkpoints/{dataset}_unet_cpu", "sigmas": _edm_sigmas(EDM_STEPS)[::2],
-                "lam": 0.9, "num_probes": 2, "flip": True}
+        return {
+            "network": f"checkpoints/{dataset}_unet_cpu",
+            "sigmas": _edm_sigmas(EDM_STEPS)[::2],
+            "lam": 0.9,
+            "num_probes": 2,
+            "flip": True,
+        }
     return {"num_samples": 10, "sigma_s": 0.1, "seed": 0, "smoothing": "input"}
 
 
@@ -63,7 +73,7 @@ def get_config(arg: str = "ls,fashion_mnist"):
     c = ml_collections.ConfigDict()
     c.dataset = dataset
     c.split = "train"
-    c.limit = ml_collections.config_dict.placeholder(int)       # first K training images
+    c.limit = ml_collections.config_dict.placeholder(int)  # first K training images
     c.resolution = ml_collections.config_dict.placeholder(int)  # resize to R x R (None = native)
     c.method = method
     c.method_kwargs = ml_collections.ConfigDict(method_kwargs(method, dataset))
@@ -72,6 +82,6 @@ def get_config(arg: str = "ls,fashion_mnist"):
     c.num_steps = EDM_STEPS if edm else 10
     c.num_samples = 16
     c.seed = 0
-    c.shard = False         # read by experiments/sample.py (sharding of optimal / pca_locality)
+    c.shard = False  # read by experiments/sample.py (sharding of optimal / pca_locality)
     c.progress = True
     return c

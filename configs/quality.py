@@ -8,9 +8,9 @@ images in the feature space of a classifier trained on the training split, the f
 samples the classifier labels with confidence above ``confidence``, and the eps-MSE on the
 held-out images at t = 100, 300, 500, 700, 900::
 
-    python experiments/quality.py --config configs/quality.py:fashion_mnist \
+    python -m experiments.quality --config configs/quality.py:fashion_mnist \
         --workdir results/quality_fashion_mnist
-    python experiments/quality.py --config configs/quality.py:mnist \
+    python -m experiments.quality --config configs/quality.py:mnist \
         --workdir results/quality_mnist \
         --config.networks='cpu=checkpoints/mnist_unet_cpu,e20=checkpoints/mnist_unet_long/epoch_20'
 
@@ -30,8 +30,9 @@ CLASSIFIER_EPOCHS = {"fashion_mnist": 8, "mnist": 15}
 def get_config(arg: str = "fashion_mnist"):
     dataset = arg.strip()
     if dataset not in ("fashion_mnist", "mnist"):
-        raise ValueError(f"quality needs a labelled 28 px set, 'fashion_mnist' or 'mnist'; got "
-                         f"{dataset!r}")
+        raise ValueError(
+            f"quality needs a labelled 28 px set, 'fashion_mnist' or 'mnist'; got {dataset!r}"
+        )
     c = ml_collections.ConfigDict()
     c.dataset = dataset
     # "label=path,label=path"; "" = the committed CPU UNet and the exports of the long run.
@@ -39,15 +40,15 @@ def get_config(arg: str = "fashion_mnist"):
     c.holdout = HOLDOUT.get(dataset, 0.0)  # > 0: held-out part of train (as configs/train.py)
     c.holdout_seed = 0
     c.num_samples = 2000
-    c.num_real = 2000                  # real held-out images for the distance (at most all)
-    c.sampler = "ddim"                 # ddim (eta = 0) | ddpm (ancestral)
+    c.num_real = 2000  # real held-out images for the distance (at most all)
+    c.sampler = "ddim"  # ddim (eta = 0) | ddpm (ancestral)
     c.num_steps = 10
     c.seed = 0
-    c.eval_count = 1000                # held-out images for the eps-MSE table
+    c.eval_count = 1000  # held-out images for the eps-MSE table
     c.confidence = 0.9
     c.classifier_epochs = CLASSIFIER_EPOCHS.get(dataset, 10)
     c.classifier_holdout = 0.1
     c.classifier_seed = 0
-    c.classifier_flip = False          # mirrored digits are not digits
+    c.classifier_flip = False  # mirrored digits are not digits
     c.progress = True
     return c

@@ -1,6 +1,8 @@
-"""Sensitivity fields (Jacobian rows) of several denoisers across noise levels (docs/algorithms.md §9).
+"""Sensitivity fields (Jacobian rows) of several denoisers across noise levels
+(docs/algorithms.md §9).
 
-    python experiments/sensitivity.py --config configs/sensitivity.py:fashion_mnist --workdir workdirs/sensitivity_fmnist
+    python -m experiments.sensitivity --config configs/sensitivity.py:fashion_mnist \
+        --workdir workdirs/sensitivity_fmnist
 
 Models: the Wiener filter of the training set (always); the gradient-descent linear denoisers of
 ``config.linear_weights`` (written by ``experiments/linear_gd.py``) when that file exists; and each
@@ -8,7 +10,8 @@ trained network in ``config.networks`` (name -> checkpoint directory, built with
 ``denoisers.make("network", checkpoint=...)``) when its directory exists. Missing ones are
 skipped and listed in ``metrics.json``. Overrides, e.g. ``--config.num_inputs=32
 --config.networks.unet=checkpoints/other --config.pixels='((14, 14), (5, 5))'``.
-``"<dataset>,quick"`` uses 4 noisy inputs (the README's main job); ``"smoke"`` is a seconds-long variant on a synthetic 8x8 set for tests.
+``"<dataset>,quick"`` uses 4 noisy inputs (the README's main job); ``"smoke"`` is a seconds-long
+variant on a synthetic 8x8 set for tests.
 """
 
 import ml_collections
@@ -27,27 +30,32 @@ def get_config(arg: str = "fashion_mnist"):
     c.stats_split = "train"
     c.stats_limit = ml_collections.config_dict.placeholder(int)  # images for the Wiener statistics
     c.test_split = "test"
-    c.num_inputs = 16              # M clean test images, one noisy input each per level
-    c.test_random = False          # True: M images at random (seed) instead of the first M
-    if arg in NO_TEST_SPLIT:       # inputs from the training split, a random (seeded) choice
+    c.num_inputs = 16  # M clean test images, one noisy input each per level
+    c.test_random = False  # True: M images at random (seed) instead of the first M
+    if arg in NO_TEST_SPLIT:  # inputs from the training split, a random (seeded) choice
         c.test_split = "train"
         c.test_random = True
     c.resolution = ml_collections.config_dict.placeholder(int)
-    c.timesteps = (50, 100, 200, 300, 500, 700)    # DDPM linear schedule, ab = alphas_cumprod[t]
+    c.timesteps = (50, 100, 200, 300, 500, 700)  # DDPM linear schedule, ab = alphas_cumprod[t]
     c.pixels = ((14, 14), (7, 14), (14, 5), (21, 21))  # first is the centre; (row, col)
     if arg == "cifar10_catsdogs":  # the same four positions on the 32 px grid
         c.pixels = ((16, 16), (8, 16), (16, 6), (24, 24))
     c.seed = 0
-    c.linear_weights = ("workdirs/linear_gd_fmnist/linear_weights.npz" if arg == "fashion_mnist"
-                        else f"workdirs/linear_gd_{arg}/linear_weights.npz")
-    c.linear_tolerance = 1e-5      # use a linear W only at levels it was trained for
-    c.networks = ml_collections.ConfigDict({
-        "unet": f"checkpoints/{arg}_unet_cpu",
-        "dit": f"checkpoints/{arg}_dit_cpu",
-    })
-    c.pixel_batch = 0              # >0: pull back this many cotangents at a time (less memory)
+    c.linear_weights = (
+        "workdirs/linear_gd_fmnist/linear_weights.npz"
+        if arg == "fashion_mnist"
+        else f"workdirs/linear_gd_{arg}/linear_weights.npz"
+    )
+    c.linear_tolerance = 1e-5  # use a linear W only at levels it was trained for
+    c.networks = ml_collections.ConfigDict(
+        {
+            "unet": f"checkpoints/{arg}_unet_cpu",
+            "dit": f"checkpoints/{arg}_dit_cpu",
+        }
+    )
+    c.pixel_batch = 0  # >0: pull back this many cotangents at a time (less memory)
     c.radius_masses = (0.5, 0.9)
-    c.iou_masses = (0.5, 0.9)      # IoU of the supports holding these fractions of the mass
+    c.iou_masses = (0.5, 0.9)  # IoU of the supports holding these fractions of the mass
     if "quick" in parts[1:]:
         c.num_inputs = 4
     if arg == "smoke":

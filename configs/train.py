@@ -9,27 +9,27 @@ recognisable samples in well under an hour on one CPU core); arch ``unet`` (defa
 Commands (run from the repository root)::
 
     # Fashion-MNIST, small UNet, CPU (about 40 min on one core):
-    taskset -c 1 python experiments/train.py --config configs/train.py:fashion_mnist,cpu,unet \
+    taskset -c 1 python -m experiments.train --config configs/train.py:fashion_mnist,cpu,unet \
         --workdir workdirs/fashion_mnist_unet_cpu
     # Fashion-MNIST, tiny DiT, CPU:
-    python experiments/train.py --config configs/train.py:fashion_mnist,cpu,dit \
+    python -m experiments.train --config configs/train.py:fashion_mnist,cpu,dit \
         --workdir workdirs/fashion_mnist_dit_cpu
     # The paper's 28 px UNet (ch 64, mult 1,2,2; 200 epochs; accelerator recommended):
-    python experiments/train.py --config configs/train.py:fashion_mnist,paper,unet \
+    python -m experiments.train --config configs/train.py:fashion_mnist,paper,unet \
         --workdir workdirs/fashion_mnist_unet_paper
     # Cats/dogs 32 px on one accelerator, stopped after 10 minutes (resumable):
-    python experiments/train.py --config configs/train.py:cifar10_catsdogs,gpu,unet \
+    python -m experiments.train --config configs/train.py:cifar10_catsdogs,gpu,unet \
         --workdir workdirs/cifar10_catsdogs_unet_gpu --time_limit_s 600 \
         --export_to checkpoints/cifar10_catsdogs_unet_gpu
     # Cats/dogs 32 px, paper UNet (ch 128, mult 1,2,3,4) or the CPU-sized one:
-    python experiments/train.py --config configs/train.py:cifar10_catsdogs,paper,unet \
+    python -m experiments.train --config configs/train.py:cifar10_catsdogs,paper,unet \
         --workdir workdirs/catsdogs_unet_paper
-    python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
+    python -m experiments.train --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu
 
     # Class-conditional cats/dogs net, started from the unconditional CPU one (label dropout 0.1
     # for classifier-free guidance; grids at guidance weight 3):
-    python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
+    python -m experiments.train --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu32_cond --config.model.ch=32 \
         --config.model.ch_mult='(1,2,2,2)' --config.model.num_classes=2 --config.train.lr=3e-4 \
         --config.train.num_steps=5000 --config.train.cosine_decay=True \
@@ -38,7 +38,7 @@ Commands (run from the repository root)::
         --config.train.init_from=checkpoints/cifar10_catsdogs_unet_cpu32_anneal
 
     # Append a cosine anneal (steps 8,000 -> 13,000, lr to 0) to a finished constant-lr run:
-    python experiments/train.py --config configs/train.py:cifar10_catsdogs,cpu,unet \
+    python -m experiments.train --config configs/train.py:cifar10_catsdogs,cpu,unet \
         --workdir workdirs/catsdogs_unet_cpu --config.train.num_steps=13000 \
         --config.train.cosine_decay=True --config.train.decay_start=8000
 
@@ -47,7 +47,7 @@ Commands (run from the repository root)::
     # so run them in pieces: stop with --time_limit_s, keep what resuming needs with
     # --snapshot_to, and continue on any machine with --resume_from (one core per run):
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-    taskset -c 0 python experiments/train.py --config configs/train.py:fashion_mnist,long \
+    taskset -c 0 python -m experiments.train --config configs/train.py:fashion_mnist,long \
         --workdir workdirs/fashion_mnist_unet_long --time_limit_s 9000 \
         --resume_from checkpoints/fashion_mnist_unet_long/resume \
         --snapshot_to checkpoints/fashion_mnist_unet_long/resume
@@ -103,22 +103,52 @@ def get_config(arg: str = "fashion_mnist,cpu,unet") -> ml_collections.ConfigDict
 
     if arch == "unet":
         if preset == "gpu":  # the paper's 28 px UNet, at any resolution
-            model = dict(arch="unet", ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                         attn_resolutions=(), mid_attn=True, dropout=0.1, num_groups=32,
-                         padding="zeros", use_norm=True)
+            model = dict(
+                arch="unet",
+                ch=64,
+                ch_mult=(1, 2, 2),
+                num_res_blocks=2,
+                attn_resolutions=(),
+                mid_attn=True,
+                dropout=0.1,
+                num_groups=32,
+                padding="zeros",
+                use_norm=True,
+            )
         elif preset == "paper":
             big = res > 28
-            model = dict(arch="unet", ch=128 if big else 64,
-                         ch_mult=(1, 2, 3, 4) if big else (1, 2, 2), num_res_blocks=2,
-                         attn_resolutions=(), mid_attn=True, dropout=0.15, num_groups=32,
-                         padding="zeros", use_norm=True)
+            model = dict(
+                arch="unet",
+                ch=128 if big else 64,
+                ch_mult=(1, 2, 3, 4) if big else (1, 2, 2),
+                num_res_blocks=2,
+                attn_resolutions=(),
+                mid_attn=True,
+                dropout=0.15,
+                num_groups=32,
+                padding="zeros",
+                use_norm=True,
+            )
         else:  # cpu, long
-            model = dict(arch="unet", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                         attn_resolutions=(), mid_attn=True, dropout=0.0, num_groups=8,
-                         padding="zeros", use_norm=True)
+            model = dict(
+                arch="unet",
+                ch=16,
+                ch_mult=(1, 2, 2),
+                num_res_blocks=1,
+                attn_resolutions=(),
+                mid_attn=True,
+                dropout=0.0,
+                num_groups=8,
+                padding="zeros",
+                use_norm=True,
+            )
     else:
-        model = dict(arch="dit", size="tiny" if preset == "cpu" else "small",
-                     patch_size=_patch_size(res), dropout=0.0)
+        model = dict(
+            arch="dit",
+            size="tiny" if preset == "cpu" else "small",
+            patch_size=_patch_size(res),
+            dropout=0.0,
+        )
     model["num_classes"] = 0  # > 0: class-conditional (labels of the dataset; see nets/unet.py)
     config.model = model
 

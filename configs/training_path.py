@@ -7,7 +7,7 @@ paper's 10-step DDIM from the same noise as the networks); every network of ``ne
 with standard errors over samples and paired differences between methods, is plotted against the
 network's epochs::
 
-    python experiments/training_path.py --config configs/training_path.py:fashion_mnist \
+    python -m experiments.training_path --config configs/training_path.py:fashion_mnist \
         --workdir results/training_path_fashion_mnist
 
 Every method uses the network's own training set: for ``mnist`` the 90 % of the training split
@@ -32,13 +32,17 @@ def get_config(arg: str = "fashion_mnist"):
     c.dataset = dataset
     c.holdout = HOLDOUT.get(dataset, 0.0)
     c.holdout_seed = 0
-    c.networks = ""                    # "label=path,..."; "" = the long run's exports
+    c.networks = ""  # "label=path,..."; "" = the long run's exports
     c.methods = "pca_locality,wiener,optimal,nearest"
     thr = PCA_THRESHOLD.get(dataset, 0.005)
-    c.method_kwargs = ml_collections.ConfigDict({
-        "pca_locality": {"threshold": thr, "softmax": "exact"},
-        "wiener": {}, "optimal": {}, "nearest": {},
-    })
+    c.method_kwargs = ml_collections.ConfigDict(
+        {
+            "pca_locality": {"threshold": thr, "softmax": "exact"},
+            "wiener": {},
+            "optimal": {},
+            "nearest": {},
+        }
+    )
     c.num_samples = 8 if quick else 64
     c.batch_size = 8 if quick else 32
     c.num_steps = 10

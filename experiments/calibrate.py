@@ -1,6 +1,7 @@
 """Calibrate the per-step patch size of a peer machine against a trained network.
 
-    python experiments/calibrate.py --config configs/calibrate.py:ls,fashion_mnist --workdir workdirs/calibrate_ls_fmnist
+    python -m experiments.calibrate --config configs/calibrate.py:ls,fashion_mnist \
+        --workdir workdirs/calibrate_ls_fmnist
 
 Along the reference network's own deterministic DDIM trajectory (``config.num_seeds`` seeds), at
 every step the machine (``ls``, ``els``, ``bbels`` or ``pspc_square``) is evaluated at every
@@ -17,18 +18,15 @@ additionally copies the (first) schedule to that path.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-
-from experiments import common  # noqa: E402
-from locality import denoisers, plotting, schedules  # noqa: E402
-from locality.denoisers import local_score, pspc  # noqa: E402,F401  (registration)
+from experiments import common
+from locality import denoisers, plotting, schedules
+from locality.denoisers import local_score, pspc  # noqa: F401  (registration)
 
 _CONFIG = _WORKDIR = None  # defined when run as a program (tests import several entry points)
 
@@ -39,12 +37,13 @@ def load_train(config) -> np.ndarray:
     """``config.dataset`` through :func:`locality.data.load`, or ``npy:PATH`` (an [N, H, W, C]
     float32 array in [-1, 1], e.g. for smoke tests)."""
     if config.dataset.startswith("npy:"):
-        arr = np.load(config.dataset[len("npy:"):])
+        arr = np.load(config.dataset[len("npy:") :])
         return arr[: config.limit] if config.limit else arr
     from locality import data
 
-    return data.load(config.dataset, split=config.split, resolution=config.resolution,
-                     limit=config.limit)
+    return data.load(
+        config.dataset, split=config.split, resolution=config.resolution, limit=config.limit
+    )
 
 
 def default_candidates(method: str, shape) -> list:
@@ -60,8 +59,11 @@ def grid(config):
     """(schedule, timesteps, t-for-plots, x-label) of the calibration trajectory."""
     if config.grid == "ddpm":
         sched = schedules.ddpm_linear()
-        ts = (np.asarray(config.timesteps, np.int32) if len(config.timesteps)
-              else schedules.ddim_timesteps(config.num_steps, sched.num_timesteps))
+        ts = (
+            np.asarray(config.timesteps, np.int32)
+            if len(config.timesteps)
+            else schedules.ddim_timesteps(config.num_steps, sched.num_timesteps)
+        )
         return sched, ts, ts.astype(float), "DDPM timestep t"
     if config.grid == "cosine_legacy":
         sched, ts = local_score.cosine_legacy_sampler(config.num_steps)
@@ -76,46 +78,89 @@ def run(config, workdir: str) -> str:
     criteria = ["cosine", "greedy"] if config.criterion == "both" else [config.criterion]
     train = load_train(config)
     logging.info("training set %s", train.shape)
-    method_kwargs = dict(config.method_kwargs.to_dict() if hasattr(config.method_kwargs, "to_dict")
-                         else config.method_kwargs)
+    method_kwargs = dict(
+        config.method_kwargs.to_dict()
+        if hasattr(config.method_kwargs, "to_dict")
+        else config.method_kwargs
+    )
     machine = denoisers.make(config.method, train=train, **method_kwargs)
-    ref_kwargs = dict(config.reference_kwargs.to_dict() if hasattr(config.reference_kwargs, "to_dict")
-                      else config.reference_kwargs)
+    ref_kwargs = dict(
+        config.reference_kwargs.to_dict()
+        if hasattr(config.reference_kwargs, "to_dict")
+        else config.reference_kwargs
+    )
     if config.reference != "network":
         ref_kwargs.setdefault("train", train)
     reference = denoisers.make(config.reference, **ref_kwargs)
     cands = list(config.candidates) or default_candidates(config.method, train.shape[1:])
     sched, ts, t_plot, xlabel = grid(config)
-    x_T = jax.random.normal(jax.random.key(config.seed), (config.num_seeds,) + train.shape[1:],
-                            jnp.float32)
-    out = {"method": config.method, "dataset": config.dataset, "num_train": int(train.shape[0]),
-           "reference": config.reference, "candidates": cands, "grid": config.grid,
-           "timesteps": ts.tolist(), "results": {}}
-    lines = [f"{config.method} on {config.dataset} ({train.shape[0]} images) vs "
-             f"{config.reference}; {config.grid} grid, {len(ts)} steps, {config.num_seeds} seeds"]
+    x_T = jax.random.normal(
+        jax.random.key(config.seed), (config.num_seeds,) + train.shape[1:], jnp.float32
+    )
+    out = {
+        "method": config.method,
+        "dataset": config.dataset,
+        "num_train": int(train.shape[0]),
+        "reference": config.reference,
+        "candidates": cands,
+        "grid": config.grid,
+        "timesteps": ts.tolist(),
+        "results": {},
+    }
+    lines = [
+        f"{config.method} on {config.dataset} ({train.shape[0]} images) vs "
+        f"{config.reference}; {config.grid} grid, {len(ts)} steps, {config.num_seeds} seeds"
+    ]
     curves, paths = {}, []
     for crit in criteria:
         with common.Timer() as timer:
-            cal = local_score.calibrate(reference, machine, cands, x_T, sched=sched,
-                                        num_steps=len(ts), timesteps=ts, criterion=crit)
+            cal = local_score.calibrate(
+                reference,
+                machine,
+                cands,
+                x_T,
+                sched=sched,
+                num_steps=len(ts),
+                timesteps=ts,
+                criterion=crit,
+            )
         name = f"{config.method}_{config.dataset}_{crit}"
         path = os.path.join(workdir, f"schedule_{config.method}_{crit}.json")
-        cal.to_json(path, name=name, method=config.method, dataset=config.dataset,
-                    reference=config.reference, grid=config.grid)
+        cal.to_json(
+            path,
+            name=name,
+            method=config.method,
+            dataset=config.dataset,
+            reference=config.reference,
+            grid=config.grid,
+        )
         paths.append(path)
         curves[f"{crit} (median over seeds)"] = [int(k) for k in cal.sizes]
-        out["results"][crit] = {"sizes": cal.sizes, "abs": cal.abs, "per_seed": cal.per_seed,
-                                "scores": np.where(np.isnan(cal.scores), -1.0, cal.scores),
-                                "seconds": timer.seconds, "schedule": path}
-        lines.append(f"  {crit:7s} sizes (high -> low noise): {' '.join(map(str, cal.sizes))}  "
-                     f"[{timer.seconds:.1f}s] -> {path}")
+        out["results"][crit] = {
+            "sizes": cal.sizes,
+            "abs": cal.abs,
+            "per_seed": cal.per_seed,
+            "scores": np.where(np.isnan(cal.scores), -1.0, cal.scores),
+            "seconds": timer.seconds,
+            "schedule": path,
+        }
+        lines.append(
+            f"  {crit:7s} sizes (high -> low noise): {' '.join(map(str, cal.sizes))}  "
+            f"[{timer.seconds:.1f}s] -> {path}"
+        )
         logging.info("%s: %s", crit, cal.sizes)
     if config.output:
         local_score.SizeSchedule.from_json(paths[0]).to_json(config.output)
         lines.append(f"  copied {paths[0]} -> {config.output}")
     png = os.path.join(workdir, f"schedule_{config.method}.png")
-    plotting.save_curves(t_plot, curves, png, xlabel=xlabel, ylabel="patch size",
-                         title=f"{config.method} calibrated against {config.reference}")
+    plotting.save_curves(
+        t_plot,
+        curves,
+        png,
+        xlabel=xlabel,
+        ylabel="patch size",
+        title=f"{config.method} calibrated against {config.reference}",
+    )
     common.write_json(os.path.join(workdir, "metrics.json"), out)
     lines.append(f"plot: {png}")
     summary = "\n".join(lines)

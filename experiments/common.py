@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 
-from locality._io import atomic_write_text  # noqa: F401  (used by the entry points)
-from locality._io import jsonable
+from locality._io import (
+    atomic_write_text,  # noqa: F401  (used by the entry points)
+    jsonable,
+)
 
 
 def write_json(path: str, obj) -> str:
@@ -37,7 +39,8 @@ def subset(train, limit, seed: int):
 def stats_cache_dir() -> str:
     """Statistics cache: ``$LOCALITY_CACHE_DIR`` or ``~/.cache/locality/stats``."""
     return os.environ.get("LOCALITY_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "locality", "stats")
+        os.path.expanduser("~"), ".cache", "locality", "stats"
+    )
 
 
 class Timer:

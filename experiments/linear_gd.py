@@ -1,6 +1,7 @@
 """Does a gradient-descent-trained linear denoiser converge to the Wiener filter? (§4)
 
-    python experiments/linear_gd.py --config configs/linear_gd.py:fashion_mnist --workdir workdirs/linear_gd_fmnist
+    python -m experiments.linear_gd --config configs/linear_gd.py:fashion_mnist \
+        --workdir workdirs/linear_gd_fmnist
 
 At each ``t`` of ``config.timesteps`` (``ab = ddpm_linear().alphas_cumprod[t]``) trains
 ``D_t(x) = W_t x + b_t`` with :func:`locality.denoisers.linear.train_linear` (fresh noise every
@@ -19,19 +20,15 @@ Writes to ``--workdir``: ``config.json``; ``linear_weights.npz`` (all levels; lo
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from absl import logging
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-
-from experiments import common  # noqa: E402
-from locality import plotting, schedules, sensitivity, stats  # noqa: E402
-from locality.denoisers import linear as linear_lib  # noqa: E402
-from locality.denoisers.wiener import dense_wiener_matrices  # noqa: E402
-
+from experiments import common
+from locality import plotting, schedules, sensitivity, stats
+from locality.denoisers import linear as linear_lib
+from locality.denoisers.wiener import dense_wiener_matrices
 
 
 def synthetic_images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -50,12 +47,13 @@ def load_train(config) -> np.ndarray:
     if config.dataset == "synthetic":
         return synthetic_images(int(config.limit or 256))
     if config.dataset.startswith("npy:"):
-        arr = np.load(config.dataset[len("npy:"):])
+        arr = np.load(config.dataset[len("npy:") :])
         return arr[: config.limit] if config.limit else arr
     from locality import data
 
-    return data.load(config.dataset, split=config.split, resolution=config.resolution,
-                     limit=config.limit)
+    return data.load(
+        config.dataset, split=config.split, resolution=config.resolution, limit=config.limit
+    )
 
 
 def run(config, workdir: str) -> dict:
@@ -78,89 +76,157 @@ def run(config, workdir: str) -> dict:
         w_star, b_star = dense_wiener_matrices(cov, st.mean, ab)
 
         def progress(step, rec, t=t):
-            logging.info("t=%d step %d/%d loss %.4f rel_frob %.4f excess %.2e cosine %.4f", t, step,
-                         config.steps, rec["loss"], rec["rel_frob"], rec["excess"], rec["cosine"])
+            logging.info(
+                "t=%d step %d/%d loss %.4f rel_frob %.4f excess %.2e cosine %.4f",
+                t,
+                step,
+                config.steps,
+                rec["loss"],
+                rec["rel_frob"],
+                rec["excess"],
+                rec["cosine"],
+            )
 
         fit = linear_lib.train_linear(
-            train, ab, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-            key=jax.random.fold_in(key, t), optimizer=config.optimizer, schedule=config.schedule,
-            tail=config.tail, log_every=config.log_every, center=config.center,
-            init=config.get("init", "zeros"), reference=(w_star, b_star), pixel=pixel, callback=progress)
+            train,
+            ab,
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            key=jax.random.fold_in(key, t),
+            optimizer=config.optimizer,
+            schedule=config.schedule,
+            tail=config.tail,
+            log_every=config.log_every,
+            center=config.center,
+            init=config.get("init", "zeros"),
+            reference=(w_star, b_star),
+            pixel=pixel,
+            callback=progress,
+        )
         averaged = config.batch_size * (config.steps - int(round(config.steps * (1 - config.tail))))
-        predicted = (linear_lib.asymptotic_error(cov_n, ab, averaged, w_star)
-                     if config.tail > 0 else None)
+        predicted = (
+            linear_lib.asymptotic_error(cov_n, ab, averaged, w_star) if config.tail > 0 else None
+        )
         weights[ab] = (fit.W, fit.b)
         hist = fit.history
         final = {k: float(v[-1]) for k, v in hist.items() if k != "step"}
-        ok = (final["rel_frob"] <= config.max_rel_frob and final["cosine"] >= config.min_cosine
-              and final["excess"] <= config.max_excess)
+        ok = (
+            final["rel_frob"] <= config.max_rel_frob
+            and final["cosine"] >= config.min_cosine
+            and final["excess"] <= config.max_excess
+        )
         results[str(t)] = {
-            "ab": ab, "final": final, "predicted_rel_frob": predicted, "loss_opt": fit.loss_opt,
-            "seconds": fit.seconds, "converged": bool(ok),
+            "ab": ab,
+            "final": final,
+            "predicted_rel_frob": predicted,
+            "loss_opt": fit.loss_opt,
+            "seconds": fit.seconds,
+            "converged": bool(ok),
             "history": {k: v.tolist() for k, v in hist.items()},
         }
         wiener_fields.append(sensitivity.linear_field(w_star, shape, pixel))
         gd_fields.append(sensitivity.linear_field(fit.W, shape, pixel))
-        logging.info("t=%d done in %.1fs: rel_frob %.4f (statistical rate %s), excess %.2e, "
-                     "cosine %.4f", t, fit.seconds, final["rel_frob"],
-                     "n/a" if predicted is None else f"{predicted:.4f}", final["excess"],
-                     final["cosine"])
+        logging.info(
+            "t=%d done in %.1fs: rel_frob %.4f (statistical rate %s), excess %.2e, cosine %.4f",
+            t,
+            fit.seconds,
+            final["rel_frob"],
+            "n/a" if predicted is None else f"{predicted:.4f}",
+            final["excess"],
+            final["cosine"],
+        )
 
     path = linear_lib.save_linear(os.path.join(workdir, "linear_weights.npz"), weights, shape)
 
     # ---- figures
-    tail_start = (int(round(config.steps * (1 - config.tail))) if config.tail > 0
-                  else int(config.steps))
-    for name, key_, ylabel, logy in (("rel_frob", "rel_frob", "||W - W*||_F / ||W*||_F", True),
-                                     ("cosine", "cosine", f"field cosine vs Wiener at {pixel}",
-                                      False),
-                                     ("excess", "excess", "(L(W,b) - L*) / L*", True)):
+    tail_start = (
+        int(round(config.steps * (1 - config.tail))) if config.tail > 0 else int(config.steps)
+    )
+    for name, key_, ylabel, logy in (
+        ("rel_frob", "rel_frob", "||W - W*||_F / ||W*||_F", True),
+        ("cosine", "cosine", f"field cosine vs Wiener at {pixel}", False),
+        ("excess", "excess", "(L(W,b) - L*) / L*", True),
+    ):
         series = []
         for ci, t in enumerate(ts):
             hst = results[str(t)]["history"]
-            series.append({"x": hst["step"], "y": hst[key_], "label": f"t={t}",
-                           "color": f"C{ci}"})
+            series.append({"x": hst["step"], "y": hst[key_], "label": f"t={t}", "color": f"C{ci}"})
             pred = results[str(t)]["predicted_rel_frob"]
             if key_ == "rel_frob" and pred is not None:
-                series.append({"x": [config.steps], "y": [pred], "style": "none",
-                               "marker": "*", "color": f"C{ci}"})
-        title = {"rel_frob": "GD linear denoiser vs Wiener (stars: statistical rate)",
-                 "cosine": "field cosine, GD vs Wiener",
-                 "excess": "relative excess loss over the optimal linear denoiser"}[name]
+                series.append(
+                    {
+                        "x": [config.steps],
+                        "y": [pred],
+                        "style": "none",
+                        "marker": "*",
+                        "color": f"C{ci}",
+                    }
+                )
+        title = {
+            "rel_frob": "GD linear denoiser vs Wiener (stars: statistical rate)",
+            "cosine": "field cosine, GD vs Wiener",
+            "excess": "relative excess loss over the optimal linear denoiser",
+        }[name]
         if tail_start < config.steps:
             title += f"\niterates averaged from step {tail_start} (dotted line)"
-        plotting.save_series(series, os.path.join(workdir, f"{name}.png"),
-                             xlabel="step", ylabel=ylabel, title=title, logx=True, logy=logy,
-                             vlines=[tail_start] if tail_start < config.steps else [])
+        plotting.save_series(
+            series,
+            os.path.join(workdir, f"{name}.png"),
+            xlabel="step",
+            ylabel=ylabel,
+            title=title,
+            logx=True,
+            logy=logy,
+            vlines=[tail_start] if tail_start < config.steps else [],
+        )
     plotting.save_heatmap_table(
-        [gd_fields, wiener_fields], os.path.join(workdir, "fields.png"),
+        [gd_fields, wiener_fields],
+        os.path.join(workdir, "fields.png"),
         row_labels=["GD linear", "Wiener"],
-        col_labels=[f"t={t}" for t in ts], marks=[[pixel] * len(ts)] * 2,
-        title=f"|row of W| at pixel {pixel}: GD-trained vs Wiener")
+        col_labels=[f"t={t}" for t in ts],
+        marks=[[pixel] * len(ts)] * 2,
+        title=f"|row of W| at pixel {pixel}: GD-trained vs Wiener",
+    )
 
     converged = all(r["converged"] for r in results.values())
-    metrics = {"timesteps": ts, "pixel": list(pixel), "num_train": int(train.shape[0]),
-               "weights_file": path, "converged_all": converged,
-               "criteria": {"max_rel_frob": config.max_rel_frob, "min_cosine": config.min_cosine,
-                            "max_excess": config.max_excess},
-               "levels": results}
+    metrics = {
+        "timesteps": ts,
+        "pixel": list(pixel),
+        "num_train": int(train.shape[0]),
+        "weights_file": path,
+        "converged_all": converged,
+        "criteria": {
+            "max_rel_frob": config.max_rel_frob,
+            "min_cosine": config.min_cosine,
+            "max_excess": config.max_excess,
+        },
+        "levels": results,
+    }
     common.write_json(os.path.join(workdir, "metrics.json"), metrics)
-    lines = [f"GD linear denoisers on {config.dataset} {shape}, {train.shape[0]} images, "
-             f"{config.steps} steps x {config.batch_size} ({config.optimizer} lr {config.lr}, "
-             f"{config.schedule}, tail average {config.tail})"]
+    lines = [
+        f"GD linear denoisers on {config.dataset} {shape}, {train.shape[0]} images, "
+        f"{config.steps} steps x {config.batch_size} ({config.optimizer} lr {config.lr}, "
+        f"{config.schedule}, tail average {config.tail})"
+    ]
     for t in ts:
         r = results[str(t)]
         f = r["final"]
         pred = r["predicted_rel_frob"]
-        lines.append(f"t={t:4d} ab={r['ab']:.4f}: rel_frob {f['rel_frob']:.4f} "
-                     f"(statistical rate {'n/a' if pred is None else f'{pred:.4f}'}), "
-                     f"bias_rel {f['bias_rel']:.4f}, excess {f['excess']:.2e}, "
-                     f"field cosine {f['cosine']:.4f}, {r['seconds']:.0f}s -> "
-                     f"{'converged' if r['converged'] else 'NOT converged'}")
-    lines.append("verdict: GD " + ("converges" if converged else "does not (yet) converge")
-                 + f" to the Wiener filter at every level (criteria rel_frob <= "
-                 f"{config.max_rel_frob}, field cosine >= {config.min_cosine}, excess <= "
-                 f"{config.max_excess})")
+        lines.append(
+            f"t={t:4d} ab={r['ab']:.4f}: rel_frob {f['rel_frob']:.4f} "
+            f"(statistical rate {'n/a' if pred is None else f'{pred:.4f}'}), "
+            f"bias_rel {f['bias_rel']:.4f}, excess {f['excess']:.2e}, "
+            f"field cosine {f['cosine']:.4f}, {r['seconds']:.0f}s -> "
+            f"{'converged' if r['converged'] else 'NOT converged'}"
+        )
+    lines.append(
+        "verdict: GD "
+        + ("converges" if converged else "does not (yet) converge")
+        + f" to the Wiener filter at every level (criteria rel_frob <= "
+        f"{config.max_rel_frob}, field cosine >= {config.min_cosine}, excess <= "
+        f"{config.max_excess})"
+    )
     common.write_summary(workdir, lines)
     return metrics
 

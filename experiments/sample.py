@@ -1,6 +1,6 @@
 """Sample from registered denoisers on a dataset from shared initial noise; write grids and metrics.
 
-    python experiments/sample.py --config configs/sample.py:quickstart --workdir workdirs/quickstart
+    python -m experiments.sample --config configs/sample.py:quickstart --workdir workdirs/quickstart
 
 Writes to ``--workdir``: ``config.json`` (resolved), ``samples_<method>.png`` (final samples),
 ``x0_steps_<method>.png`` (x0_hat at every step for the first samples), ``nearest_<method>.png``
@@ -12,17 +12,14 @@ between methods) and ``summary.txt``.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-
-from experiments import common  # noqa: E402
-from locality import data, denoisers, metrics, plotting, sampling, schedules, stats  # noqa: E402
+from experiments import common
+from locality import data, denoisers, metrics, plotting, sampling, schedules, stats
 
 _CONFIG = _WORKDIR = None  # defined when run as a program (tests import several entry points)
 
@@ -54,8 +51,9 @@ def parse_labels(spec):
         try:
             vals = [int(v) for v in spec.split(",")]
         except ValueError:
-            raise ValueError(f"labels={spec!r}: use '' (no label), 'cycle', an int or a comma "
-                             f"list of ints") from None
+            raise ValueError(
+                f"labels={spec!r}: use '' (no label), 'cycle', an int or a comma list of ints"
+            ) from None
         return vals[0] if len(vals) == 1 else vals
     return spec.strip() if isinstance(spec, str) else spec
 
@@ -72,8 +70,9 @@ def save_nearest_pairs(samples, near, dist, path: str, title: str) -> str:
     eight pairs per row): the copies a memorising denoiser makes are the first pairs."""
     order = np.argsort(dist, kind="stable")
     pairs = np.stack([np.asarray(samples)[order], np.asarray(near)[order]], 1)
-    return plotting.save_image_grid(pairs.reshape((-1,) + pairs.shape[2:]), path,
-                                    ncols=2 * min(8, len(order)), title=title)
+    return plotting.save_image_grid(
+        pairs.reshape((-1,) + pairs.shape[2:]), path, ncols=2 * min(8, len(order)), title=title
+    )
 
 
 def run(config, workdir: str) -> str:
@@ -91,33 +90,57 @@ def run(config, workdir: str) -> str:
         raise ValueError(f"unknown methods {unknown}; registered: {denoisers.names()}")
     logging.info("loading %s[%s] limit=%s", config.dataset, config.split, config.limit)
     with common.Timer() as t_load:
-        train = data.load(config.dataset, split=config.split, resolution=config.resolution,
-                          limit=config.limit)
+        train = data.load(
+            config.dataset, split=config.split, resolution=config.resolution, limit=config.limit
+        )
     with common.Timer() as t_stats:
         st = stats.gaussian_stats(train, cache_dir=common.stats_cache_dir())
-    logging.info("data %s in %.1fs; statistics in %.1fs (fingerprint %s)", train.shape,
-                 t_load.seconds, t_stats.seconds, st.fingerprint)
+    logging.info(
+        "data %s in %.1fs; statistics in %.1fs (fingerprint %s)",
+        train.shape,
+        t_load.seconds,
+        t_stats.seconds,
+        st.fingerprint,
+    )
     sched = schedules.ddpm_linear()
     key = jax.random.key(config.seed)
     x_T = jax.random.normal(key, (config.num_samples,) + train.shape[1:], jnp.float32)
-    out = {"dataset": config.dataset, "num_train": int(train.shape[0]), "shape": train.shape[1:],
-           "stats_fingerprint": st.fingerprint, "load_seconds": t_load.seconds,
-           "stats_seconds": t_stats.seconds, "methods": {}}
+    out = {
+        "dataset": config.dataset,
+        "num_train": int(train.shape[0]),
+        "shape": train.shape[1:],
+        "stats_fingerprint": st.fingerprint,
+        "load_seconds": t_load.seconds,
+        "stats_seconds": t_stats.seconds,
+        "methods": {},
+    }
     finals = {}
-    lines = [f"dataset {config.dataset} ({train.shape[0]} images {train.shape[1:]}), "
-             f"{config.num_samples} samples, {config.sampler} {config.num_steps} steps, seed {config.seed}"]
+    lines = [
+        f"dataset {config.dataset} ({train.shape[0]} images {train.shape[1:]}), "
+        f"{config.num_samples} samples, {config.sampler} {config.num_steps} steps, "
+        f"seed {config.seed}"
+    ]
     for method in methods:
         kwargs = config.method_kwargs.get(method, {}) if method in config.method_kwargs else {}
         kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
-        den = build(method, kwargs, train, st, config.get("shard", False),
-                    config.get("progress", True))
+        den = build(
+            method, kwargs, train, st, config.get("shard", False), config.get("progress", True)
+        )
         logging.info("sampling %s %s", method, kwargs)
         with common.Timer() as t:
             if config.sampler == "ddim":
-                res = sampling.ddim(den, x_T, sched, config.num_steps, progress=config.get("progress", True))
+                res = sampling.ddim(
+                    den, x_T, sched, config.num_steps, progress=config.get("progress", True)
+                )
             elif config.sampler == "ddpm":
-                res = sampling.ddpm(den, x_T, sched, key=jax.random.fold_in(key, 1),
-                                    num_steps=config.num_steps, progress=config.get("progress", True))
+                res = sampling.ddpm(
+                    den,
+                    x_T,
+                    sched,
+                    key=jax.random.fold_in(key, 1),
+                    num_steps=config.num_steps,
+                    progress=config.get("progress", True),
+                )
             elif config.sampler == "edm":
                 sig = schedules.edm_sigmas(config.num_steps)
                 res = sampling.edm(den, x_T * sig[0], sig)
@@ -126,38 +149,61 @@ def run(config, workdir: str) -> str:
         imgs = np.asarray(res.images)
         finals[method] = imgs
         dist, near = nearest_distance(imgs, train)
-        info = {"seconds": t.seconds, "kwargs": kwargs,
-                "nearest_train_l2_median": float(np.median(dist)),
-                "nearest_train_l2_min": float(np.min(dist)),
-                "nearest_train_l2": [float(v) for v in dist],
-                "pixel_mean": float(imgs.mean()), "pixel_std": float(imgs.std()),
-                "fraction_outside_unit_range": float(np.mean(np.abs(imgs) > 1.0))}
+        info = {
+            "seconds": t.seconds,
+            "kwargs": kwargs,
+            "nearest_train_l2_median": float(np.median(dist)),
+            "nearest_train_l2_min": float(np.min(dist)),
+            "nearest_train_l2": [float(v) for v in dist],
+            "pixel_mean": float(imgs.mean()),
+            "pixel_std": float(imgs.std()),
+            "fraction_outside_unit_range": float(np.mean(np.abs(imgs) > 1.0)),
+        }
         if hasattr(den, "prepare"):
             info["mask_density_per_step"] = {
-                int(t_): d for t_, d in zip(res.timesteps, den.prepare(res.abs).densities().values())}
+                int(t_): d
+                for t_, d in zip(res.timesteps, den.prepare(res.abs).densities().values())
+            }
             paths = [p.path for p in den.prepare(res.abs).plans.plans]
             info["path_per_step"] = {int(t_): p for t_, p in zip(res.timesteps, paths)}
             logging.info("%s mask density per step: %s", method, info["mask_density_per_step"])
         out["methods"][method] = info
-        plotting.save_image_grid(imgs, os.path.join(workdir, f"samples_{method}.png"),
-                                 title=f"{method} ({config.sampler}, {config.num_steps} steps)")
+        plotting.save_image_grid(
+            imgs,
+            os.path.join(workdir, f"samples_{method}.png"),
+            title=f"{method} ({config.sampler}, {config.num_steps} steps)",
+        )
         k = min(8, len(imgs))
-        rows = {f"t={int(t_)}": np.asarray(res.x0_hats[s, :k]) for s, t_ in enumerate(res.timesteps)}
+        rows = {
+            f"t={int(t_)}": np.asarray(res.x0_hats[s, :k]) for s, t_ in enumerate(res.timesteps)
+        }
         rows["nearest train"] = near[:k]
-        plotting.save_rows(rows, os.path.join(workdir, f"x0_steps_{method}.png"),
-                           title=f"{method}: x0_hat per step (columns = samples)")
-        save_nearest_pairs(imgs, near, dist, os.path.join(workdir, f"nearest_{method}.png"),
-                           f"{method}: sample | nearest of the {len(train)} training images, "
-                           "by L2 (closest first)")
-        lines.append(f"  {method:14s} {t.seconds:7.1f}s  median L2 to nearest training image "
-                     f"{np.median(dist):.3f}  -> samples_{method}.png, x0_steps_{method}.png, "
-                     f"nearest_{method}.png")
+        plotting.save_rows(
+            rows,
+            os.path.join(workdir, f"x0_steps_{method}.png"),
+            title=f"{method}: x0_hat per step (columns = samples)",
+        )
+        save_nearest_pairs(
+            imgs,
+            near,
+            dist,
+            os.path.join(workdir, f"nearest_{method}.png"),
+            f"{method}: sample | nearest of the {len(train)} training images, "
+            "by L2 (closest first)",
+        )
+        lines.append(
+            f"  {method:14s} {t.seconds:7.1f}s  median L2 to nearest training image "
+            f"{np.median(dist):.3f}  -> samples_{method}.png, x0_steps_{method}.png, "
+            f"nearest_{method}.png"
+        )
     pair = {}
     for a in methods:
         for b in methods:
             if a < b:
-                pair[f"{a}_vs_{b}"] = {"r2": float(metrics.r2(finals[a], finals[b])),
-                                       "mse": float(metrics.mse(finals[a], finals[b]))}
+                pair[f"{a}_vs_{b}"] = {
+                    "r2": float(metrics.r2(finals[a], finals[b])),
+                    "mse": float(metrics.mse(finals[a], finals[b])),
+                }
     out["pairwise_final"] = pair
     np.savez(os.path.join(workdir, "samples.npz"), x_T=np.asarray(x_T), **finals)
     common.write_json(os.path.join(workdir, "metrics.json"), out)

@@ -1,6 +1,6 @@
 """r2 of every analytical denoiser against a network, as a function of the network's training.
 
-    python experiments/training_path.py --config configs/training_path.py:fashion_mnist \
+    python -m experiments.training_path --config configs/training_path.py:fashion_mnist \
         --workdir results/training_path_fashion_mnist
 
 Does a diffusion network move toward ``pca_locality``, toward the Wiener filter or toward the
@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-
-from experiments import common  # noqa: E402
-from experiments.compare import build, sample_batches  # noqa: E402
-from experiments import quality as quality_exp  # noqa: E402
-from experiments.quality import describe  # noqa: E402
-from locality import classify, data, denoisers, metrics, plotting, schedules, stats  # noqa: E402
+from experiments import common
+from experiments import quality as quality_exp
+from experiments.compare import build, sample_batches
+from experiments.quality import describe
+from locality import classify, data, denoisers, metrics, plotting, schedules, stats
 
 
 def parse_networks(spec: str, dataset: str) -> dict:
@@ -42,8 +39,10 @@ def parse_networks(spec: str, dataset: str) -> dict:
         return quality_exp.parse_networks(spec, dataset)
     found = sorted(glob.glob(f"checkpoints/{dataset}_unet_long/epoch_*"))
     if not found:
-        raise ValueError(f"no exports under checkpoints/{dataset}_unet_long/; train the long run "
-                         f"(configs/train.py:{dataset},long) or pass --config.networks")
+        raise ValueError(
+            f"no exports under checkpoints/{dataset}_unet_long/; train the long run "
+            f"(configs/train.py:{dataset},long) or pass --config.networks"
+        )
     return {os.path.basename(p): p for p in found}
 
 
@@ -60,10 +59,17 @@ def training_set(config):
 def single_step_r2(net, x0, xt, abs_, batch):
     """r2 of a method's x0_hat [S, N, ...] against the network evaluated on the method's own
     states xt [S, N, ...], per step and sample: [S, N]."""
-    ref = np.stack([np.concatenate([np.asarray(net(jnp.asarray(xt[s, i:i + batch]),
-                                                   float(abs_[s])))
-                                    for i in range(0, xt.shape[1], batch)])
-                    for s in range(xt.shape[0])])
+    ref = np.stack(
+        [
+            np.concatenate(
+                [
+                    np.asarray(net(jnp.asarray(xt[s, i : i + batch]), float(abs_[s])))
+                    for i in range(0, xt.shape[1], batch)
+                ]
+            )
+            for s in range(xt.shape[0])
+        ]
+    )
     return metrics.per_step(x0, ref, reduce="none")["r2"]
 
 
@@ -73,8 +79,11 @@ def run(config, workdir: str) -> str:
     train = training_set(config)
     st = stats.gaussian_stats(train, cache_dir=common.stats_cache_dir())
     sched = schedules.ddpm_linear()
-    x_T = np.asarray(jax.random.normal(jax.random.key(config.seed),
-                                       (config.num_samples,) + train.shape[1:], jnp.float32))
+    x_T = np.asarray(
+        jax.random.normal(
+            jax.random.key(config.seed), (config.num_samples,) + train.shape[1:], jnp.float32
+        )
+    )
     methods = [m for m in config.methods.split(",") if m]
     if not methods:
         raise ValueError("methods is empty; e.g. --config.methods=pca_locality,wiener,optimal")
@@ -87,8 +96,8 @@ def run(config, workdir: str) -> str:
         info[label] = describe(path, len(train), config)
     order = sorted(nets, key=lambda l: info[l]["epochs"])
 
-    per_sample = {l: {} for l in order}       # network -> method -> final trajectory r2 [N]
-    single = {l: {} for l in order}           # network -> method -> single-step r2, step mean
+    per_sample = {l: {} for l in order}  # network -> method -> final trajectory r2 [N]
+    single = {l: {} for l in order}  # network -> method -> single-step r2, step mean
     seconds = {}
     for m in methods:
         kw = config.method_kwargs[m].to_dict() if m in config.method_kwargs else {}
@@ -100,45 +109,84 @@ def run(config, workdir: str) -> str:
             net, net_x0 = net_runs[label]
             per_sample[label][m] = metrics.per_step(x0, net_x0, reduce="none")["r2"][-1]
             single[label][m] = single_step_r2(net, x0, xt, abs_, config.batch_size).mean(0)
-        logging.info("%s sampled in %.0fs; final r2 vs %s: %.3f", m, t.seconds, order[-1],
-                     per_sample[order[-1]][m].mean())
+        logging.info(
+            "%s sampled in %.0fs; final r2 vs %s: %.3f",
+            m,
+            t.seconds,
+            order[-1],
+            per_sample[order[-1]][m].mean(),
+        )
 
     n = config.num_samples
-    out = {"dataset": config.dataset, "train_size": len(train), "num_samples": n,
-           "methods": methods, "method_seconds": seconds, "networks": {}}
-    md = [f"{config.dataset}: final-step trajectory r2 against the network (mean ± SE over {n} "
-          f"samples; all methods on the same {len(train)} training images)", "",
-          "| network | epochs | " + " | ".join(methods) + " | best | paired verdicts vs best |",
-          "|---|---|" + "---|" * len(methods) + "---|---|"]
+    out = {
+        "dataset": config.dataset,
+        "train_size": len(train),
+        "num_samples": n,
+        "methods": methods,
+        "method_seconds": seconds,
+        "networks": {},
+    }
+    md = [
+        f"{config.dataset}: final-step trajectory r2 against the network (mean ± SE over {n} "
+        f"samples; all methods on the same {len(train)} training images)",
+        "",
+        "| network | epochs | " + " | ".join(methods) + " | best | paired verdicts vs best |",
+        "|---|---|" + "---|" * len(methods) + "---|---|",
+    ]
     for label in order:
         r = {m: per_sample[label][m] for m in methods}
         best = max(methods, key=lambda m: r[m].mean())
         pairs = {m: metrics.paired_comparison(r[best], r[m]) for m in methods if m != best}
         out["networks"][label] = {
-            **info[label], "checkpoint": nets[label], "best": best,
-            "final_trajectory_r2": {m: {"mean": float(v.mean()),
-                                        "se": float(v.std(ddof=1) / np.sqrt(n)),
-                                        "median": float(np.median(v)), "per_sample": v}
-                                    for m, v in r.items()},
-            "single_step_r2_stepmean": {m: {"mean": float(v.mean()),
-                                            "se": float(v.std(ddof=1) / np.sqrt(n))}
-                                        for m, v in single[label].items()},
-            "paired_vs_best": pairs}
+            **info[label],
+            "checkpoint": nets[label],
+            "best": best,
+            "final_trajectory_r2": {
+                m: {
+                    "mean": float(v.mean()),
+                    "se": float(v.std(ddof=1) / np.sqrt(n)),
+                    "median": float(np.median(v)),
+                    "per_sample": v,
+                }
+                for m, v in r.items()
+            },
+            "single_step_r2_stepmean": {
+                m: {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(n))}
+                for m, v in single[label].items()
+            },
+            "paired_vs_best": pairs,
+        }
         verdicts = "; ".join(
             f"{m}: {p['mean_diff']:+.3f} ± {p['se']:.3f}, {p['wins']}/{n} wins, "
             f"p = {p['sign_p']:.2g} ({'separated' if p['verdict'] == 'A' else p['verdict']})"
-            for m, p in pairs.items())
-        md.append(f"| {label} | {info[label]['epochs']:.1f} | "
-                  + " | ".join(f"{r[m].mean():.3f} ± {r[m].std(ddof=1) / np.sqrt(n):.3f}"
-                               for m in methods) + f" | {best} | {verdicts} |")
+            for m, p in pairs.items()
+        )
+        md.append(
+            f"| {label} | {info[label]['epochs']:.1f} | "
+            + " | ".join(
+                f"{r[m].mean():.3f} ± {r[m].std(ddof=1) / np.sqrt(n):.3f}" for m in methods
+            )
+            + f" | {best} | {verdicts} |"
+        )
     epochs = [info[l]["epochs"] for l in order]
     plotting.save_series(
-        [{"label": m, "x": epochs, "y": [per_sample[l][m].mean() for l in order],
-          "yerr": [per_sample[l][m].std(ddof=1) / np.sqrt(n) for l in order],
-          "color": plotting.method_color(m), "marker": "o"} for m in methods],
-        os.path.join(workdir, "r2_vs_epochs.png"), xlabel="network training (epochs)",
-        ylabel="final-step r2 vs network", logx=min(epochs) > 0,
-        title=f"{config.dataset}: which denoiser does the network approach as it trains?")
+        [
+            {
+                "label": m,
+                "x": epochs,
+                "y": [per_sample[l][m].mean() for l in order],
+                "yerr": [per_sample[l][m].std(ddof=1) / np.sqrt(n) for l in order],
+                "color": plotting.method_color(m),
+                "marker": "o",
+            }
+            for m in methods
+        ],
+        os.path.join(workdir, "r2_vs_epochs.png"),
+        xlabel="network training (epochs)",
+        ylabel="final-step r2 vs network",
+        logx=min(epochs) > 0,
+        title=f"{config.dataset}: which denoiser does the network approach as it trains?",
+    )
     common.write_json(os.path.join(workdir, "metrics.json"), out)
     common.atomic_write_text(os.path.join(workdir, "table.md"), "\n".join(md) + "\n")
     return common.write_summary(workdir, md)

@@ -1,4 +1,5 @@
-"""locality: analytical diffusion denoisers, trained networks and the data statistics behind locality.
+"""locality: analytical diffusion denoisers, trained networks and the data statistics behind
+locality.
 
 Importing the package has no side effects: no data is read, nothing is downloaded, and JAX
 keeps its defaults (x64 stays off). Submodules are imported lazily on first attribute access.
@@ -8,8 +9,20 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "schedules", "stats", "streaming", "denoisers", "sampling", "metrics",
-               "sensitivity", "plotting", "train", "checkpoints", "nets")
+_SUBMODULES = (
+    "data",
+    "schedules",
+    "stats",
+    "streaming",
+    "denoisers",
+    "sampling",
+    "metrics",
+    "sensitivity",
+    "plotting",
+    "train",
+    "checkpoints",
+    "nets",
+)
 
 
 def __getattr__(name):

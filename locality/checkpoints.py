@@ -57,7 +57,8 @@ def resolve_checkpoint_dir(path) -> Path:
     raise CheckpointError(
         f"no checkpoint found at {path}: expected {path}/{CONFIG_FILE} with step directories "
         f"(or a workdir with {CHECKPOINT_SUBDIR}/). Fix: pass the --workdir of a training run or "
-        f"a directory written by locality.checkpoints.export_params.")
+        f"a directory written by locality.checkpoints.export_params."
+    )
 
 
 def read_checkpoint_config(path) -> dict:
@@ -68,15 +69,21 @@ def read_checkpoint_config(path) -> dict:
         meta = json.loads(cfg_path.read_text())
         meta["model"], meta["image_shape"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path} is corrupt or incomplete ({e!r}). Fix: restore it "
-                              f"from the run's workdir/{CONFIG_FILE}, or retrain.") from e
+        raise CheckpointError(
+            f"{cfg_path} is corrupt or incomplete ({e!r}). Fix: restore it "
+            f"from the run's workdir/{CONFIG_FILE}, or retrain."
+        ) from e
     return meta
 
 
 def _manager(directory: Path, keep: Optional[int] = None, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -97,8 +104,13 @@ class Checkpoints:
     stored settings are to be replaced by the new ones.
     """
 
-    def __init__(self, directory, meta: Mapping[str, Any], keep: int = 3,
-                 check_train: Optional[Callable[[Path, dict, dict], bool]] = None):
+    def __init__(
+        self,
+        directory,
+        meta: Mapping[str, Any],
+        keep: int = 3,
+        check_train: Optional[Callable[[Path, dict, dict], bool]] = None,
+    ):
         self.directory = Path(directory)
         self.meta = jsonable(dict(meta))
         self._check_train = check_train
@@ -118,7 +130,8 @@ class Checkpoints:
                 raise CheckpointError(
                     f"{path} was written for {key}={old.get(key)!r} but this run asks for "
                     f"{key}={self.meta.get(key)!r}. Fix: use a fresh --workdir for the new "
-                    f"configuration, or rerun with the configuration stored in {path}.")
+                    f"configuration, or rerun with the configuration stored in {path}."
+                )
         if self._check_train is not None and self._check_train(path, old, self.meta):
             # The new schedule describes every stored step as well as the old one did, and the
             # steps to come: record it, so that exports carry the schedule that made them.
@@ -134,10 +147,15 @@ class Checkpoints:
     def save(self, state):
         """Save ``state`` (a :class:`locality.train.TrainState`) as the step ``state.step``."""
         step = int(jax.device_get(state.step))
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            ema_params=ocp.args.StandardSave(state.ema_params),
-            opt_state=ocp.args.StandardSave(state.opt_state)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                ema_params=ocp.args.StandardSave(state.ema_params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+            ),
+            force=True,
+        )
         self.manager.wait_until_finished()
 
     def restore_latest(self, template):
@@ -148,16 +166,25 @@ class Checkpoints:
             return None
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            template)
+            template,
+        )
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract.params),
-                ema_params=ocp.args.StandardRestore(abstract.ema_params),
-                opt_state=ocp.args.StandardRestore(abstract.opt_state)))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    ema_params=ocp.args.StandardRestore(abstract.ema_params),
+                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                ),
+            )
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             raise _restore_error(self.directory, step, self.all_steps(), e) from e
-        return template.replace(step=jnp.asarray(step, jnp.int32), params=out["params"],
-                                ema_params=out["ema_params"], opt_state=out["opt_state"])
+        return template.replace(
+            step=jnp.asarray(step, jnp.int32),
+            params=out["params"],
+            ema_params=out["ema_params"],
+            opt_state=out["opt_state"],
+        )
 
     def close(self):
         self.manager.close()
@@ -165,12 +192,16 @@ class Checkpoints:
 
 def _restore_error(directory: Path, step: int, steps, err: Exception) -> CheckpointError:
     earlier = [s for s in steps if s < step]
-    fix = (f"delete {directory / str(step)} to resume from step {earlier[-1]}"
-           if earlier else f"delete {directory / str(step)} to start over")
+    fix = (
+        f"delete {directory / str(step)} to resume from step {earlier[-1]}"
+        if earlier
+        else f"delete {directory / str(step)} to start over"
+    )
     return CheckpointError(
         f"cannot restore checkpoint step {step} from {directory / str(step)}: it is corrupt, "
         f"incomplete or has other shapes than the model in {directory / CONFIG_FILE} "
-        f"({type(err).__name__}: {str(err)[:300]}). Fix: {fix}, or use a fresh --workdir.")
+        f"({type(err).__name__}: {str(err)[:300]}). Fix: {fix}, or use a fresh --workdir."
+    )
 
 
 def load_params(checkpoint, use_ema: bool = True, step: Optional[int] = None):
@@ -191,9 +222,11 @@ def load_params(checkpoint, use_ema: bool = True, step: Optional[int] = None):
     try:
         steps = sorted(manager.all_steps())
         if not steps:
-            raise CheckpointError(f"{ckpt_dir} holds a {CONFIG_FILE} but no saved step. Fix: "
-                                  f"train longer (checkpoints are written every checkpoint_every "
-                                  f"steps) or point to another directory.")
+            raise CheckpointError(
+                f"{ckpt_dir} holds a {CONFIG_FILE} but no saved step. Fix: "
+                f"train longer (checkpoints are written every checkpoint_every "
+                f"steps) or point to another directory."
+            )
         if step is None:
             step = steps[-1]
         elif step not in steps:
@@ -201,12 +234,15 @@ def load_params(checkpoint, use_ema: bool = True, step: Optional[int] = None):
         item = "ema_params" if use_ema else "params"
         item_dir = ckpt_dir / str(step) / item
         if not item_dir.exists():
-            raise CheckpointError(f"{item_dir} does not exist (exported checkpoints hold only "
-                                  f"EMA weights). Fix: use_ema=True, or load the training workdir.")
+            raise CheckpointError(
+                f"{item_dir} does not exist (exported checkpoints hold only "
+                f"EMA weights). Fix: use_ema=True, or load the training workdir."
+            )
         target = abstract_params(model, tuple(meta["image_shape"]))
         try:
-            out = manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(target)}))
+            out = manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+            )
         except Exception as e:
             raise _restore_error(ckpt_dir, step, steps, e) from e
     finally:
@@ -226,16 +262,20 @@ def export_params(directory, meta: Mapping[str, Any], ema_params, step: int):
     tmp = directory / f".export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     manager = _manager(tmp, keep=1)
-    manager.save(int(step), args=ocp.args.Composite(
-        ema_params=ocp.args.StandardSave(jax.device_get(ema_params))), force=True)
+    manager.save(
+        int(step),
+        args=ocp.args.Composite(ema_params=ocp.args.StandardSave(jax.device_get(ema_params))),
+        force=True,
+    )
     manager.wait_until_finished()
     manager.close()
     target, old = directory / str(int(step)), directory / f".old-{int(step)}-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
     os.replace(tmp / str(int(step)), target)
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(jsonable(dict(meta)), indent=2,
-                                                          sort_keys=True))
+    atomic_write_text(
+        directory / CONFIG_FILE, json.dumps(jsonable(dict(meta)), indent=2, sort_keys=True)
+    )
     for p in [old, tmp] + [p for p in directory.iterdir() if p.name.isdigit() and p != target]:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -279,9 +319,12 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
         summary["wall_s_all_invocations"] = earlier["wall_s"] + float(summary["wall_s"])
     if summary is None:  # a killed run, or an earlier step: summarise the log up to ``step``
         summary = summary_from_log(workdir / "metrics.jsonl", int(step))
-        summary.update(num_steps=int(meta["train"].get("num_steps", step)),
-                       num_params=count_params(ema_params), image_shape=list(meta["image_shape"]),
-                       checkpoint_dir=str(resolve_checkpoint_dir(workdir)))
+        summary.update(
+            num_steps=int(meta["train"].get("num_steps", step)),
+            num_params=count_params(ema_params),
+            image_shape=list(meta["image_shape"]),
+            checkpoint_dir=str(resolve_checkpoint_dir(workdir)),
+        )
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     return int(step)
 
@@ -313,9 +356,15 @@ def summary_from_log(log_path, step: int) -> dict:
             wall, seg_max = wall + seg_max, 0.0
         seg_max, prev = max(seg_max, w), w
     last = max(rows, key=lambda r: r["step"]) if rows else {}
-    return {"steps": int(step), "num_steps": int(step), "stopped_early": False,
-            "final_loss": last.get("loss", float("nan")), "final_loss_step": last.get("step"),
-            "wall_s": wall + seg_max, "from_log": True}
+    return {
+        "steps": int(step),
+        "num_steps": int(step),
+        "stopped_early": False,
+        "final_loss": last.get("loss", float("nan")),
+        "final_loss_step": last.get("step"),
+        "wall_s": wall + seg_max,
+        "from_log": True,
+    }
 
 
 def merge_params(fresh, loaded, source: str = "the checkpoint"):
@@ -328,20 +377,28 @@ def merge_params(fresh, loaded, source: str = "the checkpoint"):
     flat_l = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
     extra = sorted(set(flat_l) - set(flat_f))
     if extra:
-        raise CheckpointError(f"{source} holds weights this model lacks: {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''}. Fix: init_from a checkpoint of "
-                              f"the same architecture (only new weights such as the label "
-                              f"embedding may be missing from it).")
-    bad = [(k, tuple(flat_l[k].shape), tuple(flat_f[k].shape)) for k in flat_f
-           if k in flat_l and tuple(flat_l[k].shape) != tuple(flat_f[k].shape)]
+        raise CheckpointError(
+            f"{source} holds weights this model lacks: {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''}. Fix: init_from a checkpoint of "
+            f"the same architecture (only new weights such as the label "
+            f"embedding may be missing from it)."
+        )
+    bad = [
+        (k, tuple(flat_l[k].shape), tuple(flat_f[k].shape))
+        for k in flat_f
+        if k in flat_l and tuple(flat_l[k].shape) != tuple(flat_f[k].shape)
+    ]
     if bad:
         k, got, want = bad[0]
-        raise CheckpointError(f"{source}: weight {k} has shape {got} but this model needs {want} "
-                              f"({len(bad)} mismatched). Fix: init_from a checkpoint of the same "
-                              f"architecture and image size.")
+        raise CheckpointError(
+            f"{source}: weight {k} has shape {got} but this model needs {want} "
+            f"({len(bad)} mismatched). Fix: init_from a checkpoint of the same "
+            f"architecture and image size."
+        )
     new = sorted(set(flat_f) - set(flat_l))
-    merged = {k: jnp.asarray(flat_l[k], flat_f[k].dtype) if k in flat_l else flat_f[k]
-              for k in flat_f}
+    merged = {
+        k: jnp.asarray(flat_l[k], flat_f[k].dtype) if k in flat_l else flat_f[k] for k in flat_f
+    }
     return flax.traverse_util.unflatten_dict(merged, sep="/"), new
 
 
@@ -350,11 +407,12 @@ RESUME_FILES = (CONFIG_FILE, "metrics.jsonl", "eval.jsonl")
 
 
 def _latest_step_dir(ckpt_dir: Path) -> Path:
-    steps = sorted((int(p.name), p) for p in ckpt_dir.iterdir()
-                   if p.name.isdigit() and p.is_dir())
+    steps = sorted((int(p.name), p) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir())
     if not steps:
-        raise CheckpointError(f"{ckpt_dir} holds no saved step to snapshot. Fix: train until a "
-                              "checkpoint is written (checkpoint_every, or --time_limit_s)")
+        raise CheckpointError(
+            f"{ckpt_dir} holds no saved step to snapshot. Fix: train until a "
+            "checkpoint is written (checkpoint_every, or --time_limit_s)"
+        )
     return steps[-1][1]
 
 
@@ -368,8 +426,10 @@ def snapshot_workdir(workdir, dest) -> int:
     workdir, dest = Path(workdir), Path(dest)
     ckpt_dir = workdir / CHECKPOINT_SUBDIR
     if not (ckpt_dir / CONFIG_FILE).exists():
-        raise CheckpointError(f"{workdir} is not a training workdir (no {CHECKPOINT_SUBDIR}/"
-                              f"{CONFIG_FILE}). Fix: pass the --workdir of a training run")
+        raise CheckpointError(
+            f"{workdir} is not a training workdir (no {CHECKPOINT_SUBDIR}/"
+            f"{CONFIG_FILE}). Fix: pass the --workdir of a training run"
+        )
     step_dir = _latest_step_dir(ckpt_dir)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -393,19 +453,23 @@ def restore_workdir(snapshot, workdir) -> Optional[int]:
     another run). Returns the snapshot's step, or ``None`` when nothing was copied."""
     snapshot, workdir = Path(snapshot), Path(workdir)
     if (workdir / CHECKPOINT_SUBDIR).exists() and any(
-            p.name.isdigit() for p in (workdir / CHECKPOINT_SUBDIR).iterdir()):
+        p.name.isdigit() for p in (workdir / CHECKPOINT_SUBDIR).iterdir()
+    ):
         return None
     if not (snapshot / CHECKPOINT_SUBDIR / CONFIG_FILE).exists():
-        raise CheckpointError(f"{snapshot} is not a snapshot written by snapshot_workdir (no "
-                              f"{CHECKPOINT_SUBDIR}/{CONFIG_FILE}). Fix: pass the directory that "
-                              "--snapshot_to wrote")
+        raise CheckpointError(
+            f"{snapshot} is not a snapshot written by snapshot_workdir (no "
+            f"{CHECKPOINT_SUBDIR}/{CONFIG_FILE}). Fix: pass the directory that "
+            "--snapshot_to wrote"
+        )
     step_dir = _latest_step_dir(snapshot / CHECKPOINT_SUBDIR)
     workdir.mkdir(parents=True, exist_ok=True)
     for name in RESUME_FILES:
         if (snapshot / name).exists():
             shutil.copy2(snapshot / name, workdir / name)
     (workdir / CHECKPOINT_SUBDIR).mkdir(exist_ok=True)
-    shutil.copy2(snapshot / CHECKPOINT_SUBDIR / CONFIG_FILE,
-                 workdir / CHECKPOINT_SUBDIR / CONFIG_FILE)
+    shutil.copy2(
+        snapshot / CHECKPOINT_SUBDIR / CONFIG_FILE, workdir / CHECKPOINT_SUBDIR / CONFIG_FILE
+    )
     shutil.copytree(step_dir, workdir / CHECKPOINT_SUBDIR / step_dir.name)
     return int(step_dir.name)

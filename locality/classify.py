@@ -20,11 +20,10 @@ import json
 import os
 
 import flax.linen as nn
-from flax import serialization
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 from locality._io import atomic_write_bytes, atomic_write_text
 
@@ -65,9 +64,13 @@ class Classifier:
         fn = jax.jit(lambda x: model.apply({"params": self.params}, x, features=features))
         images = np.asarray(images, np.float32)
         width = 4 * self.width if features else self.num_classes
-        return np.concatenate([np.asarray(fn(images[i:i + batch]))
-                               for i in range(0, len(images), batch)]) if len(images) else \
-            np.zeros((0, width), np.float32)
+        return (
+            np.concatenate(
+                [np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)]
+            )
+            if len(images)
+            else np.zeros((0, width), np.float32)
+        )
 
     def logits(self, images, batch: int = 512) -> np.ndarray:
         return self._apply(images, batch, features=False)
@@ -101,22 +104,35 @@ def balanced_split(labels, holdout: float, seed: int):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
-def train_classifier(images, labels, *, num_classes: int | None = None, holdout: float = 0.1,
-                     epochs: int = 30, batch_size: int = 64, lr: float = 2e-3,
-                     weight_decay: float = 1e-4, width: int = 32, flip: bool = True,
-                     seed: int = 0, progress: bool = False) -> Classifier:
+def train_classifier(
+    images,
+    labels,
+    *,
+    num_classes: int | None = None,
+    holdout: float = 0.1,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    width: int = 32,
+    flip: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> Classifier:
     """Fit :class:`SmallCNN` on ``images`` [N, H, W, C] in [-1, 1] with int ``labels`` [N],
     holding out a class-balanced ``holdout`` fraction (:func:`balanced_split`) for the reported
     accuracy."""
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels)
     if images.ndim != 4 or labels.shape != (len(images),):
-        raise ValueError(f"need images [N, H, W, C] and labels [N]; got {images.shape}, "
-                         f"{labels.shape}")
+        raise ValueError(
+            f"need images [N, H, W, C] and labels [N]; got {images.shape}, {labels.shape}"
+        )
     num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, "
-                         f"{labels.max()}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     tr, ho = balanced_split(labels, holdout, seed)
     x_tr, y_tr = images[tr], labels[tr].astype(np.int32)
     steps_per_epoch = max(len(tr) // batch_size, 1)
@@ -142,14 +158,20 @@ def train_classifier(images, labels, *, num_classes: int | None = None, holdout:
     for _ in tqdm(range(epochs), desc="classifier", disable=not progress, leave=False):
         perm = rng.permutation(len(tr))
         for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             x = x_tr[idx]
             if flip:
                 f = rng.random(len(idx)) < 0.5
                 x = np.where(f[:, None, None, None], x[:, :, ::-1], x)
             params, opt_state, _ = step(params, opt_state, x, y_tr[idx])
-    clf = Classifier(params=params, num_classes=num_classes, width=width, holdout_accuracy=0.0,
-                     holdout_size=len(ho), train_accuracy=0.0)
+    clf = Classifier(
+        params=params,
+        num_classes=num_classes,
+        width=width,
+        holdout_accuracy=0.0,
+        holdout_size=len(ho),
+        train_accuracy=0.0,
+    )
     acc = lambda idx: float(np.mean(clf.predict(images[idx]) == labels[idx]))
     return dataclasses.replace(clf, holdout_accuracy=acc(ho), train_accuracy=acc(tr))
 
@@ -161,10 +183,12 @@ def label_agreement(clf: Classifier, images, requested) -> dict:
     pred = clf.predict(images)
     p = clf.probs(images)[np.arange(len(requested)), requested]
     per_class = {int(c): float(np.mean(pred[requested == c] == c)) for c in np.unique(requested)}
-    return {"agreement": float(np.mean(pred == requested)), "per_class": per_class,
-            "mean_prob_requested": float(p.mean()),
-            "predicted_fractions": {int(c): float(np.mean(pred == c))
-                                    for c in range(clf.num_classes)}}
+    return {
+        "agreement": float(np.mean(pred == requested)),
+        "per_class": per_class,
+        "mean_prob_requested": float(p.mean()),
+        "predicted_fractions": {int(c): float(np.mean(pred == c)) for c in range(clf.num_classes)},
+    }
 
 
 def cached_classifier(images, labels, cache_dir, **kwargs) -> Classifier:
@@ -178,11 +202,15 @@ def cached_classifier(images, labels, cache_dir, **kwargs) -> Classifier:
     for a in (images, labels):
         h.update(str((a.shape, a.dtype.str)).encode())
         h.update(a.tobytes())
-    h.update(json.dumps({k: kwargs[k] for k in sorted(kwargs) if k != "progress"},
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {k: kwargs[k] for k in sorted(kwargs) if k != "progress"}, sort_keys=True, default=str
+        ).encode()
+    )
     key = h.hexdigest()[:24]
-    weights, meta = (os.path.join(cache_dir, f"classifier-{key}{ext}") for ext in (".msgpack",
-                                                                                   ".json"))
+    weights, meta = (
+        os.path.join(cache_dir, f"classifier-{key}{ext}") for ext in (".msgpack", ".json")
+    )
     if os.path.exists(weights) and os.path.exists(meta):
         info = json.loads(open(meta).read())
         model = SmallCNN(info["num_classes"], info["width"])
@@ -197,5 +225,11 @@ def cached_classifier(images, labels, cache_dir, **kwargs) -> Classifier:
     return clf
 
 
-__all__ = ["SmallCNN", "Classifier", "balanced_split", "train_classifier", "cached_classifier",
-           "label_agreement"]
+__all__ = [
+    "SmallCNN",
+    "Classifier",
+    "balanced_split",
+    "train_classifier",
+    "cached_classifier",
+    "label_agreement",
+]

@@ -55,8 +55,9 @@ def pearson(x, y, reduce: str = "mean"):
     xc = x - x.mean(axis=1, keepdims=True)
     yc = y - y.mean(axis=1, keepdims=True)
     den = jnp.linalg.norm(xc, axis=1) * jnp.linalg.norm(yc, axis=1)
-    return _reduce(jnp.where(den > 0, jnp.sum(xc * yc, axis=1) / jnp.where(den > 0, den, 1.0), 0.0),
-                   reduce)
+    return _reduce(
+        jnp.where(den > 0, jnp.sum(xc * yc, axis=1) / jnp.where(den > 0, den, 1.0), 0.0), reduce
+    )
 
 
 METRICS = {"r2": r2, "mse": mse, "pearson": pearson}
@@ -73,8 +74,9 @@ def per_step(x0_hats_a, x0_hats_b, reduce: str = "mean") -> Dict[str, np.ndarray
     a, b = jnp.asarray(x0_hats_a), jnp.asarray(x0_hats_b)
     if a.shape != b.shape:
         raise ValueError(f"per_step: trajectories differ in shape: {a.shape} vs {b.shape}")
-    return {k: np.asarray(jax.vmap(lambda u, v, f=f: f(u, v, reduce))(a, b))
-            for k, f in METRICS.items()}
+    return {
+        k: np.asarray(jax.vmap(lambda u, v, f=f: f(u, v, reduce))(a, b)) for k, f in METRICS.items()
+    }
 
 
 def single_step(reference: Callable, result, reduce: str = "mean") -> Dict[str, np.ndarray]:
@@ -107,8 +109,9 @@ def paired_comparison(a, b, alpha: float = 0.05) -> dict:
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size < 2:
-        raise ValueError(f"need two [n] score vectors of equal length n >= 2, got {a.shape}, "
-                         f"{b.shape}")
+        raise ValueError(
+            f"need two [n] score vectors of equal length n >= 2, got {a.shape}, {b.shape}"
+        )
     d = a - b
     n = d.size
     se = float(d.std(ddof=1) / np.sqrt(n))
@@ -123,6 +126,15 @@ def paired_comparison(a, b, alpha: float = 0.05) -> dict:
         verdict = "disagree"
     else:
         verdict = by_z or by_sign or "tie"
-    return {"n": n, "mean_diff": mean, "se": se, "z": float(z),
-            "median_diff": float(np.median(d)), "wins": wins, "losses": losses,
-            "ties": int(n - wins - losses), "sign_p": p, "verdict": verdict}
+    return {
+        "n": n,
+        "mean_diff": mean,
+        "se": se,
+        "z": float(z),
+        "median_diff": float(np.median(d)),
+        "wins": wins,
+        "losses": losses,
+        "ties": int(n - wins - losses),
+        "sign_p": p,
+        "verdict": verdict,
+    }

@@ -10,13 +10,22 @@ import numpy as np
 
 from locality._io import atomic_path
 
-
 # One colour per method in every figure, so a method is recognised across figures.
 METHOD_COLORS = {
-    "network": "black", "pca_locality": "tab:red", "pca_locality_chunk_mean": "lightcoral",
-    "wiener": "tab:blue", "wiener_dense": "tab:blue", "linear": "tab:cyan",
-    "optimal": "tab:green", "nearest": "tab:olive", "ls": "tab:purple", "els": "tab:pink",
-    "bbels": "tab:brown", "pspc_square": "tab:orange", "pspc_flex": "gold", "scfdm": "tab:gray",
+    "network": "black",
+    "pca_locality": "tab:red",
+    "pca_locality_chunk_mean": "lightcoral",
+    "wiener": "tab:blue",
+    "wiener_dense": "tab:blue",
+    "linear": "tab:cyan",
+    "optimal": "tab:green",
+    "nearest": "tab:olive",
+    "ls": "tab:purple",
+    "els": "tab:pink",
+    "bbels": "tab:brown",
+    "pspc_square": "tab:orange",
+    "pspc_flex": "gold",
+    "scfdm": "tab:gray",
 }
 
 
@@ -43,7 +52,9 @@ def _plt():
 def atomic_savefig(fig, path: str, dpi: int = 100) -> str:
     """Save ``fig`` to ``path`` through a temporary file in the same directory, then rename."""
     with atomic_path(path, suffix=os.path.splitext(path)[1] or ".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=(os.path.splitext(path)[1][1:] or "png"))
+        fig.savefig(
+            tmp, dpi=dpi, bbox_inches="tight", format=(os.path.splitext(path)[1][1:] or "png")
+        )
     return path
 
 
@@ -64,19 +75,31 @@ def grid_array(images, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
     out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
     for i in range(n):
         r, q = divmod(i, ncols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + q * (w + pad) : pad + q * (w + pad) + w,
+        ] = x[i]
     return out
 
 
-def save_image_grid(images, path: str, ncols: Optional[int] = None, title: Optional[str] = None,
-                    scale: int = 3) -> str:
-    """Write a PNG grid of [N, H, W, C] images in [-1, 1] (nearest-neighbour upscaled x ``scale``)."""
+def save_image_grid(
+    images, path: str, ncols: Optional[int] = None, title: Optional[str] = None, scale: int = 3
+) -> str:
+    """Write a PNG grid of [N, H, W, C] images in [-1, 1]
+    (nearest-neighbour upscaled x ``scale``)."""
     plt = _plt()
     g = grid_array(images, ncols)
-    fig = plt.figure(figsize=(g.shape[1] * scale / 100, g.shape[0] * scale / 100 + (0.3 if title else 0)))
+    fig = plt.figure(
+        figsize=(g.shape[1] * scale / 100, g.shape[0] * scale / 100 + (0.3 if title else 0))
+    )
     ax = fig.add_axes([0, 0, 1, 1])
-    ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray" if g.shape[-1] == 1 else None,
-              interpolation="nearest", vmin=0, vmax=255)
+    ax.imshow(
+        g[..., 0] if g.shape[-1] == 1 else g,
+        cmap="gray" if g.shape[-1] == 1 else None,
+        interpolation="nearest",
+        vmin=0,
+        vmax=255,
+    )
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=8)
@@ -86,24 +109,31 @@ def save_image_grid(images, path: str, ncols: Optional[int] = None, title: Optio
 
 
 def save_rows(rows: Dict[str, np.ndarray], path: str, title: Optional[str] = None) -> str:
-    """One labelled row per entry ({label: [N, H, W, C] in [-1, 1]}), e.g. x0_hat per step or method."""
+    """One labelled row per entry ({label: [N, H, W, C] in [-1, 1]}),
+    e.g. x0_hat per step or method."""
     plt = _plt()
     labels = list(rows)
     n = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(len(labels), n, figsize=(0.9 * n + 1.2, 0.9 * len(labels) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(labels), n, figsize=(0.9 * n + 1.2, 0.9 * len(labels) + 0.4), squeeze=False
+    )
     for r, lab in enumerate(labels):
         imgs = to_uint8(rows[lab])
         for c in range(n):
             ax = axes[r, c]
-            ax.set_xticks([]); ax.set_yticks([])
+            ax.set_xticks([])
+            ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(False)
             if c < len(imgs):
                 im = imgs[c]
-                ax.imshow(im[..., 0] if im.shape[-1] == 1 else im,
-                          cmap="gray" if im.shape[-1] == 1 else None, vmin=0, vmax=255,
-                          interpolation="nearest")
+                ax.imshow(
+                    im[..., 0] if im.shape[-1] == 1 else im,
+                    cmap="gray" if im.shape[-1] == 1 else None,
+                    vmin=0,
+                    vmax=255,
+                    interpolation="nearest",
+                )
         axes[r, 0].set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -112,8 +142,13 @@ def save_rows(rows: Dict[str, np.ndarray], path: str, title: Optional[str] = Non
     return path
 
 
-def save_heatmaps(maps: Dict[str, np.ndarray], path: str, title: Optional[str] = None,
-                  cmap: str = "viridis", ncols: Optional[int] = None) -> str:
+def save_heatmaps(
+    maps: Dict[str, np.ndarray],
+    path: str,
+    title: Optional[str] = None,
+    cmap: str = "viridis",
+    ncols: Optional[int] = None,
+) -> str:
     """Heat maps ({label: [H, W]}), each with its own colour scale."""
     plt = _plt()
     labels = list(maps)
@@ -121,7 +156,8 @@ def save_heatmaps(maps: Dict[str, np.ndarray], path: str, title: Optional[str] =
     nrows = int(np.ceil(len(labels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 1.9 * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
-        ax.set_xticks([]); ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_yticks([])
         if i < len(labels):
             ax.imshow(np.asarray(maps[labels[i]]), cmap=cmap, interpolation="nearest")
             ax.set_title(labels[i], fontsize=7)
@@ -134,9 +170,17 @@ def save_heatmaps(maps: Dict[str, np.ndarray], path: str, title: Optional[str] =
     return path
 
 
-def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: str, *,
-                xlabel: str = "", ylabel: str = "", title: Optional[str] = None,
-                logy: bool = False, invert_x: bool = False) -> str:
+def save_curves(
+    x: Sequence[float],
+    curves: Dict[str, Sequence[float]],
+    path: str,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: Optional[str] = None,
+    logy: bool = False,
+    invert_x: bool = False,
+) -> str:
     """Line plot of several named curves over a shared x axis (20 distinct colours, then the
     line style changes, so no two curves look alike); the legend sits outside the axes."""
     plt = _plt()
@@ -144,9 +188,17 @@ def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: st
     colours = plt.get_cmap("tab20").colors
     styles = ("-", "--", ":", "-.")
     for i, (lab, y) in enumerate(curves.items()):
-        ax.plot(list(x), list(y), marker="o", ms=3, label=lab, color=colours[(2 * i) % 20 if i < 10
-                else (2 * i + 1) % 20], ls=styles[(i // 20) % len(styles)])
-    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+        ax.plot(
+            list(x),
+            list(y),
+            marker="o",
+            ms=3,
+            label=lab,
+            color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+            ls=styles[(i // 20) % len(styles)],
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
     if invert_x:
@@ -160,18 +212,37 @@ def save_curves(x: Sequence[float], curves: Dict[str, Sequence[float]], path: st
     return path
 
 
-def save_loss_curve(steps: Sequence[float], losses: Sequence[float], path: str, *,
-                    ylabel: str = "eps-MSE (mean over log interval)",
-                    title: Optional[str] = None) -> str:
+def save_loss_curve(
+    steps: Sequence[float],
+    losses: Sequence[float],
+    path: str,
+    *,
+    ylabel: str = "eps-MSE (mean over log interval)",
+    title: Optional[str] = None,
+) -> str:
     """A training curve: ``losses`` against ``steps`` on a log y axis (e.g. the ``loss`` column
     of a run's ``metrics.jsonl``, which :func:`locality.train.train` plots to ``loss.png``)."""
-    return save_series([{"x": steps, "y": losses, "style": "-"}], path, xlabel="step",
-                       ylabel=ylabel, title=title, logy=True)
+    return save_series(
+        [{"x": steps, "y": losses, "style": "-"}],
+        path,
+        xlabel="step",
+        ylabel=ylabel,
+        title=title,
+        logy=True,
+    )
 
 
-def save_heatmap_table(maps, path: str, *, row_labels: Sequence[str], col_labels: Sequence[str],
-                       title: Optional[str] = None, marks=None, cmap: str = "viridis",
-                       shared_scale: str = "panel") -> str:
+def save_heatmap_table(
+    maps,
+    path: str,
+    *,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: Optional[str] = None,
+    marks=None,
+    cmap: str = "viridis",
+    shared_scale: str = "panel",
+) -> str:
     """Table of heat maps: ``maps[r][c]`` is an [H, W] array (or None for an empty panel).
 
     Rows and columns are labelled on the left and on top. ``marks[r][c]`` (optional) is a
@@ -186,28 +257,44 @@ def save_heatmap_table(maps, path: str, *, row_labels: Sequence[str], col_labels
         raise ValueError(f"shared_scale must be 'panel', 'row' or 'all'; got {shared_scale!r}")
     present = [np.asarray(m) for r in maps for m in r if m is not None]
     vmax_all = max((float(np.max(m)) for m in present), default=1.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.5 * ncols + 0.9, 1.5 * nrows + 0.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(1.5 * ncols + 0.9, 1.5 * nrows + 0.5), squeeze=False
+    )
     for r in range(nrows):
         row_present = [np.asarray(m) for m in maps[r] if m is not None]
         vmax_row = max((float(np.max(m)) for m in row_present), default=1.0)
         for c in range(ncols):
             ax = axes[r, c]
-            ax.set_xticks([]); ax.set_yticks([])
+            ax.set_xticks([])
+            ax.set_yticks([])
             m = maps[r][c]
             if m is None:
-                ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=7, color="0.5",
-                        transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "n/a",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="0.5",
+                    transform=ax.transAxes,
+                )
             else:
                 vmax = {"panel": None, "row": vmax_row, "all": vmax_all}[shared_scale]
-                ax.imshow(np.asarray(m), cmap=cmap, interpolation="nearest",
-                          vmin=0 if vmax else None, vmax=vmax)
+                ax.imshow(
+                    np.asarray(m),
+                    cmap=cmap,
+                    interpolation="nearest",
+                    vmin=0 if vmax else None,
+                    vmax=vmax,
+                )
                 if marks is not None and marks[r][c] is not None:
                     from matplotlib.patches import Rectangle  # lazy like matplotlib (_plt)
 
                     i, j = marks[r][c]
-                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
-                                           edgecolor="red", lw=0.6))
+                    ax.add_patch(
+                        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=0.6)
+                    )
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=7)
             if c == 0:
@@ -219,15 +306,27 @@ def save_heatmap_table(maps, path: str, *, row_labels: Sequence[str], col_labels
     return path
 
 
-def save_matrices(matrices: Dict[str, np.ndarray], labels: Sequence[str], path: str, *,
-                  title: Optional[str] = None, vmin: float = 0.0, vmax: float = 1.0) -> str:
-    """Annotated square matrices side by side ({panel title: [K, K]}); rows/cols named ``labels``."""
+def save_matrices(
+    matrices: Dict[str, np.ndarray],
+    labels: Sequence[str],
+    path: str,
+    *,
+    title: Optional[str] = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> str:
+    """Annotated square matrices side by side ({panel title: [K, K]});
+    rows/cols named ``labels``."""
     plt = _plt()
     k = len(labels)
     names = list(matrices)
-    fig, axes = plt.subplots(1, len(names), figsize=((0.45 * k + 1.0) * len(names),
-                                                     0.45 * k + 1.3), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(names),
+        figsize=((0.45 * k + 1.0) * len(names), 0.45 * k + 1.3),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, name in zip(axes[0], names):
         m = np.asarray(matrices[name], np.float64)
         if m.shape != (k, k):
@@ -236,9 +335,17 @@ def save_matrices(matrices: Dict[str, np.ndarray], labels: Sequence[str], path: 
         for a in range(k):
             for b in range(k):
                 if np.isfinite(m[a, b]):
-                    ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if m[a, b] < 0.5 * (vmin + vmax) else "black")
-        ax.set_xticks(range(k)); ax.set_yticks(range(k))
+                    ax.text(
+                        b,
+                        a,
+                        f"{m[a, b]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if m[a, b] < 0.5 * (vmin + vmax) else "black",
+                    )
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=6)
         ax.set_yticklabels(labels, fontsize=6)
         ax.set_title(name, fontsize=7)
@@ -249,22 +356,43 @@ def save_matrices(matrices: Dict[str, np.ndarray], labels: Sequence[str], path: 
     return path
 
 
-def focus_ylim(series: Sequence[Dict], margin: float = 0.08,
-               keep_fraction: float = 0.75) -> Optional[Tuple[float, float]]:
+def focus_ylim(
+    series: Sequence[Dict], margin: float = 0.08, keep_fraction: float = 0.75
+) -> Optional[Tuple[float, float]]:
     """A y range for :func:`save_series` set by the series that matter: when a few series lie
     far below the rest (e.g. a method with r2 far under 0), the range covers the best
     ``keep_fraction`` of the series (ranked by their maximum) and the others are annotated as
     off the axis instead of stretching it. ``None`` when every series fits without stretching
     the range more than twofold."""
-    tops = sorted(((float(np.nanmax(s["y"])), i) for i, s in enumerate(series)
-                   if np.isfinite(np.asarray(s["y"], np.float64)).any()), reverse=True)
+    tops = sorted(
+        (
+            (float(np.nanmax(s["y"])), i)
+            for i, s in enumerate(series)
+            if np.isfinite(np.asarray(s["y"], np.float64)).any()
+        ),
+        reverse=True,
+    )
     if len(tops) < 3:
         return None
-    kept = [series[i] for _, i in tops[:max(2, int(np.ceil(keep_fraction * len(tops))))]]
-    lo = min(float(np.nanmin(np.asarray(s["y"], np.float64) - np.asarray(
-        s.get("yerr", 0.0) if s.get("yerr") is not None else 0.0))) for s in kept)
-    hi = max(float(np.nanmax(np.asarray(s["y"], np.float64) + np.asarray(
-        s.get("yerr", 0.0) if s.get("yerr") is not None else 0.0))) for s in kept)
+    kept = [series[i] for _, i in tops[: max(2, int(np.ceil(keep_fraction * len(tops))))]]
+    lo = min(
+        float(
+            np.nanmin(
+                np.asarray(s["y"], np.float64)
+                - np.asarray(s.get("yerr", 0.0) if s.get("yerr") is not None else 0.0)
+            )
+        )
+        for s in kept
+    )
+    hi = max(
+        float(
+            np.nanmax(
+                np.asarray(s["y"], np.float64)
+                + np.asarray(s.get("yerr", 0.0) if s.get("yerr") is not None else 0.0)
+            )
+        )
+        for s in kept
+    )
     all_lo = min(float(np.nanmin(s["y"])) for s in series)
     if hi - all_lo <= 2 * (hi - lo):
         return None
@@ -272,10 +400,19 @@ def focus_ylim(series: Sequence[Dict], margin: float = 0.08,
     return lo - pad, hi + pad
 
 
-def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: str = "",
-                title: Optional[str] = None, logx: bool = False, logy: bool = False,
-                vlines: Sequence[float] = (), ylim: Optional[Tuple[float, float]] = None,
-                invert_x: bool = False) -> str:
+def save_series(
+    series: Sequence[Dict],
+    path: str,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: Optional[str] = None,
+    logx: bool = False,
+    logy: bool = False,
+    vlines: Sequence[float] = (),
+    ylim: Optional[Tuple[float, float]] = None,
+    invert_x: bool = False,
+) -> str:
     """Line plot of series with their own x values and styles.
 
     Each entry is ``{"x": [...], "y": [...], "label": str, "style": "-"|"--"|":"|..., "color":
@@ -299,17 +436,38 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
             keep &= y > 0
         if s.get("yerr") is not None:
             err = np.asarray(s["yerr"], np.float64)[keep]
-            ax.errorbar(x[keep], y[keep], yerr=err, fmt=s.get("style", "-"), color=s.get("color"),
-                        marker=s.get("marker"), ms=3, capsize=3, label=s.get("label"))
+            ax.errorbar(
+                x[keep],
+                y[keep],
+                yerr=err,
+                fmt=s.get("style", "-"),
+                color=s.get("color"),
+                marker=s.get("marker"),
+                ms=3,
+                capsize=3,
+                label=s.get("label"),
+            )
         else:
-            line, = ax.plot(x[keep], y[keep], s.get("style", "-"), color=s.get("color"),
-                            marker=s.get("marker"), ms=3, label=s.get("label"))
+            (line,) = ax.plot(
+                x[keep],
+                y[keep],
+                s.get("style", "-"),
+                color=s.get("color"),
+                marker=s.get("marker"),
+                ms=3,
+                label=s.get("label"),
+            )
             if s.get("band") is not None:
                 band = np.asarray(s["band"], np.float64)[keep]
-                ax.fill_between(x[keep], y[keep] - band, y[keep] + band, alpha=0.18, lw=0,
-                                color=line.get_color())
-        if ylim is not None and keep.any() and (y[keep].min() < ylim[0] or
-                                                y[keep].max() > ylim[1]):
+                ax.fill_between(
+                    x[keep],
+                    y[keep] - band,
+                    y[keep] + band,
+                    alpha=0.18,
+                    lw=0,
+                    color=line.get_color(),
+                )
+        if ylim is not None and keep.any() and (y[keep].min() < ylim[0] or y[keep].max() > ylim[1]):
             off_axis.append(f"{s.get('label', '?')} (min {y[keep].min():.2f})")
     for v in vlines:
         ax.axvline(v, color="0.4", ls=":", lw=1)
@@ -317,7 +475,8 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -326,8 +485,14 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
     if ylim is not None:
         ax.set_ylim(*ylim)
     if off_axis:
-        ax.annotate("off the axis: " + ", ".join(off_axis), xy=(0, -0.22),
-                    xycoords="axes fraction", fontsize=6, va="top", color="0.3")
+        ax.annotate(
+            "off the axis: " + ", ".join(off_axis),
+            xy=(0, -0.22),
+            xycoords="axes fraction",
+            fontsize=6,
+            va="top",
+            color="0.3",
+        )
     if any(s.get("label") for s in series):
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     atomic_savefig(fig, path)
@@ -335,17 +500,22 @@ def save_series(series: Sequence[Dict], path: str, *, xlabel: str = "", ylabel: 
     return path
 
 
-def save_bars(values: Dict[str, float], path: str, *, errors: Optional[Dict[str, float]] = None,
-              ylabel: str = "", title: Optional[str] = None,
-              reference: Optional[Tuple[float, str]] = None) -> str:
+def save_bars(
+    values: Dict[str, float],
+    path: str,
+    *,
+    errors: Optional[Dict[str, float]] = None,
+    ylabel: str = "",
+    title: Optional[str] = None,
+    reference: Optional[Tuple[float, str]] = None,
+) -> str:
     """Bar chart of named values (in the given order), optional error bars, and an optional
     horizontal reference line ``(value, label)`` (e.g. the floor a perfect model reaches)."""
     plt = _plt()
     labels = list(values)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
     err = [errors.get(k, 0.0) for k in labels] if errors else None
-    ax.bar(range(len(labels)), [values[k] for k in labels], yerr=err, color="tab:blue",
-           capsize=3)
+    ax.bar(range(len(labels)), [values[k] for k in labels], yerr=err, color="tab:blue", capsize=3)
     if reference is not None:
         ax.axhline(reference[0], color="tab:red", ls="--", lw=1, label=reference[1])
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -40,9 +40,16 @@ def _eps_sq_err(apply_fn, params, x0, t, eps, ab):
     return jnp.mean(jnp.square(pred - eps), axis=(1, 2, 3))
 
 
-def eps_mse(apply_fn, params, images, timesteps: Sequence[int] = HELDOUT_TIMESTEPS, *,
-            seed: int = 0, batch_size: int = 250,
-            schedule: schedules_lib.DiscreteSchedule | None = None) -> np.ndarray:
+def eps_mse(
+    apply_fn,
+    params,
+    images,
+    timesteps: Sequence[int] = HELDOUT_TIMESTEPS,
+    *,
+    seed: int = 0,
+    batch_size: int = 250,
+    schedule: schedules_lib.DiscreteSchedule | None = None,
+) -> np.ndarray:
     """Per-image eps-MSE of an eps-prediction network at fixed timesteps.
 
     Args:
@@ -71,9 +78,9 @@ def eps_mse(apply_fn, params, images, timesteps: Sequence[int] = HELDOUT_TIMESTE
         ab = jnp.float32(schedule.alphas_cumprod[int(t)])
         key_t = jax.random.fold_in(jax.random.PRNGKey(seed), int(t))
         for j, s in enumerate(range(0, len(images), batch_size)):
-            x0 = images[s:s + batch_size]
+            x0 = images[s : s + batch_size]
             eps = jax.random.normal(jax.random.fold_in(key_t, j), x0.shape, jnp.float32)
-            out[i, s:s + len(x0)] = np.asarray(_eps_sq_err(apply_fn, params, x0, int(t), eps, ab))
+            out[i, s : s + len(x0)] = np.asarray(_eps_sq_err(apply_fn, params, x0, int(t), eps, ab))
     return out
 
 
@@ -104,8 +111,9 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"shapes disagree: mu {mu1.shape} / {mu2.shape}, "
-                         f"cov {s1.shape} / {s2.shape}")
+        raise ValueError(
+            f"shapes disagree: mu {mu1.shape} / {mu2.shape}, cov {s1.shape} / {s2.shape}"
+        )
     r = _psd_sqrt(s2)
     lam = np.linalg.eigvalsh((r @ s1 @ r + (r @ s1 @ r).T) / 2)
     tr_sqrt = float(np.sum(np.sqrt(np.clip(lam, 0.0, None))))

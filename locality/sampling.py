@@ -38,7 +38,8 @@ class SampleResult(NamedTuple):
 
 
 def _split(denoiser):
-    """Split a denoiser into (array leaves, hashable static rest) so jit can take it as an argument."""
+    """Split a denoiser into (array leaves, hashable static rest)
+    so jit can take it as an argument."""
     leaves, treedef = jax.tree_util.tree_flatten(denoiser)
     is_arr = tuple(isinstance(l, (jax.Array, np.ndarray)) for l in leaves)
     dyn = [l if a else None for l, a in zip(leaves, is_arr)]
@@ -91,7 +92,7 @@ def _ddim_scan(dyn, x_T, abs_, abs_prev, noise, *, meta, eta, has_cb, cb_token=N
             x_prev = jnp.sqrt(ab_prev) * x0c + jnp.sqrt(1.0 - ab_prev) * eps_hat
         else:
             sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab)) * jnp.sqrt(1.0 - ab / ab_prev)
-            dir_coef = jnp.sqrt(jnp.clip(1.0 - ab_prev - sigma ** 2, 0.0, None))
+            dir_coef = jnp.sqrt(jnp.clip(1.0 - ab_prev - sigma**2, 0.0, None))
             x_prev = jnp.sqrt(ab_prev) * x0c + dir_coef * eps_hat + sigma * z
         if has_cb:
             jax.debug.callback(_CALLBACKS[cb_token], i, ordered=True)
@@ -105,9 +106,17 @@ def _ddim_scan(dyn, x_T, abs_, abs_prev, noise, *, meta, eta, has_cb, cb_token=N
 _CALLBACKS = {}
 
 
-def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, num_steps: int = 10,
-         *, eta: float = 0.0, key: Optional[jax.Array] = None, timesteps=None,
-         progress: bool = False) -> SampleResult:
+def ddim(
+    denoiser,
+    x_T,
+    sched: Optional[schedules_lib.DiscreteSchedule] = None,
+    num_steps: int = 10,
+    *,
+    eta: float = 0.0,
+    key: Optional[jax.Array] = None,
+    timesteps=None,
+    progress: bool = False,
+) -> SampleResult:
     """DDIM sampling from ``x_T`` [B, H, W, C] with ``denoiser(x_t, ab) -> x0_hat``.
 
     docs/algorithms.md §1: leading timesteps (900, 800, ..., 0 for 10 steps), ``ab_prev = 1`` after
@@ -127,16 +136,21 @@ def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, 
         timesteps = schedules_lib.ddim_timesteps(num_steps, sched.num_timesteps)
     timesteps = np.asarray(timesteps, np.int32)
     if timesteps.ndim != 1 or timesteps.size == 0 or np.any(np.diff(timesteps) >= 0):
-        raise ValueError(f"timesteps must be a non-empty strictly decreasing 1-D sequence; got {timesteps}")
+        raise ValueError(
+            f"timesteps must be a non-empty strictly decreasing 1-D sequence; got {timesteps}"
+        )
     abs_ = sched.ab(timesteps).astype(np.float32)
     abs_prev = np.concatenate([abs_[1:], np.ones(1, np.float32)])
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0:
         if key is None:
-            raise ValueError("stochastic sampling (eta > 0) needs an explicit PRNG key: key=jax.random.key(0)")
+            raise ValueError(
+                "stochastic sampling (eta > 0) needs an explicit PRNG key: key=jax.random.key(0)"
+            )
         noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x_T.shape))(
-            jnp.arange(len(timesteps)))
+            jnp.arange(len(timesteps))
+        )
     else:
         noise = jnp.zeros((len(timesteps),) + (1,) * x_T.ndim, jnp.float32)
     dyn, meta = _split(_prepared(denoiser, abs_))
@@ -146,9 +160,17 @@ def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, 
         desc = "ddim" if eta == 0 else f"ddim eta={eta:g}"  # eta = 1: DDPM ancestral
         _CALLBACKS[token] = _progress_callback(len(timesteps), desc)
     try:
-        images, x0_hats, xts = _ddim_scan(dyn, x_T, jnp.asarray(abs_), jnp.asarray(abs_prev), noise,
-                                          meta=meta, eta=float(eta), has_cb=progress,
-                                          cb_token=token)
+        images, x0_hats, xts = _ddim_scan(
+            dyn,
+            x_T,
+            jnp.asarray(abs_),
+            jnp.asarray(abs_prev),
+            noise,
+            meta=meta,
+            eta=float(eta),
+            has_cb=progress,
+            cb_token=token,
+        )
         jax.block_until_ready(images)
     finally:
         if token is not None:
@@ -156,12 +178,20 @@ def ddim(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, 
     return SampleResult(images, x0_hats, xts, timesteps, abs_)
 
 
-def ddpm(denoiser, x_T, sched: Optional[schedules_lib.DiscreteSchedule] = None, *,
-         key: jax.Array, num_steps: Optional[int] = None, progress: bool = False) -> SampleResult:
+def ddpm(
+    denoiser,
+    x_T,
+    sched: Optional[schedules_lib.DiscreteSchedule] = None,
+    *,
+    key: jax.Array,
+    num_steps: Optional[int] = None,
+    progress: bool = False,
+) -> SampleResult:
     """DDPM ancestral sampling = DDIM with eta = 1 (on all T steps by default)."""
     sched = sched or schedules_lib.ddpm_linear()
-    return ddim(denoiser, x_T, sched, num_steps or sched.num_timesteps, eta=1.0, key=key,
-                progress=progress)
+    return ddim(
+        denoiser, x_T, sched, num_steps or sched.num_timesteps, eta=1.0, key=key, progress=progress
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "heun"))
@@ -169,7 +199,7 @@ def _edm_scan(dyn, z_T, sigmas, *, meta, heun):
     denoise = _join(dyn, meta)
 
     def d_ve(z, sigma):
-        ab = 1.0 / (1.0 + sigma ** 2)
+        ab = 1.0 / (1.0 + sigma**2)
         return denoise(z * jnp.sqrt(ab), ab)
 
     def step(z, xs):
@@ -178,11 +208,13 @@ def _edm_scan(dyn, z_T, sigmas, *, meta, heun):
         d = (z - x0) / s
         z_next = z + (s_next - s) * d
         if heun:
+
             def corr(zn):
                 x0n = d_ve(zn, s_next)
                 return z + (s_next - s) * 0.5 * (d + (zn - x0n) / s_next)
+
             z_next = jax.lax.cond(s_next > 0, corr, lambda zn: zn, z_next)
-        return z_next, (z * jnp.sqrt(1.0 / (1.0 + s ** 2)), x0)
+        return z_next, (z * jnp.sqrt(1.0 / (1.0 + s**2)), x0)
 
     _, (xts, x0s) = jax.lax.scan(step, z_T, (sigmas[:-1], sigmas[1:]))
     return x0s[-1], x0s, xts

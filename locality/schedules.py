@@ -43,12 +43,14 @@ class DiscreteSchedule:
         t = np.asarray(t)
         if np.any(t < 0) or np.any(t >= self.num_timesteps):
             raise ValueError(
-                f"timestep(s) {t} outside [0, {self.num_timesteps - 1}] of schedule {self.name!r}")
+                f"timestep(s) {t} outside [0, {self.num_timesteps - 1}] of schedule {self.name!r}"
+            )
         return self.alphas_cumprod[t]
 
 
-def ddpm_linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
-                beta_end: float = 0.02) -> DiscreteSchedule:
+def ddpm_linear(
+    num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> DiscreteSchedule:
     """The DDPM linear schedule (Ho et al. 2020), as used by the paper's released code.
 
     ``betas = linspace(beta_start, beta_end, T)`` in float32 and ``ab = cumprod(1 - betas)``
@@ -62,7 +64,7 @@ def ddpm_linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
 
 
 def ddim_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
-    """"Leading" DDIM timesteps, high to low: ``(arange(S) * (T // S))[::-1]``.
+    """ "Leading" DDIM timesteps, high to low: ``(arange(S) * (T // S))[::-1]``.
 
     For S = 10, T = 1000 this is ``900, 800, ..., 100, 0`` (docs/algorithms.md §1).
     """
@@ -89,8 +91,9 @@ def cosine_legacy_grid(num_steps: int = 20) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_steps + 1)[:-1][::-1].copy()
 
 
-def edm_sigmas(num_steps: int = 18, sigma_min: float = 2e-3, sigma_max: float = 80.0,
-               rho: float = 7.0) -> np.ndarray:
+def edm_sigmas(
+    num_steps: int = 18, sigma_min: float = 2e-3, sigma_max: float = 80.0, rho: float = 7.0
+) -> np.ndarray:
     """EDM (Karras et al. 2022, eq. 5) sigma grid, high to low, with a final 0 appended.
 
     ``sigma_i = (sigma_max^(1/rho) + i/(S-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``.
@@ -102,7 +105,7 @@ def edm_sigmas(num_steps: int = 18, sigma_min: float = 2e-3, sigma_max: float = 
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     i = np.arange(num_steps, dtype=np.float64)
     inv = 1.0 / rho
-    s = (sigma_max ** inv + i / (num_steps - 1) * (sigma_min ** inv - sigma_max ** inv)) ** rho
+    s = (sigma_max**inv + i / (num_steps - 1) * (sigma_min**inv - sigma_max**inv)) ** rho
     return np.concatenate([s, [0.0]])
 
 
@@ -131,7 +134,8 @@ def eps_from_x0(x_t, x0, ab):
 
 
 def score_from_x0(x_t, x0, ab):
-    """Score of the noisy marginal from a posterior-mean estimate: ``(sqrt(ab) x0 - x_t) / (1 - ab)``."""
+    """Score of the noisy marginal from a posterior-mean estimate:
+    ``(sqrt(ab) x0 - x_t) / (1 - ab)``."""
     return (jnp.sqrt(ab) * x0 - x_t) / (1.0 - ab)
 
 

@@ -41,8 +41,10 @@ Pixel = Tuple[int, int]
 def _check_inputs(x_t, ab):
     x_t = jnp.asarray(x_t)
     if x_t.ndim != 4:
-        raise ValueError(f"x_t must have rank 4 [B, H, W, C]; got shape {x_t.shape}. "
-                         "Add a batch axis with x[None].")
+        raise ValueError(
+            f"x_t must have rank 4 [B, H, W, C]; got shape {x_t.shape}. "
+            "Add a batch axis with x[None]."
+        )
     if x_t.shape[0] < 1:
         raise ValueError(f"x_t has an empty batch (shape {x_t.shape}); need at least one input")
     if not jnp.issubdtype(x_t.dtype, jnp.floating):
@@ -66,16 +68,20 @@ def check_pixels(pixels, height: int, width: int) -> Tuple[Pixel, ...]:
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
-        raise ValueError(f"pixels must be a non-empty list of (row, col) pairs, shape [P, 2]; got "
-                         f"shape {np.shape(pixels)}")
+        raise ValueError(
+            f"pixels must be a non-empty list of (row, col) pairs, shape [P, 2]; got "
+            f"shape {np.shape(pixels)}"
+        )
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.equal(np.mod(arr, 1), 0)):
             raise TypeError(f"pixels must be integers (row, col); got {arr.tolist()}")
         arr = arr.astype(np.int64)
     for i, j in arr.tolist():
         if not (0 <= i < height and 0 <= j < width):
-            raise ValueError(f"pixel ({i}, {j}) is outside the {height} x {width} image; rows must "
-                             f"be in [0, {height - 1}] and columns in [0, {width - 1}]")
+            raise ValueError(
+                f"pixel ({i}, {j}) is outside the {height} x {width} image; rows must "
+                f"be in [0, {height - 1}] and columns in [0, {width - 1}]"
+            )
     return tuple((int(i), int(j)) for i, j in arr.tolist())
 
 
@@ -96,8 +102,11 @@ def _rows_impl(denoise, x_t, ab, pixels: Tuple[Pixel, ...], pixel_batch: Optiona
     pi = jnp.repeat(rows, c)
     pj = jnp.repeat(cols, c)
     pc = jnp.tile(jnp.arange(c, dtype=jnp.int32), len(pixels))
-    onehots = jnp.zeros((len(pixels) * c, h, w, c), jnp.float32).at[
-        jnp.arange(len(pixels) * c), pi, pj, pc].set(1.0)
+    onehots = (
+        jnp.zeros((len(pixels) * c, h, w, c), jnp.float32)
+        .at[jnp.arange(len(pixels) * c), pi, pj, pc]
+        .set(1.0)
+    )
 
     def one_sample(x):
         # Exact per-sample Jacobian (no assumption that samples of a batch are independent):
@@ -105,12 +114,12 @@ def _rows_impl(denoise, x_t, ab, pixels: Tuple[Pixel, ...], pixel_batch: Optiona
         _, vjp = jax.vjp(lambda y: denoise(y[None], ab)[0], x)
         pull = lambda e: vjp(e)[0]  # noqa: E731
         if pixel_batch is None:
-            return jax.vmap(pull)(onehots)                       # [P*C, H, W, C]
+            return jax.vmap(pull)(onehots)  # [P*C, H, W, C]
         return jax.lax.map(pull, onehots, batch_size=pixel_batch)
 
-    out = jax.vmap(one_sample)(x_t)                              # [B, P*C_out, H, W, C_in]
+    out = jax.vmap(one_sample)(x_t)  # [B, P*C_out, H, W, C_in]
     out = out.reshape((x_t.shape[0], len(pixels), c, h, w, c))
-    return jnp.swapaxes(out, 0, 1)                               # [P, B, C_out, H, W, C_in]
+    return jnp.swapaxes(out, 0, 1)  # [P, B, C_out, H, W, C_in]
 
 
 _rows_dynamic = jax.jit(_rows_impl, static_argnames=("pixels", "pixel_batch"))
@@ -124,8 +133,9 @@ def _is_pytree_denoiser(denoise) -> bool:
     return all(isinstance(l, (jax.Array, np.ndarray, np.generic, float, int)) for l in leaves)
 
 
-def jacobian_rows(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
-                  pixel_batch: Optional[int] = None) -> jax.Array:
+def jacobian_rows(
+    denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *, pixel_batch: Optional[int] = None
+) -> jax.Array:
     """Jacobian rows of output pixels, one VJP per (pixel, output channel) (docs/algorithms.md §9).
 
     Args:
@@ -153,8 +163,9 @@ def jacobian_rows(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
     return fn(denoise, x_t, ab, pixels=pix, pixel_batch=pb)
 
 
-def fields(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
-           pixel_batch: Optional[int] = None) -> jax.Array:
+def fields(
+    denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *, pixel_batch: Optional[int] = None
+) -> jax.Array:
     """Sensitivity fields [P, H, W] of ``pixels`` (docs/algorithms.md §9).
 
     ``field[k] = mean_b sum_{c_out, c_in} |d D(x_t)[b, p_k, c_out] / d x_t[b, :, :, c_in]|``.
@@ -163,8 +174,9 @@ def fields(denoise: Callable, x_t, ab, pixels: Sequence[Pixel], *,
     return jnp.mean(jnp.sum(jnp.abs(rows), axis=(2, 5)), axis=1)
 
 
-def field(denoise: Callable, x_t, ab, pixel: Optional[Pixel] = None, *,
-          pixel_batch: Optional[int] = None) -> jax.Array:
+def field(
+    denoise: Callable, x_t, ab, pixel: Optional[Pixel] = None, *, pixel_batch: Optional[int] = None
+) -> jax.Array:
     """Sensitivity field [H, W] of one output pixel (the centre pixel by default)."""
     x_t = jnp.asarray(x_t)
     if x_t.ndim != 4:
@@ -184,9 +196,9 @@ def linear_field(jacobian, shape: Tuple[int, int, int], pixel: Optional[Pixel] =
     h, w, c = shape
     if pixel is None:
         pixel = centre_pixel(h, w)
-    (i, j), = check_pixels([pixel], h, w)
+    ((i, j),) = check_pixels([pixel], h, w)
     xp = jnp if isinstance(jacobian, jax.Array) else np
-    jm = xp.reshape(jacobian, (h, w, c, h, w, c))[i, j]         # [C_out, H, W, C_in]
+    jm = xp.reshape(jacobian, (h, w, c, h, w, c))[i, j]  # [C_out, H, W, C_in]
     return xp.sum(xp.abs(jm), axis=(0, 3))
 
 
@@ -200,8 +212,10 @@ def _as_field(f, what: str) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{what} contains NaN or inf")
     if np.any(a < 0):
-        raise ValueError(f"{what} has negative values (min {a.min():.3g}); sensitivity fields are "
-                         "absolute values, pass |J| summed over channels")
+        raise ValueError(
+            f"{what} has negative values (min {a.min():.3g}); sensitivity fields are "
+            "absolute values, pass |J| summed over channels"
+        )
     return a
 
 
@@ -242,7 +256,7 @@ def support(f, mass: float = 0.9, threshold: Optional[float] = None) -> np.ndarr
     csum = np.cumsum(flat[order])
     k = int(np.searchsorted(csum, mass * total * (1.0 - 1e-12), side="left")) + 1
     out = np.zeros(flat.shape, bool)
-    out[order[:min(k, flat.size)]] = True
+    out[order[: min(k, flat.size)]] = True
     return out.reshape(a.shape)
 
 
@@ -256,7 +270,8 @@ def iou(f, g, mass: float = 0.9, threshold: Optional[float] = None) -> float:
 
 
 def radius(f, pixel: Optional[Pixel] = None, mass: float = 0.5) -> float:
-    """Smallest Euclidean radius around ``pixel`` holding ``mass`` of the field (docs/algorithms.md §9).
+    """Smallest Euclidean radius around ``pixel`` holding ``mass`` of the field
+    (docs/algorithms.md §9).
 
     ``r = min { r : sum_{|q - p| <= r} f(q) >= mass * sum_q f(q) }`` with distances between
     pixel centres; ``r = 0`` when ``p`` alone holds that fraction. ``pixel`` defaults to the
@@ -267,7 +282,7 @@ def radius(f, pixel: Optional[Pixel] = None, mass: float = 0.5) -> float:
     h, w = a.shape
     if pixel is None:
         pixel = centre_pixel(h, w)
-    (i, j), = check_pixels([pixel], h, w)
+    ((i, j),) = check_pixels([pixel], h, w)
     total = a.sum()
     if total == 0:
         raise ValueError("the radius of an all-zero field is undefined")

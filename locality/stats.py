@@ -61,23 +61,31 @@ def validate_images(images, what: str = "images", allow_empty: bool = False) -> 
         raise TypeError(f"{what} must be an array [N, H, W, C], got a {type(images).__name__}")
     arr = np.asarray(images)
     if arr.ndim != 4:
-        raise ValueError(f"{what} must have rank 4 [N, H, W, C] (NHWC); got shape {arr.shape}. "
-                         "Add a channel axis for grey images: x[..., None].")
+        raise ValueError(
+            f"{what} must have rank 4 [N, H, W, C] (NHWC); got shape {arr.shape}. "
+            "Add a channel axis for grey images: x[..., None]."
+        )
     if arr.shape[-1] > 4 and arr.shape[1] in (1, 3, 4):
-        raise ValueError(f"{what} has shape {arr.shape}, which looks like NCHW ({arr.shape[-1]} "
-                         "channels?); the project uses NHWC: transpose with x.transpose(0, 2, 3, 1)")
+        raise ValueError(
+            f"{what} has shape {arr.shape}, which looks like NCHW ({arr.shape[-1]} "
+            "channels?); the project uses NHWC: transpose with x.transpose(0, 2, 3, 1)"
+        )
     if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{what} is empty (shape {arr.shape}); need at least one image")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"{what} has dtype {arr.dtype}; expected float32 in [-1, 1] "
-                        "(for uint8 pixels use x / 127.5 - 1)")
+        raise TypeError(
+            f"{what} has dtype {arr.dtype}; expected float32 in [-1, 1] "
+            "(for uint8 pixels use x / 127.5 - 1)"
+        )
     if arr.size:
         lo, hi = float(np.min(arr)), float(np.max(arr))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"{what} contains NaN or inf")
         if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
-            raise ValueError(f"{what} has values in [{lo:.4g}, {hi:.4g}]; expected [-1, 1] "
-                             "(for [0, 1] data use 2 * x - 1)")
+            raise ValueError(
+                f"{what} has values in [{lo:.4g}, {hi:.4g}]; expected [-1, 1] "
+                "(for [0, 1] data use 2 * x - 1)"
+            )
     return arr.astype(np.float32, copy=False)
 
 
@@ -105,7 +113,7 @@ def moments(images: np.ndarray, chunk_size: int = 4096) -> Tuple[np.ndarray, np.
     s1 = np.zeros(n, np.float64)
     s2 = np.zeros((n, n), np.float64)
     for start in range(0, n_img, chunk_size):
-        d = flat[start:start + chunk_size].astype(np.float64)
+        d = flat[start : start + chunk_size].astype(np.float64)
         d -= shift
         s1 += d.sum(axis=0)
         s2 += d.T @ d
@@ -145,29 +153,46 @@ def _load_cached(path: str, fp: str, shape) -> GaussianStats:
         with np.load(path, allow_pickle=False) as z:
             meta = {k: z[k] for k in z.files}
     except Exception as e:  # truncated zip, garbage bytes, ...
-        raise StaleCacheError(f"statistics cache file {path} is corrupt ({type(e).__name__}: {e}); "
-                              "delete it and recompute") from e
+        raise StaleCacheError(
+            f"statistics cache file {path} is corrupt ({type(e).__name__}: {e}); "
+            "delete it and recompute"
+        ) from e
     need = {"mean", "eigvals", "eigvecs", "count", "shape", "fingerprint", "version"}
     if not need <= set(meta):
-        raise StaleCacheError(f"statistics cache file {path} lacks {sorted(need - set(meta))}; "
-                              "delete it and recompute")
-    if int(meta["version"]) != CACHE_VERSION or str(meta["fingerprint"]) != fp or \
-            tuple(int(s) for s in meta["shape"]) != tuple(shape):
+        raise StaleCacheError(
+            f"statistics cache file {path} lacks {sorted(need - set(meta))}; "
+            "delete it and recompute"
+        )
+    if (
+        int(meta["version"]) != CACHE_VERSION
+        or str(meta["fingerprint"]) != fp
+        or tuple(int(s) for s in meta["shape"]) != tuple(shape)
+    ):
         raise StaleCacheError(
             f"statistics cache file {path} was written for other data (fingerprint "
             f"{meta['fingerprint']}, shape {tuple(meta['shape'])}, version {int(meta['version'])}) "
-            f"but is named for {fp}, shape {tuple(shape)}; delete it and recompute")
+            f"but is named for {fp}, shape {tuple(shape)}; delete it and recompute"
+        )
     n = int(np.prod(shape))
-    if meta["mean"].shape != (n,) or meta["eigvecs"].shape != (n, n) or \
-            not np.all(np.isfinite(meta["eigvals"])):
+    if (
+        meta["mean"].shape != (n,)
+        or meta["eigvecs"].shape != (n, n)
+        or not np.all(np.isfinite(meta["eigvals"]))
+    ):
         raise StaleCacheError(f"statistics cache file {path} has inconsistent arrays; delete it")
-    return GaussianStats(mean=meta["mean"], eigvals=meta["eigvals"], eigvecs=meta["eigvecs"],
-                         count=int(meta["count"]), shape=tuple(int(s) for s in shape),
-                         fingerprint=fp)
+    return GaussianStats(
+        mean=meta["mean"],
+        eigvals=meta["eigvals"],
+        eigvecs=meta["eigvecs"],
+        count=int(meta["count"]),
+        shape=tuple(int(s) for s in shape),
+        fingerprint=fp,
+    )
 
 
-def gaussian_stats(images, *, chunk_size: int = 4096, cache_dir: Optional[str] = None,
-                   use_cache: bool = True) -> GaussianStats:
+def gaussian_stats(
+    images, *, chunk_size: int = 4096, cache_dir: Optional[str] = None, use_cache: bool = True
+) -> GaussianStats:
     """Mean, eigendecomposition of the covariance, count and fingerprint of ``images``.
 
     Args:
@@ -188,7 +213,14 @@ def gaussian_stats(images, *, chunk_size: int = 4096, cache_dir: Optional[str] =
     lam, u = eig(cov)
     st = GaussianStats(mean=mean, eigvals=lam, eigvecs=u, count=count, shape=shape, fingerprint=fp)
     if path:
-        _atomic_savez(path, mean=mean, eigvals=lam, eigvecs=u, count=np.int64(count),
-                      shape=np.asarray(shape, np.int64), fingerprint=np.str_(fp),
-                      version=np.int64(CACHE_VERSION))
+        _atomic_savez(
+            path,
+            mean=mean,
+            eigvals=lam,
+            eigvecs=u,
+            count=np.int64(count),
+            shape=np.asarray(shape, np.int64),
+            fingerprint=np.str_(fp),
+            version=np.int64(CACHE_VERSION),
+        )
     return st

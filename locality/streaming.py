@@ -28,7 +28,8 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 DATA_AXIS = "data"
@@ -54,8 +55,11 @@ class ChunkMeanAcc(NamedTuple):
 
 
 def empty(batch: int, m: int, d: int, dtype=jnp.float32) -> SoftmaxAcc:
-    return SoftmaxAcc(jnp.full((batch, m), -jnp.inf, dtype), jnp.zeros((batch, m, d), dtype),
-                      jnp.zeros((batch, m), dtype))
+    return SoftmaxAcc(
+        jnp.full((batch, m), -jnp.inf, dtype),
+        jnp.zeros((batch, m, d), dtype),
+        jnp.zeros((batch, m), dtype),
+    )
 
 
 def _contract(weights, values, precision):
@@ -65,8 +69,9 @@ def _contract(weights, values, precision):
     return jnp.einsum("bkm,kmd->bmd", weights, values, precision=precision)
 
 
-def from_chunk(logits, values, valid=None, precision=jax.lax.Precision.HIGHEST,
-               layout: str = "bkm") -> SoftmaxAcc:
+def from_chunk(
+    logits, values, valid=None, precision=jax.lax.Precision.HIGHEST, layout: str = "bkm"
+) -> SoftmaxAcc:
     """Accumulator of one chunk.
 
     Args:
@@ -120,12 +125,14 @@ def _psum_merge(acc: SoftmaxAcc, axis_name: str) -> SoftmaxAcc:
     m = jax.lax.pmax(acc.max, axis_name)
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
     s = jnp.where(jnp.isneginf(acc.max), 0.0, jnp.exp(acc.max - m_safe))
-    return SoftmaxAcc(m, jax.lax.psum(acc.num * s[..., None], axis_name),
-                      jax.lax.psum(acc.den * s, axis_name))
+    return SoftmaxAcc(
+        m, jax.lax.psum(acc.num * s[..., None], axis_name), jax.lax.psum(acc.den * s, axis_name)
+    )
 
 
 class Chunked(NamedTuple):
-    """Training items laid out as chunks. ``data``: pytree, leaves [C, chunk, ...]; ``valid``: [C, chunk]."""
+    """Training items laid out as chunks. ``data``: pytree, leaves [C, chunk, ...];
+    ``valid``: [C, chunk]."""
 
     data: object
     valid: jax.Array
@@ -172,10 +179,20 @@ def chunk(data, chunk_size: int, num_shards: int = 1) -> Chunked:
     return Chunked(jax.tree_util.tree_map(lay, data), valid)
 
 
-def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, d: int,
-           mode: str = "exact", mesh: Optional[Mesh] = None,
-           precision=jax.lax.Precision.HIGHEST, layout: str = "bkm",
-           progress: Optional[str] = None) -> jax.Array:
+def stream(
+    chunk_fn: Callable,
+    chunked: Chunked,
+    ctx=(),
+    *,
+    batch: int,
+    m: int,
+    d: int,
+    mode: str = "exact",
+    mesh: Optional[Mesh] = None,
+    precision=jax.lax.Precision.HIGHEST,
+    layout: str = "bkm",
+    progress: Optional[str] = None,
+) -> jax.Array:
     """Softmax-weighted average over all chunks -> [B, M, D].
 
     Args:
@@ -207,8 +224,11 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
             part = _chunk_mean_from_chunk(logits, values, valid_c, precision, layout)
             return ChunkMeanAcc(acc.total + part.total, acc.count + part.count), None
 
-        init = empty(batch, m, d) if mode == "exact" else ChunkMeanAcc(
-            jnp.zeros((batch, m, d), jnp.float32), jnp.zeros((), jnp.float32))
+        init = (
+            empty(batch, m, d)
+            if mode == "exact"
+            else ChunkMeanAcc(jnp.zeros((batch, m, d), jnp.float32), jnp.zeros((), jnp.float32))
+        )
         idx = jnp.arange(valid.shape[0], dtype=jnp.int32)
         acc, _ = jax.lax.scan(body, init, (data, valid, idx))
         return acc
@@ -218,20 +238,28 @@ def stream(chunk_fn: Callable, chunked: Chunked, ctx=(), *, batch: int, m: int, 
     else:
         n_dev = mesh.shape[DATA_AXIS]
         if chunked.num_chunks % n_dev:
-            raise ValueError(f"{chunked.num_chunks} chunks do not split over {n_dev} devices; "
-                             f"build the chunks with chunk(..., num_shards={n_dev})")
+            raise ValueError(
+                f"{chunked.num_chunks} chunks do not split over {n_dev} devices; "
+                f"build the chunks with chunk(..., num_shards={n_dev})"
+            )
 
         def sharded(ctx, data, valid):
             acc = local(ctx, data, valid)
             if mode == "exact":
                 return _psum_merge(acc, DATA_AXIS)
-            return ChunkMeanAcc(jax.lax.psum(acc.total, DATA_AXIS),
-                                jax.lax.psum(acc.count, DATA_AXIS))
+            return ChunkMeanAcc(
+                jax.lax.psum(acc.total, DATA_AXIS), jax.lax.psum(acc.count, DATA_AXIS)
+            )
 
         data_spec = jax.tree_util.tree_map(lambda _: P(DATA_AXIS), chunked.data)
         ctx_spec = jax.tree_util.tree_map(lambda _: P(), ctx)
-        acc = jax.shard_map(sharded, mesh=mesh, in_specs=(ctx_spec, data_spec, P(DATA_AXIS)),
-                            out_specs=P(), check_vma=False)(ctx, chunked.data, chunked.valid)
+        acc = jax.shard_map(
+            sharded,
+            mesh=mesh,
+            in_specs=(ctx_spec, data_spec, P(DATA_AXIS)),
+            out_specs=P(),
+            check_vma=False,
+        )(ctx, chunked.data, chunked.valid)
     if mode == "exact":
         return finalize(acc)
     return acc.total / acc.count
@@ -263,5 +291,7 @@ def data_mesh(devices=None) -> Mesh:
 def shard_chunked(chunked: Chunked, mesh: Mesh) -> Chunked:
     """Place the chunk axis of ``chunked`` on the mesh's ``"data"`` axis (no copy per call)."""
     sharding = jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
-    return Chunked(jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), chunked.data),
-                   jax.device_put(chunked.valid, sharding))
+    return Chunked(
+        jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), chunked.data),
+        jax.device_put(chunked.valid, sharding),
+    )

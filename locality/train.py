@@ -2,7 +2,8 @@
 
 Objective: the DDPM "simple" loss (Ho et al. 2020, eq. 14 / Algorithm 1)
 
-    L = E_{x0, t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2
+    L = E_{x0, t ~ U{0..T-1}, eps ~ N(0, I)}
+            || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2
 
 (mean over pixels and batch) on the linear schedule :func:`locality.schedules.ddpm_linear`.
 
@@ -47,35 +48,63 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from locality import data, plotting, quality
 from locality import schedules as schedules_lib
 from locality._io import atomic_write_text, jsonable
-from locality.checkpoints import (CHECKPOINT_SUBDIR, CONFIG_FILE, EXPORT_SUBDIR, FORMAT_VERSION,
-                                  CheckpointError, Checkpoints, export_workdir, load_params,
-                                  merge_params, read_log)
+from locality.checkpoints import (
+    CHECKPOINT_SUBDIR,
+    CONFIG_FILE,
+    EXPORT_SUBDIR,
+    FORMAT_VERSION,
+    CheckpointError,
+    Checkpoints,
+    export_workdir,
+    load_params,
+    merge_params,
+    read_log,
+)
+
+# Re-exported (``X as X``) so that ``from locality.train import ...`` keeps working after the move
+# to locality.checkpoints; ``sample_images`` now lives in locality.denoisers.network.
+from locality.checkpoints import export_params as export_params
+from locality.checkpoints import read_checkpoint_config as read_checkpoint_config
+from locality.checkpoints import resolve_checkpoint_dir as resolve_checkpoint_dir
+from locality.checkpoints import summary_from_log as summary_from_log
 from locality.classify import balanced_split
 from locality.data import transforms
 from locality.denoisers.network import sample_images
 from locality.nets import build_model, count_params, init_params
 
-# Moved to locality.checkpoints (issue #18); re-exported so that ``from locality.train import
-# ...`` keeps working. ``sample_images`` (imported above) now lives in locality.denoisers.network.
-from locality.checkpoints import (export_params, read_checkpoint_config,  # noqa: F401
-                                  resolve_checkpoint_dir, summary_from_log)
-
 # TrainConfig fields that may change between a run and its resumption without affecting the
 # trajectory of the steps already taken.
-_RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every",
-                     "num_samples", "sample_steps", "sample_guidance", "progress", "init_from",
-                     "export_steps", "eval_every", "eval_count")
+_RESUMABLE_FIELDS = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "num_samples",
+    "sample_steps",
+    "sample_guidance",
+    "progress",
+    "init_from",
+    "export_steps",
+    "eval_every",
+    "eval_count",
+)
 # TrainConfig fields that only shape the learning-rate schedule: they may change on resumption
 # when the new schedule gives the same learning rate at every step already taken (e.g. extending
 # a constant-lr run, or appending a cosine anneal with ``decay_start`` = the steps taken).
-_SCHEDULE_FIELDS = ("num_steps", "lr", "warmup_steps", "cosine_decay", "min_lr_ratio",
-                    "decay_start")
+_SCHEDULE_FIELDS = (
+    "num_steps",
+    "lr",
+    "warmup_steps",
+    "cosine_decay",
+    "min_lr_ratio",
+    "decay_start",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,34 +204,51 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "export_steps", tuple(int(s) for s in self.export_steps))
         if any(s < 1 for s in self.export_steps):
-            raise ValueError(f"TrainConfig.export_steps must be steps >= 1, got {self.export_steps}")
-        for name in ("batch_size", "num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            raise ValueError(
+                f"TrainConfig.export_steps must be steps >= 1, got {self.export_steps}"
+            )
+        for name in (
+            "batch_size",
+            "num_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"TrainConfig.holdout must be in [0, 1), got {self.holdout}")
         if self.eval_every < 0 or self.eval_count < 1:
-            raise ValueError(f"need eval_every >= 0 and eval_count >= 1, got {self.eval_every}, "
-                             f"{self.eval_count}")
+            raise ValueError(
+                f"need eval_every >= 0 and eval_count >= 1, got {self.eval_every}, "
+                f"{self.eval_count}"
+            )
         if not self.label_lr_mult > 0:
             raise ValueError(f"TrainConfig.label_lr_mult must be > 0, got {self.label_lr_mult}")
         if not 0.0 <= self.label_dropout <= 1.0:
-            raise ValueError(f"TrainConfig.label_dropout must be in [0, 1], got {self.label_dropout}")
+            raise ValueError(
+                f"TrainConfig.label_dropout must be in [0, 1], got {self.label_dropout}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         transforms.parse(self.transform)  # a bad spec fails here, before any data is read
         if self.transform and self.random_flip:
-            raise ValueError(f"transform={self.transform!r} fixes pixel positions, which random "
-                             "flips would break; set random_flip=False")
+            raise ValueError(
+                f"transform={self.transform!r} fixes pixel positions, which random "
+                "flips would break; set random_flip=False"
+            )
         if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(f"need lr > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}")
+            raise ValueError(
+                f"need lr > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}"
+            )
         if self.decay_start is not None:
             if not self.cosine_decay:
                 raise ValueError(f"decay_start={self.decay_start} needs cosine_decay=True")
             if not self.warmup_steps <= self.decay_start < self.num_steps:
                 raise ValueError(
                     f"decay_start={self.decay_start} must lie in [warmup_steps, num_steps) = "
-                    f"[{self.warmup_steps}, {self.num_steps}); raise num_steps to anneal after it")
+                    f"[{self.warmup_steps}, {self.num_steps}); raise num_steps to anneal after it"
+                )
 
 
 @flax.struct.dataclass
@@ -250,15 +296,24 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
     def make_adamw(mult=1.0):
         lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
-        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask)
+        return optax.adamw(
+            lr,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
 
     adamw = make_adamw()
     if cfg.label_lr_mult != 1.0:
-        group = lambda params: {k: jax.tree.map(lambda _: "label" if k == "label_embed" else "rest",
-                                                v) for k, v in params.items()}
-        adamw = optax.multi_transform({"label": make_adamw(cfg.label_lr_mult), "rest": adamw},
-                                      group)
+        group = lambda params: {
+            k: jax.tree.map(lambda _: "label" if k == "label_embed" else "rest", v)  # noqa: B023
+            for k, v in params.items()
+        }
+        adamw = optax.multi_transform(
+            {"label": make_adamw(cfg.label_lr_mult), "rest": adamw}, group
+        )
     if cfg.grad_clip and cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw
@@ -285,8 +340,12 @@ def create_train_state(model, cfg: TrainConfig, image_shape) -> TrainState:
 
     @jax.jit
     def fresh(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+        )
 
     return fresh(params)
 
@@ -295,8 +354,9 @@ def create_train_state(model, cfg: TrainConfig, image_shape) -> TrainState:
 # Loss and train step
 
 
-def diffusion_loss(params, apply_fn, x0, rng, alphas_cumprod, y=None, label_dropout=0.0,
-                   num_classes=0):
+def diffusion_loss(
+    params, apply_fn, x0, rng, alphas_cumprod, y=None, label_dropout=0.0, num_classes=0
+):
     """DDPM eps-MSE on a batch ``x0`` [B, H, W, C] (Ho et al. 2020, Algorithm 1).
 
     ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``; the net gets
@@ -315,8 +375,14 @@ def diffusion_loss(params, apply_fn, x0, rng, alphas_cumprod, y=None, label_drop
     if y is not None:
         drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), label_dropout, (b,))
         kwargs["y"] = jnp.where(drop, num_classes, jnp.asarray(y, jnp.int32))
-    pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32), train=True,
-                    rngs={"dropout": k_drop}, **kwargs)
+    pred = apply_fn(
+        {"params": params},
+        x_t,
+        t.astype(jnp.float32),
+        train=True,
+        rngs={"dropout": k_drop},
+        **kwargs,
+    )
     return jnp.mean(jnp.square(pred - eps))
 
 
@@ -326,8 +392,12 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
-                    schedule: Optional[schedules_lib.DiscreteSchedule] = None) -> Callable:
+def make_train_step(
+    model,
+    cfg: TrainConfig,
+    mesh: Optional[Mesh] = None,
+    schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+) -> Callable:
     """The jitted ``train_step(state, batch, rng) -> (state, metrics)``.
 
     ``rng`` is the run's base key; the step's key is ``fold_in(rng, state.step)``. ``batch``
@@ -339,23 +409,39 @@ def make_train_step(model, cfg: TrainConfig, mesh: Optional[Mesh] = None,
     """
     mesh = mesh or make_mesh()
     schedule = schedule or schedules_lib.ddpm_linear()
-    irrelevant = _STEP_IRRELEVANT + (() if cfg.cosine_decay
-                                     else ("num_steps", "min_lr_ratio", "decay_start"))
+    irrelevant = _STEP_IRRELEVANT + (
+        () if cfg.cosine_decay else ("num_steps", "min_lr_ratio", "decay_start")
+    )
     step_cfg = dataclasses.replace(cfg, **{f: getattr(TrainConfig, f) for f in irrelevant})
-    return _make_train_step(model, step_cfg, mesh, schedule.name,
-                            schedule.alphas_cumprod.tobytes())
+    return _make_train_step(model, step_cfg, mesh, schedule.name, schedule.alphas_cumprod.tobytes())
 
 
 # TrainConfig fields that do not enter the compiled step.
-_STEP_IRRELEVANT = ("dataset", "resolution", "data_limit", "random_flip", "checkpoint_every",
-                    "keep_checkpoints", "log_every", "num_samples", "sample_steps", "progress",
-                    "seed", "sample_guidance", "init_from", "export_steps", "holdout",
-                    "eval_every", "eval_count")
+_STEP_IRRELEVANT = (
+    "dataset",
+    "resolution",
+    "data_limit",
+    "random_flip",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "num_samples",
+    "sample_steps",
+    "progress",
+    "seed",
+    "sample_guidance",
+    "init_from",
+    "export_steps",
+    "holdout",
+    "eval_every",
+    "eval_count",
+)
 
 
 @functools.lru_cache(maxsize=8)
-def _make_train_step(model, cfg: TrainConfig, mesh: Mesh, schedule_name: str,
-                     alphas_cumprod_bytes: bytes) -> Callable:
+def _make_train_step(
+    model, cfg: TrainConfig, mesh: Mesh, schedule_name: str, alphas_cumprod_bytes: bytes
+) -> Callable:
     del schedule_name
     alphas_cumprod = jnp.asarray(np.frombuffer(alphas_cumprod_bytes, np.float32))
     tx = make_optimizer(cfg)
@@ -366,10 +452,13 @@ def _make_train_step(model, cfg: TrainConfig, mesh: Mesh, schedule_name: str,
         x0, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         num_classes = getattr(model, "num_classes", 0)
         if (y is None) != (num_classes == 0):
-            raise ValueError(f"a net with num_classes={num_classes} needs "
-                             f"{'(images, labels)' if num_classes else 'images only'} batches")
+            raise ValueError(
+                f"a net with num_classes={num_classes} needs "
+                f"{'(images, labels)' if num_classes else 'images only'} batches"
+            )
         loss, grads = jax.value_and_grad(diffusion_loss)(
-            state.params, model.apply, x0, key, alphas_cumprod, y, cfg.label_dropout, num_classes)
+            state.params, model.apply, x0, key, alphas_cumprod, y, cfg.label_dropout, num_classes
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup)
@@ -380,8 +469,9 @@ def _make_train_step(model, cfg: TrainConfig, mesh: Mesh, schedule_name: str,
 
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
-    return jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +490,7 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     if per_epoch < 1:
         raise ValueError(f"batch_size={batch_size} exceeds the number of training images {n}")
     epoch, i = divmod(int(step), per_epoch)
-    return epoch_permutation(seed, epoch, n)[i * batch_size:(i + 1) * batch_size]
+    return epoch_permutation(seed, epoch, n)[i * batch_size : (i + 1) * batch_size]
 
 
 class BatchSource:
@@ -408,13 +498,20 @@ class BatchSource:
     permutation). Flips (if enabled) are drawn from ``(seed, step)``. With ``labels`` [N],
     :meth:`labels_at` gives the labels of the same batch."""
 
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, random_flip: bool = False,
-                 labels: Optional[np.ndarray] = None):
+    def __init__(
+        self,
+        images: np.ndarray,
+        batch_size: int,
+        seed: int,
+        random_flip: bool = False,
+        labels: Optional[np.ndarray] = None,
+    ):
         self.images = np.asarray(images, np.float32)
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         if self.labels is not None and self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must have shape [N] = [{self.images.shape[0]}], got "
-                             f"{self.labels.shape}")
+            raise ValueError(
+                f"labels must have shape [N] = [{self.images.shape[0]}], got {self.labels.shape}"
+            )
         self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
         self.n = self.images.shape[0]
         self.per_epoch = self.n // batch_size
@@ -426,7 +523,7 @@ class BatchSource:
         epoch, i = divmod(int(step), self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.n)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
     def labels_at(self, step: int) -> np.ndarray:
         """int32 [B]: the labels of the images of ``self(step)``."""
@@ -443,8 +540,9 @@ class BatchSource:
         return batch
 
 
-def batch_at(images: np.ndarray, seed: int, step: int, batch_size: int,
-             random_flip: bool = False) -> np.ndarray:
+def batch_at(
+    images: np.ndarray, seed: int, step: int, batch_size: int, random_flip: bool = False
+) -> np.ndarray:
     """Functional form of :class:`BatchSource`: the batch [B, H, W, C] seen at ``step``."""
     return BatchSource(images, batch_size, seed, random_flip)(step)
 
@@ -467,15 +565,18 @@ def check_resumable(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) 
     defaults = jsonable({f.name: f.default for f in dataclasses.fields(TrainConfig)})
     old_train = {**defaults, **old.get("train", {})}
     new_train = {**defaults, **new.get("train", {})}
-    diff = sorted(k for k in set(old_train) | set(new_train)
-                  if k not in _RESUMABLE_FIELDS + _SCHEDULE_FIELDS
-                  and old_train.get(k) != new_train.get(k))
+    diff = sorted(
+        k
+        for k in set(old_train) | set(new_train)
+        if k not in _RESUMABLE_FIELDS + _SCHEDULE_FIELDS and old_train.get(k) != new_train.get(k)
+    )
     if diff:
         raise CheckpointError(
             f"{path} was written with different training settings {diff} "
             f"(stored {[old_train.get(k) for k in diff]}, requested "
             f"{[new_train.get(k) for k in diff]}); resuming would not reproduce the run. "
-            f"Fix: use a fresh --workdir, or rerun with the stored settings.")
+            f"Fix: use a fresh --workdir, or rerun with the stored settings."
+        )
     changed = sorted(k for k in _SCHEDULE_FIELDS if old_train.get(k) != new_train.get(k))
     if not changed:
         return False
@@ -497,7 +598,8 @@ def check_resumable(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) 
             f"so resuming would not reproduce the run. Fix: keep the stored settings, or "
             f"anneal from here with --config.train.cosine_decay=True "
             f"--config.train.decay_start={done} and a larger num_steps, or use a fresh "
-            f"--workdir.")
+            f"--workdir."
+        )
     return any(k != "num_steps" for k in changed) or new_cfg.cosine_decay
 
 
@@ -508,19 +610,29 @@ def _init_from(state: TrainState, cfg: TrainConfig, checkpoint) -> TrainState:
     params, new = merge_params(jax.device_get(state.params), loaded, f"init_from={checkpoint}")
     logging.info("initialised from %s; weights not in it (kept at init): %s", checkpoint, new)
     tx = make_optimizer(cfg)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 
 
-def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
-          images: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
-          eval_images: Optional[np.ndarray] = None,
-          on_step: Optional[Callable[[int], None]] = None,
-          time_limit_s: Optional[float] = None) -> tuple[TrainState, dict]:
+def train(
+    model_config: Mapping[str, Any],
+    cfg: TrainConfig,
+    workdir,
+    *,
+    images: Optional[np.ndarray] = None,
+    labels: Optional[np.ndarray] = None,
+    eval_images: Optional[np.ndarray] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+    time_limit_s: Optional[float] = None,
+) -> tuple[TrainState, dict]:
     """Train (or resume training) the network ``model_config`` with ``cfg`` in ``workdir``.
 
     Args:
@@ -554,13 +666,20 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         model_config.pop("num_classes", None)
     num_classes = int(model_config.get("num_classes", 0))
     if labels is not None and not num_classes:
-        raise ValueError("labels were given for an unconditional model; set the model's "
-                         "num_classes to make it class-conditional, or drop the labels")
+        raise ValueError(
+            "labels were given for an unconditional model; set the model's "
+            "num_classes to make it class-conditional, or drop the labels"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     if images is None:
         need_labels = bool(num_classes) or cfg.holdout > 0
-        loaded = data.load(cfg.dataset, split="train", resolution=cfg.resolution,
-                           limit=cfg.data_limit, with_labels=need_labels)
+        loaded = data.load(
+            cfg.dataset,
+            split="train",
+            resolution=cfg.resolution,
+            limit=cfg.data_limit,
+            with_labels=need_labels,
+        )
         images, labels = loaded if need_labels else (loaded, None)
         if cfg.holdout > 0:
             keep, held = balanced_split(labels, cfg.holdout, cfg.seed)
@@ -571,27 +690,40 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
             labels = None
         if cfg.eval_every and eval_images is None:
             if "test" not in data.info(cfg.dataset).get("splits", {}):
-                raise ValueError(f"{cfg.dataset} has no test split for the held-out loss "
-                                 f"(eval_every={cfg.eval_every}); set holdout=0.1 to hold out a "
-                                 "class-balanced part of the training split, or eval_every=0")
-            eval_images = data.load(cfg.dataset, split="test", resolution=cfg.resolution,
-                                    limit=cfg.eval_count)
+                raise ValueError(
+                    f"{cfg.dataset} has no test split for the held-out loss "
+                    f"(eval_every={cfg.eval_every}); set holdout=0.1 to hold out a "
+                    "class-balanced part of the training split, or eval_every=0"
+                )
+            eval_images = data.load(
+                cfg.dataset, split="test", resolution=cfg.resolution, limit=cfg.eval_count
+            )
     elif cfg.holdout > 0:
-        raise ValueError("holdout applies to the dataset train() loads; with explicit images, "
-                         "pass eval_images instead and set holdout=0")
+        raise ValueError(
+            "holdout applies to the dataset train() loads; with explicit images, "
+            "pass eval_images instead and set holdout=0"
+        )
     elif num_classes and labels is None:
-        raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs the labels "
-                         "of the given images: pass labels=[N] ints")
+        raise ValueError(
+            f"a class-conditional model (num_classes={num_classes}) needs the labels "
+            "of the given images: pass labels=[N] ints"
+        )
     if num_classes:
         labels = np.asarray(labels)
-        ok = (labels.shape == (len(images),) and labels.size > 0
-              and np.issubdtype(labels.dtype, np.integer)
-              and labels.min() >= 0 and labels.max() < num_classes)
+        ok = (
+            labels.shape == (len(images),)
+            and labels.size > 0
+            and np.issubdtype(labels.dtype, np.integer)
+            and labels.min() >= 0
+            and labels.max() < num_classes
+        )
         if not ok:
             span = f", range [{labels.min()}, {labels.max()}]" if labels.size else ""
-            raise ValueError(f"labels must be {len(images)} ints in [0, num_classes={num_classes}); "
-                             f"got {labels.dtype} shape {labels.shape}{span}. Fix: set the "
-                             f"model's num_classes to the number of classes.")
+            raise ValueError(
+                f"labels must be {len(images)} ints in [0, num_classes={num_classes}); "
+                f"got {labels.dtype} shape {labels.shape}{span}. Fix: set the "
+                f"model's num_classes to the number of classes."
+            )
     images = np.asarray(images, np.float32)
     if cfg.transform:
         images = transforms.apply(images, cfg.transform)
@@ -604,13 +736,21 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     mesh = make_mesh()
     ndev = mesh.devices.size
     if cfg.batch_size % ndev:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {ndev} devices; "
-                         f"choose a multiple of {ndev}")
-    meta = {"format": FORMAT_VERSION, "model": model_config, "image_shape": list(image_shape),
-            "schedule": schedule.name, "train": dataclasses.asdict(cfg)}
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by the {ndev} devices; "
+            f"choose a multiple of {ndev}"
+        )
+    meta = {
+        "format": FORMAT_VERSION,
+        "model": model_config,
+        "image_shape": list(image_shape),
+        "schedule": schedule.name,
+        "train": dataclasses.asdict(cfg),
+    }
     atomic_write_text(workdir / CONFIG_FILE, json.dumps(jsonable(meta), indent=2, sort_keys=True))
-    ckpts = Checkpoints(workdir / CHECKPOINT_SUBDIR, meta, keep=cfg.keep_checkpoints,
-                        check_train=check_resumable)
+    ckpts = Checkpoints(
+        workdir / CHECKPOINT_SUBDIR, meta, keep=cfg.keep_checkpoints, check_train=check_resumable
+    )
 
     repl = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
@@ -629,24 +769,32 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
     train_step = make_train_step(model, cfg, mesh, schedule)
     base_key = jax.device_put(jax.random.PRNGKey(cfg.seed), repl)
     source = BatchSource(images, cfg.batch_size, cfg.seed, cfg.random_flip, labels=labels)
-    sample_noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), (cfg.num_samples, *image_shape)) \
-        if cfg.num_samples else None
+    sample_noise = (
+        jax.random.normal(jax.random.PRNGKey(cfg.seed), (cfg.num_samples, *image_shape))
+        if cfg.num_samples
+        else None
+    )
     metrics_path = workdir / "metrics.jsonl"
     if cfg.eval_every:
         if eval_images is None:
-            raise ValueError(f"eval_every={cfg.eval_every} needs held-out images: pass "
-                             "eval_images, or set eval_every=0")
-        eval_images = np.asarray(eval_images, np.float32)[:cfg.eval_count]
+            raise ValueError(
+                f"eval_every={cfg.eval_every} needs held-out images: pass "
+                "eval_images, or set eval_every=0"
+            )
+        eval_images = np.asarray(eval_images, np.float32)[: cfg.eval_count]
 
     def evaluate(state, done):
         if not cfg.eval_every:
             return  # a class-conditional net is evaluated in its unconditional mode (no label)
-        per = quality.eps_mse(model.apply, state.ema_params, eval_images, seed=cfg.seed,
-                              schedule=schedule)
-        row = {"step": done, "n": int(per.shape[1]),
-               "eps_mse": {str(t): float(v) for t, v in zip(quality.HELDOUT_TIMESTEPS,
-                                                              per.mean(1))},
-               "eps_mse_mean": float(per.mean())}
+        per = quality.eps_mse(
+            model.apply, state.ema_params, eval_images, seed=cfg.seed, schedule=schedule
+        )
+        row = {
+            "step": done,
+            "n": int(per.shape[1]),
+            "eps_mse": {str(t): float(v) for t, v in zip(quality.HELDOUT_TIMESTEPS, per.mean(1))},
+            "eps_mse_mean": float(per.mean()),
+        }
         with open(workdir / "eval.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -654,15 +802,27 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
         step = int(jax.device_get(state.step))
         rows = [r for r in read_log(metrics_path) if "loss" in r]
         if rows:
-            plotting.save_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
-                                     str(workdir / "loss.png"))
+            plotting.save_loss_curve(
+                [r["step"] for r in rows], [r["loss"] for r in rows], str(workdir / "loss.png")
+            )
         if sample_noise is not None:
-            imgs = sample_images(model, state.ema_params, sample_noise, cfg.sample_steps, schedule,
-                                 guidance=cfg.sample_guidance)
+            imgs = sample_images(
+                model,
+                state.ema_params,
+                sample_noise,
+                cfg.sample_steps,
+                schedule,
+                guidance=cfg.sample_guidance,
+            )
             plotting.save_image_grid(imgs, str(workdir / f"samples_{step:07d}.png"), scale=4)
 
-    bar = tqdm(total=cfg.num_steps, initial=start, disable=not cfg.progress, desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.num_steps,
+        initial=start,
+        disable=not cfg.progress,
+        desc="train",
+        dynamic_ncols=True,
+    )
     pending, t_log, s_log, t0 = [], time.perf_counter(), start, time.perf_counter()
     compile_s = None
     last_loss = float("nan")
@@ -674,8 +834,11 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
             state, m = train_step(state, batch, base_key)
             pending.append(m)
             done = step + 1
-            out_of_time = (time_limit_s is not None and done < cfg.num_steps
-                           and time.perf_counter() - t0 > time_limit_s)
+            out_of_time = (
+                time_limit_s is not None
+                and done < cfg.num_steps
+                and time.perf_counter() - t0 > time_limit_s
+            )
             if compile_s is None:
                 jax.block_until_ready(m)
                 compile_s = time.perf_counter() - t0
@@ -685,13 +848,16 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                 ms = jax.device_get(pending)
                 now = time.perf_counter()
                 rate = (done - s_log) / max(now - t_log, 1e-9) if done > s_log else float("nan")
-                row = {"step": done,
-                       "loss": float(np.mean([x["loss"] for x in ms])),
-                       "grad_norm": float(np.mean([x["grad_norm"] for x in ms])),
-                       "lr": float(ms[-1]["lr"]),
-                       "steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
-                       "eta_s": (cfg.num_steps - done) / rate if rate > 0 else None,
-                       "wall_s": now - t0}
+                row = {
+                    "step": done,
+                    "loss": float(np.mean([x["loss"] for x in ms])),
+                    "grad_norm": float(np.mean([x["grad_norm"] for x in ms])),
+                    "lr": float(ms[-1]["lr"]),
+                    "steps_per_s": rate,
+                    "images_per_s": rate * cfg.batch_size,
+                    "eta_s": (cfg.num_steps - done) / rate if rate > 0 else None,
+                    "wall_s": now - t0,
+                }
                 last_loss = row["loss"]
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
@@ -699,37 +865,57 @@ def train(model_config: Mapping[str, Any], cfg: TrainConfig, workdir, *,
                 pending, t_log, s_log = [], now, done
             bar.update(1)
             export_now = done in cfg.export_steps
-            if (done % cfg.checkpoint_every == 0 or done == cfg.num_steps or out_of_time
-                    or export_now):
+            if (
+                done % cfg.checkpoint_every == 0
+                or done == cfg.num_steps
+                or out_of_time
+                or export_now
+            ):
                 ckpts.save(state)
                 write_artifacts(state)
             if export_now:
                 export_workdir(workdir, workdir / EXPORT_SUBDIR / f"step_{done}", step=done)
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps
-                                   or out_of_time):
+            if cfg.eval_every and (
+                done % cfg.eval_every == 0 or done == cfg.num_steps or out_of_time
+            ):
                 evaluate(state, done)
             if on_step is not None:
                 on_step(done)
             if out_of_time:
-                logging.info("time limit of %.0f s reached at step %d of %d; rerun with the same "
-                             "workdir to continue", time_limit_s, done, cfg.num_steps)
+                logging.info(
+                    "time limit of %.0f s reached at step %d of %d; rerun with the same "
+                    "workdir to continue",
+                    time_limit_s,
+                    done,
+                    cfg.num_steps,
+                )
                 break
     bar.close()
     ckpts.close()
 
     total_s = time.perf_counter() - t0
     stopped_early = done < cfg.num_steps
-    summary = {"steps": done, "num_steps": cfg.num_steps, "stopped_early": stopped_early,
-               "resumed_from": start, "final_loss": last_loss,
-               "num_params": n_params, "compile_s": compile_s, "wall_s": total_s,
-               "devices": ndev, "image_shape": list(image_shape),
-               "checkpoint_dir": str(workdir / CHECKPOINT_SUBDIR)}
+    summary = {
+        "steps": done,
+        "num_steps": cfg.num_steps,
+        "stopped_early": stopped_early,
+        "resumed_from": start,
+        "final_loss": last_loss,
+        "num_params": n_params,
+        "compile_s": compile_s,
+        "wall_s": total_s,
+        "devices": ndev,
+        "image_shape": list(image_shape),
+        "checkpoint_dir": str(workdir / CHECKPOINT_SUBDIR),
+    }
     # Also when stopped early (a rerun then has start < num_steps and trains on), so that an
     # export never carries the summary of an earlier, shorter run of the same workdir.
     atomic_write_text(workdir / "metrics.json", json.dumps(summary, indent=2))
-    atomic_write_text(workdir / "summary.txt",
-                       f"trained {model_config.get('arch')} ({n_params:,} params) on {cfg.dataset} "
-                       f"{image_shape} for {done} of {cfg.num_steps} steps (resumed from {start}); "
-                       f"final loss {last_loss:.4f}; {total_s / 60:.1f} min on {ndev} device(s).\n"
-                       f"samples: {workdir}/samples_{done:07d}.png, curve: loss.png\n")
+    atomic_write_text(
+        workdir / "summary.txt",
+        f"trained {model_config.get('arch')} ({n_params:,} params) on {cfg.dataset} "
+        f"{image_shape} for {done} of {cfg.num_steps} steps (resumed from {start}); "
+        f"final loss {last_loss:.4f}; {total_s / 60:.1f} min on {ndev} device(s).\n"
+        f"samples: {workdir}/samples_{done:07d}.png, curve: loss.png\n",
+    )
     return state, summary

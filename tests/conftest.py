@@ -38,6 +38,7 @@ def noisy_uniform_data(n, shape, ab, seed=0, batch=2):
     first of them: ``(train [n, *shape], x_t [batch, *shape])`` float32."""
     rng = np.random.default_rng(seed)
     train = rng.uniform(-1, 1, (n,) + tuple(shape)).astype(np.float32)
-    x_t = (np.sqrt(ab) * train[:batch] + np.sqrt(1 - ab) * rng.normal(size=(batch,) + tuple(shape))
-           ).astype(np.float32)
+    x_t = (
+        np.sqrt(ab) * train[:batch] + np.sqrt(1 - ab) * rng.normal(size=(batch,) + tuple(shape))
+    ).astype(np.float32)
     return train, x_t

@@ -29,8 +29,14 @@ def test_ls_reference_calibrates_back_to_its_k(criterion):
     train = _train()
     reference = L.make_ls(train=train, patch_size=5, chunk_size=4)
     machine = L.make_ls(train=train, patch_size=3, chunk_size=4)
-    cal = C.calibrate(reference, machine, (3, 5, 7), _x_T(3, (6, 6, 1)),
-                      timesteps=[700, 400, 200], criterion=criterion)
+    cal = C.calibrate(
+        reference,
+        machine,
+        (3, 5, 7),
+        _x_T(3, (6, 6, 1)),
+        timesteps=[700, 400, 200],
+        criterion=criterion,
+    )
     assert cal.sizes.tolist() == [5, 5, 5]
     assert (cal.per_seed == 5).all()
     assert cal.schedule().size(float(cal.abs[1])) == 5
@@ -42,8 +48,9 @@ def test_pspc_reference_calibrates_back_to_its_size():
     train = _train(seed=1)
     reference = pspc.make_pspc_square(train=train, patch_size=4, flip=False, chunk_size=4)
     machine = pspc.make_pspc_square(train=train, patch_size=3, flip=False, chunk_size=4)
-    cal = C.calibrate(reference, machine, (3, 4, 5), _x_T(2, (6, 6, 1)), timesteps=[600, 250],
-                      criterion="greedy")
+    cal = C.calibrate(
+        reference, machine, (3, 4, 5), _x_T(2, (6, 6, 1)), timesteps=[600, 250], criterion="greedy"
+    )
     assert cal.sizes.tolist() == [4, 4]
 
 
@@ -61,8 +68,9 @@ def test_calibrate_errors_and_median():
 
 
 def _load_entry_point():
-    spec = importlib.util.spec_from_file_location("calibrate_entry",
-                                                  os.path.join(ROOT, "experiments", "calibrate.py"))
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_entry", os.path.join(ROOT, "experiments", "calibrate.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -71,7 +79,8 @@ def _load_entry_point():
 def test_entry_point_smoke(tmp_path):
     mod = _load_entry_point()
     config_spec = importlib.util.spec_from_file_location(
-        "calibrate_config", os.path.join(ROOT, "configs", "calibrate.py"))
+        "calibrate_config", os.path.join(ROOT, "configs", "calibrate.py")
+    )
     cfg_mod = importlib.util.module_from_spec(config_spec)
     config_spec.loader.exec_module(cfg_mod)
     config = cfg_mod.get_config("ls,fashion_mnist")
@@ -89,8 +98,14 @@ def test_entry_point_smoke(tmp_path):
     workdir = str(tmp_path / "run")
     summary = mod.run(config, workdir)
     assert "cosine" in summary and "greedy" in summary
-    for name in ("config.json", "metrics.json", "summary.txt", "schedule_ls.png",
-                 "schedule_ls_cosine.json", "schedule_ls_greedy.json"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "summary.txt",
+        "schedule_ls.png",
+        "schedule_ls_cosine.json",
+        "schedule_ls_greedy.json",
+    ):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     sched = json.load(open(os.path.join(workdir, "schedule_ls_greedy.json")))
     assert sched["sizes"] == [5, 5, 5] and sched["criterion"] == "greedy"
@@ -102,8 +117,9 @@ def test_peer_configs_build_every_method():
     from locality import denoisers
     from locality.denoisers import scfdm  # noqa: F401  (registration)
 
-    spec = importlib.util.spec_from_file_location("peers_config",
-                                                  os.path.join(ROOT, "configs", "peers.py"))
+    spec = importlib.util.spec_from_file_location(
+        "peers_config", os.path.join(ROOT, "configs", "peers.py")
+    )
     cfg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg)
     shapes = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10_catsdogs": (32, 32, 3)}

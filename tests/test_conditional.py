@@ -20,8 +20,14 @@ from locality import schedules
 from locality.checkpoints import CheckpointError, load_params, merge_params
 from locality.denoisers.registry import make
 from locality.nets import build_model, count_params, init_params
-from locality.train import (BatchSource, TrainConfig, diffusion_loss, learning_rate_schedule,
-                            make_optimizer, train)
+from locality.train import (
+    BatchSource,
+    TrainConfig,
+    diffusion_loss,
+    learning_rate_schedule,
+    make_optimizer,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 UNC = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
@@ -33,8 +39,14 @@ DIT_COND = dict(DIT_UNC, num_classes=3)
 def _unit_gain(params):
     """Undo the 1e-5 output gains so that outputs are O(1) and differences visible."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p * 1e5 if any(getattr(k, "key", "") in ("tail", "Conv3x3_1", "proj_out")
-                                       for k in path) and p.ndim > 1 else p, params)
+        lambda path, p: (
+            p * 1e5
+            if any(getattr(k, "key", "") in ("tail", "Conv3x3_1", "proj_out") for k in path)
+            and p.ndim > 1
+            else p
+        ),
+        params,
+    )
 
 
 def _with_random_labels(params, seed=0, scale=1.0):
@@ -48,8 +60,10 @@ def _randomise_zero_leaves(params, seed=0):
     """Give DiT's zero-initialised (adaLN-Zero) layers random values, so the label matters."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    leaves = [0.3 * jax.random.normal(k, p.shape) if not np.any(np.asarray(p)) else p
-              for k, p in zip(keys, leaves)]
+    leaves = [
+        0.3 * jax.random.normal(k, p.shape) if not np.any(np.asarray(p)) else p
+        for k, p in zip(keys, leaves)
+    ]
     return jax.tree.unflatten(tree, leaves)
 
 
@@ -92,15 +106,16 @@ def test_label_dropout_limits_and_rate():
     y = jnp.array([0, 1, 2, 0, 1, 2])
     key = jax.random.PRNGKey(5)
     loss = lambda **kw: float(diffusion_loss(params, model.apply, x0, key, ab, num_classes=3, **kw))
-    forced = lambda labels: (lambda v, x, t, **kw: model.apply(v, x, t, **{**kw, "y": labels}))
+    forced = lambda labels: lambda v, x, t, **kw: model.apply(v, x, t, **{**kw, "y": labels})
     # p = 0: every image keeps its label; p = 1: every image gets "no label" (= y None)
     keep = float(diffusion_loss(params, forced(y), x0, key, ab))
     none = float(diffusion_loss(params, model.apply, x0, key, ab))
     assert keep != pytest.approx(none, rel=1e-4)
     assert loss(y=y, label_dropout=0.0) == pytest.approx(keep, rel=1e-6)
     assert loss(y=y, label_dropout=1.0) == pytest.approx(none, rel=1e-6)
-    assert float(diffusion_loss(params, forced(jnp.full((6,), 3)), x0, key, ab)) == \
-        pytest.approx(none, rel=1e-6)
+    assert float(diffusion_loss(params, forced(jnp.full((6,), 3)), x0, key, ab)) == pytest.approx(
+        none, rel=1e-6
+    )
 
     # the dropped fraction: a spy network records the labels it is called with
     seen = []
@@ -111,8 +126,9 @@ def test_label_dropout_limits_and_rate():
 
     n = 20_000
     ys = jnp.arange(n) % 3
-    diffusion_loss(None, spy, jnp.zeros((n, 1, 1, 1)), key, ab, y=ys, label_dropout=0.3,
-                   num_classes=3)
+    diffusion_loss(
+        None, spy, jnp.zeros((n, 1, 1, 1)), key, ab, y=ys, label_dropout=0.3, num_classes=3
+    )
     got = np.asarray(seen[0])
     dropped = got == 3
     assert abs(dropped.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)
@@ -121,8 +137,9 @@ def test_label_dropout_limits_and_rate():
 
 def test_batch_source_labels_follow_their_images():
     n = 50
-    images = np.broadcast_to((np.arange(n, dtype=np.float32) / n)[:, None, None, None],
-                             (n, 4, 4, 1)).copy()
+    images = np.broadcast_to(
+        (np.arange(n, dtype=np.float32) / n)[:, None, None, None], (n, 4, 4, 1)
+    ).copy()
     images[:, :, 0] = -1.0  # flips move this column, identity stays readable from column 2
     labels = (np.arange(n) * 7) % 5
     src = BatchSource(images, 8, seed=3, random_flip=True, labels=labels)
@@ -143,30 +160,34 @@ def test_guided_eps_matches_the_hand_formula():
     ab = float(sched.alphas_cumprod[300])
     x = np.random.RandomState(0).randn(4, 8, 8, 1).astype(np.float32)
     t = jnp.full((4,), 300.0)
-    eps_of = lambda y: np.asarray(model.apply({"params": params}, jnp.asarray(x), t,
-                                              y=jnp.asarray(y)), np.float64)
+    eps_of = lambda y: np.asarray(
+        model.apply({"params": params}, jnp.asarray(x), t, y=jnp.asarray(y)), np.float64
+    )
     labels, w = [2, 0, 1, 1], 2.5
     want = (1 + w) * eps_of(labels) - w * eps_of([3, 3, 3, 3])
     den = make("network", model=model, params=params, labels=labels, guidance=w)
-    np.testing.assert_allclose(np.asarray(den.eps(jnp.asarray(x), ab)), want, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(den.eps(jnp.asarray(x), ab)), want, rtol=1e-4, atol=1e-4)
     x0 = (x.astype(np.float64) - np.sqrt(1 - ab) * want) / np.sqrt(ab)
     np.testing.assert_allclose(np.asarray(den(x, ab)), x0, rtol=1e-4, atol=1e-4)
     # w = 0: the conditional eps; "cycle": image i -> class i mod 3; no labels: "no label"
     den0 = make("network", model=model, params=params, labels=labels)
-    np.testing.assert_allclose(np.asarray(den0.eps(jnp.asarray(x), ab)), eps_of(labels),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(den0.eps(jnp.asarray(x), ab)), eps_of(labels), rtol=1e-5, atol=1e-5
+    )
     cyc = make("network", model=model, params=params, labels="cycle", guidance=w)
     want_cyc = (1 + w) * eps_of([0, 1, 2, 0]) - w * eps_of([3, 3, 3, 3])
-    np.testing.assert_allclose(np.asarray(cyc.eps(jnp.asarray(x), ab)), want_cyc, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(cyc.eps(jnp.asarray(x), ab)), want_cyc, rtol=1e-4, atol=1e-4
+    )
     plain = make("network", model=model, params=params)
-    np.testing.assert_allclose(np.asarray(plain.eps(jnp.asarray(x), ab)), eps_of([3, 3, 3, 3]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(plain.eps(jnp.asarray(x), ab)), eps_of([3, 3, 3, 3]), rtol=1e-5, atol=1e-5
+    )
     # the denoiser stays a pytree usable under jit with the labels as a leaf
     jitted = jax.jit(lambda d, x: d(x, ab))
-    np.testing.assert_allclose(np.asarray(jitted(den, x)), np.asarray(den(x, ab)), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jitted(den, x)), np.asarray(den(x, ab)), rtol=1e-5, atol=1e-5
+    )
 
     unc = build_model(UNC)
     p_unc = init_params(unc, (8, 8, 1))
@@ -195,11 +216,16 @@ def test_label_lr_mult_scales_only_the_label_embedding():
     # the default keeps the plain optimiser state, so runs stored before the option resume
     plain = TrainConfig(lr=lr, warmup_steps=0)
     import optax
-    ref = optax.chain(optax.clip_by_global_norm(plain.grad_clip),
-                      optax.adamw(learning_rate_schedule(plain),
-                                  mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-    assert jax.tree.structure(make_optimizer(plain).init(params)) == \
-        jax.tree.structure(ref.init(params))
+
+    ref = optax.chain(
+        optax.clip_by_global_norm(plain.grad_clip),
+        optax.adamw(
+            learning_rate_schedule(plain), mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+        ),
+    )
+    assert jax.tree.structure(make_optimizer(plain).init(params)) == jax.tree.structure(
+        ref.init(params)
+    )
     with pytest.raises(ValueError, match="label_lr_mult"):
         TrainConfig(label_lr_mult=0.0)
 
@@ -208,9 +234,22 @@ def _images(n=32, seed=0):
     return np.random.RandomState(seed).uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32)
 
 
-CFG = TrainConfig(batch_size=8, num_steps=4, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                  keep_checkpoints=2, log_every=2, num_samples=4, sample_steps=2, progress=False,
-                  ema_decay=0.9, ema_warmup=True, sample_guidance=2.0, label_dropout=0.2)
+CFG = TrainConfig(
+    batch_size=8,
+    num_steps=4,
+    lr=1e-3,
+    warmup_steps=1,
+    checkpoint_every=2,
+    keep_checkpoints=2,
+    log_every=2,
+    num_samples=4,
+    sample_steps=2,
+    progress=False,
+    ema_decay=0.9,
+    ema_warmup=True,
+    sample_guidance=2.0,
+    label_dropout=0.2,
+)
 
 
 class _Killed(Exception):
@@ -233,8 +272,13 @@ def test_conditional_run_from_an_unconditional_checkpoint_and_exact_resume(tmp_p
 
     # the conditional run starts from the unconditional EMA weights plus a zero label table: its
     # first step has learning rate 0 (linear warmup), so after it the weights are exactly those
-    one = train(COND, dataclasses.replace(cfg, num_steps=1, num_samples=0), tmp_path / "one",
-                images=images, labels=labels)[0]
+    one = train(
+        COND,
+        dataclasses.replace(cfg, num_steps=1, num_samples=0),
+        tmp_path / "one",
+        images=images,
+        labels=labels,
+    )[0]
     fresh = init_params(build_model(COND), (8, 8, 1), seed=cfg.seed)
     merged, _ = merge_params(fresh, p_unc)
     assert jax.tree.structure(one.params) == jax.tree.structure(merged)
@@ -273,12 +317,18 @@ def test_conditional_errors(tmp_path):
         TrainConfig(label_dropout=1.5)
     # init_from a checkpoint of another architecture: clear error, nothing written over it
     other = tmp_path / "other"
-    train(dict(UNC, ch=4), dataclasses.replace(CFG, num_steps=2, num_samples=0), other,
-          images=images)
+    train(
+        dict(UNC, ch=4), dataclasses.replace(CFG, num_steps=2, num_samples=0), other, images=images
+    )
     before = sorted(str(p) for p in other.rglob("*"))
     with pytest.raises(CheckpointError, match="shape"):
-        train(COND, dataclasses.replace(CFG, init_from=str(other)), tmp_path / "d", images=images,
-              labels=np.arange(32) % 3)
+        train(
+            COND,
+            dataclasses.replace(CFG, init_from=str(other)),
+            tmp_path / "d",
+            images=images,
+            labels=np.arange(32) % 3,
+        )
     assert sorted(str(p) for p in other.rglob("*")) == before
     fresh = init_params(build_model(UNC), (8, 8, 1))
     extra = {**fresh, "bogus": {"kernel": jnp.zeros((2, 2))}}
@@ -287,7 +337,6 @@ def test_conditional_errors(tmp_path):
 
 
 def test_parse_labels():
-    sys.path.insert(0, str(REPO))
     from experiments.sample import parse_labels
 
     assert parse_labels("") is None and parse_labels(None) is None
@@ -303,7 +352,6 @@ def test_data_parallel_conditional_step_equals_single_device():
         import os, sys
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         import jax, numpy as np
-        sys.path.insert(0, sys.argv[1])
         from locality.nets import build_model
         from locality.train import TrainConfig, create_train_state, make_mesh, make_train_step
         model = build_model(dict(arch="unet", ch=8, ch_mult=(1,), num_res_blocks=1,
@@ -334,6 +382,11 @@ def test_data_parallel_conditional_step_equals_single_device():
         print("OK", l1, l8, err)
     """)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    res = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True,
-                         text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(REPO)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]

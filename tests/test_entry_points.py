@@ -45,8 +45,13 @@ def test_sample_entry_point(tiny_data, tmp_path):
         s = finals[method].reshape(3, -1).astype(np.float64)
         d = np.sqrt(((s[:, None] - tiny_data.reshape(40, -1)[None]) ** 2).sum(-1)).min(1)
         np.testing.assert_allclose(m["methods"][method]["nearest_train_l2"], d, rtol=1e-4)
-    for f in ("config.json", "samples_wiener.png", "x0_steps_pca_locality.png", "summary.txt",
-              "nearest_optimal.png"):
+    for f in (
+        "config.json",
+        "samples_wiener.png",
+        "x0_steps_pca_locality.png",
+        "summary.txt",
+        "nearest_optimal.png",
+    ):
         assert (tmp_path / f).exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
@@ -66,16 +71,21 @@ def test_sample_entry_point_samples_a_trained_network(tiny_data, tmp_path):
     sample.run(cfg, str(tmp_path / "w"))
     got = np.load(tmp_path / "w" / "samples.npz")
     key = jax.random.key(cfg.seed)
-    ref = sampling.ddpm(denoisers.make("network", checkpoint=ckpt), got["x_T"],
-                        key=jax.random.fold_in(key, 1), num_steps=3)
+    ref = sampling.ddpm(
+        denoisers.make("network", checkpoint=ckpt),
+        got["x_T"],
+        key=jax.random.fold_in(key, 1),
+        num_steps=3,
+    )
     np.testing.assert_allclose(got["network"], np.asarray(ref.images), atol=1e-5)
     assert (tmp_path / "w" / "samples_network.png").exists()
 
 
 def test_compare_entry_point(tiny_data, tmp_path):
     cfg = compare_cfg.get_config("fashion_mnist")
-    cfg.checkpoint = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
-                                  "fashion_mnist_unet_cpu")
+    cfg.checkpoint = os.path.join(
+        os.path.dirname(__file__), "..", "checkpoints", "fashion_mnist_unet_cpu"
+    )
     cfg.methods = "wiener,pca_locality_chunk_mean,nearest"
     cfg.num_samples = 2
     cfg.batch_size = 2
@@ -93,16 +103,19 @@ def test_compare_entry_point(tiny_data, tmp_path):
 
 
 def test_compare_subset_and_skips(tiny_data, tmp_path):
-    idx_train = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float32)
+    idx_train = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones(
+        (1, 2, 2, 1), np.float32
+    )
     sub = compare.subset(idx_train, 10, seed=3)
     picked = sub[:, 0, 0, 0].astype(int)
-    assert len(set(picked)) == 10 and np.all(np.diff(picked) > 0)      # distinct, in order
-    assert picked.max() >= 10                                             # not a prefix
+    assert len(set(picked)) == 10 and np.all(np.diff(picked) > 0)  # distinct, in order
+    assert picked.max() >= 10  # not a prefix
     np.testing.assert_array_equal(compare.subset(idx_train, 10, seed=3), sub)
     assert compare.subset(idx_train, None, 0) is idx_train
     cfg = compare_cfg.get_config("fashion_mnist")
-    cfg.checkpoint = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
-                                  "fashion_mnist_unet_cpu")
+    cfg.checkpoint = os.path.join(
+        os.path.dirname(__file__), "..", "checkpoints", "fashion_mnist_unet_cpu"
+    )
     cfg.methods = "wiener,linear,els"
     cfg.method_kwargs.linear.weights = str(tmp_path / "missing.npz")
     cfg.method_kwargs.els.limit = 5
@@ -122,17 +135,25 @@ def test_config_variants():
     from locality import schedules
 
     q = compare_cfg.get_config("fashion_mnist,quick")
-    assert q.num_samples == 8 and q.method_kwargs.els.limit < compare_cfg.get_config(
-        "fashion_mnist").method_kwargs.els.limit
+    assert (
+        q.num_samples == 8
+        and q.method_kwargs.els.limit
+        < compare_cfg.get_config("fashion_mnist").method_kwargs.els.limit
+    )
     # pspc_flex builds its crops at exactly the sampler's levels
     sched = schedules.ddpm_linear()
-    np.testing.assert_allclose(q.method_kwargs.pspc_flex.abs,
-                               [sched.ab(int(t)) for t in schedules.ddim_timesteps(10)])
+    np.testing.assert_allclose(
+        q.method_kwargs.pspc_flex.abs, [sched.ab(int(t)) for t in schedules.ddim_timesteps(10)]
+    )
     assert tuple(lgd_cfg.get_config("mnist,ddim").timesteps) == tuple(
-        int(t) for t in schedules.ddim_timesteps(10))
+        int(t) for t in schedules.ddim_timesteps(10)
+    )
     assert sens_cfg.get_config("mnist,quick").networks.unet == "checkpoints/mnist_unet_cpu"
-    for mod, bad in ((compare_cfg, "fashion_mnist,fast"), (sens_cfg, "mnist,slow"),
-                     (lgd_cfg, "mnist,edm")):
+    for mod, bad in (
+        (compare_cfg, "fashion_mnist,fast"),
+        (sens_cfg, "mnist,slow"),
+        (lgd_cfg, "mnist,edm"),
+    ):
         with pytest.raises(ValueError, match="config arg"):
             mod.get_config(bad)
 
@@ -153,8 +174,9 @@ def test_compare_linear_row_equals_wiener_for_wiener_weights(tiny_data, tmp_path
         weights[ab] = (np.asarray(wien.jacobian(ab)), b)
     path = linear_lib.save_linear(str(tmp_path / "w.npz"), weights, shape)
     cfg = compare_cfg.get_config("fashion_mnist")
-    cfg.checkpoint = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
-                                  "fashion_mnist_unet_cpu")
+    cfg.checkpoint = os.path.join(
+        os.path.dirname(__file__), "..", "checkpoints", "fashion_mnist_unet_cpu"
+    )
     cfg.methods = "wiener,linear"
     cfg.method_kwargs.linear.weights = path
     cfg.num_samples = 2
@@ -164,8 +186,12 @@ def test_compare_linear_row_equals_wiener_for_wiener_weights(tiny_data, tmp_path
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert not m["skipped"]
     for kind in ("trajectory", "single_step"):
-        np.testing.assert_allclose(m["methods"]["linear"][kind]["mse"],
-                                   m["methods"]["wiener"][kind]["mse"], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(
+            m["methods"]["linear"][kind]["mse"],
+            m["methods"]["wiener"][kind]["mse"],
+            rtol=1e-3,
+            atol=1e-6,
+        )
 
 
 def test_train_presets():
@@ -176,16 +202,18 @@ def test_train_presets():
     paper28 = train_cfg.get_config("fashion_mnist,paper,unet").model.to_dict()
     for ds in ("fashion_mnist", "cifar10_catsdogs"):
         gpu = train_cfg.get_config(f"{ds},gpu,unet")
-        assert {k: v for k, v in gpu.model.to_dict().items() if k != "dropout"} == \
-            {k: v for k, v in paper28.items() if k != "dropout"}
+        assert {k: v for k, v in gpu.model.to_dict().items() if k != "dropout"} == {
+            k: v for k, v in paper28.items() if k != "dropout"
+        }
         assert not gpu.train.cosine_decay  # a run stopped by --time_limit_s stays reproducible
     assert train_cfg.get_config("mnist,gpu,dit").model.size == "small"
     from locality.train import TrainConfig
 
     for ds in train_cfg.DATASETS:  # every preset's train block is a valid TrainConfig
         for preset in train_cfg.PRESETS:
-            assert TrainConfig(**train_cfg.get_config(f"{ds},{preset}").train.to_dict()).dataset \
-                == ds
+            assert (
+                TrainConfig(**train_cfg.get_config(f"{ds},{preset}").train.to_dict()).dataset == ds
+            )
     with pytest.raises(ValueError, match="'paper', 'gpu', 'cpu', 'long'"):
         train_cfg.get_config("mnist,tpu")
     # The long preset: 40 epochs of the training images it keeps, exports at 1..40 epochs, the
@@ -194,7 +222,8 @@ def test_train_presets():
         t = train_cfg.get_config(f"{ds},long").train
         epoch = n_train // 32
         assert t.num_steps == 40 * epoch and t.export_steps == tuple(
-            e * epoch for e in (1, 5, 10, 20, 40))
+            e * epoch for e in (1, 5, 10, 20, 40)
+        )
         assert t.eval_every == epoch // 2 and t.holdout == (0.1 if ds == "mnist" else 0.0)
 
 
@@ -233,18 +262,22 @@ def _untyped_none_fields(cfg, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("module,args", [
-    ("train", ["fashion_mnist,cpu,unet", "cifar10_catsdogs,gpu,dit", "mnist,paper,unet"]),
-    ("sample", ["quickstart", "network,cifar10_catsdogs"]),
-    ("compare", ["fashion_mnist", "cifar10_catsdogs,quick"]),
-    ("sensitivity", ["mnist,quick"]),
-    ("linear_gd", ["fashion_mnist"]),
-    ("guidance", ["cifar10_catsdogs"]),
-    ("peers", ["els,fashion_mnist"]),
-    ("calibrate", ["ls,fashion_mnist"]),
-])
+@pytest.mark.parametrize(
+    "module,args",
+    [
+        ("train", ["fashion_mnist,cpu,unet", "cifar10_catsdogs,gpu,dit", "mnist,paper,unet"]),
+        ("sample", ["quickstart", "network,cifar10_catsdogs"]),
+        ("compare", ["fashion_mnist", "cifar10_catsdogs,quick"]),
+        ("sensitivity", ["mnist,quick"]),
+        ("linear_gd", ["fashion_mnist"]),
+        ("guidance", ["cifar10_catsdogs"]),
+        ("peers", ["els,fashion_mnist"]),
+        ("calibrate", ["ls,fashion_mnist"]),
+    ],
+)
 def test_every_none_field_can_be_overridden(module, args):
-    """A ``None`` default must be a typed placeholder, or ``--config.x=...`` is a fatal flag error."""
+    """A ``None`` default must be a typed placeholder,
+    or ``--config.x=...`` is a fatal flag error."""
     import importlib
 
     mod = importlib.import_module(f"configs.{module}")
@@ -263,8 +296,13 @@ def test_train_config_overrides_parse_from_the_command_line(monkeypatch):
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config", flag_values=fv)
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "train.py")
-    argv = ["prog", f"--config={path}:cifar10_catsdogs,cpu,unet", "--config.train.data_limit=64",
-            "--config.train.resolution=16", "--config.train.init_from=ckpt"]
+    argv = [
+        "prog",
+        f"--config={path}:cifar10_catsdogs,cpu,unet",
+        "--config.train.data_limit=64",
+        "--config.train.resolution=16",
+        "--config.train.init_from=ckpt",
+    ]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
     fv(argv)
     assert fv.config.train.data_limit == 64 and fv.config.train.resolution == 16
@@ -279,8 +317,11 @@ def test_nearest_pairs_put_each_sample_beside_its_neighbour_closest_first(monkey
     near = rng.normal(size=(5, 4, 4, 1)).astype(np.float32)
     dist = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
     seen = {}
-    monkeypatch.setattr(plotting, "save_image_grid",
-                        lambda imgs, path, ncols=None, title=None: seen.update(imgs=imgs, ncols=ncols))
+    monkeypatch.setattr(
+        plotting,
+        "save_image_grid",
+        lambda imgs, path, ncols=None, title=None: seen.update(imgs=imgs, ncols=ncols),
+    )
     sample.save_nearest_pairs(samples, near, dist, str(tmp_path / "p.png"), "t")
     order = [1, 3, 0, 2, 4]
     expect = np.stack([samples[order], near[order]], 1).reshape(10, 4, 4, 1)

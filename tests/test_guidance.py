@@ -1,7 +1,6 @@
 """The held-out classifier (locality.classify) and experiments/guidance.py on tiny data."""
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -79,8 +78,16 @@ def bars_data(monkeypatch):
 def test_guidance_entry_point(bars_data, tmp_path):
     x, y = bars_data
     net = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
-    cfg = TrainConfig(batch_size=8, num_steps=3, lr=1e-2, warmup_steps=0, num_samples=0,
-                      progress=False, label_lr_mult=100.0, ema_decay=0.0)  # label visibly matters
+    cfg = TrainConfig(
+        batch_size=8,
+        num_steps=3,
+        lr=1e-2,
+        warmup_steps=0,
+        num_samples=0,
+        progress=False,
+        label_lr_mult=100.0,
+        ema_decay=0.0,
+    )  # label visibly matters
     train(dict(net, num_classes=2), cfg, tmp_path / "cond", images=x, labels=y)
     train(net, cfg, tmp_path / "unc", images=x)
 
@@ -91,8 +98,16 @@ def test_guidance_entry_point(bars_data, tmp_path):
     summary = guidance.run(c, str(tmp_path / "w"))
     assert "label agreement" in summary
     w = tmp_path / "w"
-    for f in ("samples_no_label.png", "samples_w0.png", "samples_w2.png", "guidance.png",
-              "samples.npz", "metrics.json", "summary.txt", "config.json"):
+    for f in (
+        "samples_no_label.png",
+        "samples_w0.png",
+        "samples_w2.png",
+        "guidance.png",
+        "samples.npz",
+        "metrics.json",
+        "summary.txt",
+        "config.json",
+    ):
         assert (w / f).exists(), f
     m = json.loads((w / "metrics.json").read_text())
     assert set(m["settings"]) == {"no_label", "w0", "w2"}

@@ -28,7 +28,7 @@ def _module_graph(everywhere: bool = False) -> dict:
             own.add(name)
         deps = set()
         tree = ast.parse(path.read_text())
-        for node in (ast.walk(tree) if everywhere else tree.body):
+        for node in ast.walk(tree) if everywhere else tree.body:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -53,7 +53,7 @@ def _find_cycle(graph):
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state:
                 found = visit(d)
                 if found:
@@ -85,10 +85,23 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("name", ["load_params", "export_params", "export_workdir",
-                                  "merge_params", "summary_from_log", "resolve_checkpoint_dir",
-                                  "read_checkpoint_config", "CheckpointError", "Checkpoints",
-                                  "CONFIG_FILE", "CHECKPOINT_SUBDIR", "EXPORT_SUBDIR"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "load_params",
+        "export_params",
+        "export_workdir",
+        "merge_params",
+        "summary_from_log",
+        "resolve_checkpoint_dir",
+        "read_checkpoint_config",
+        "CheckpointError",
+        "Checkpoints",
+        "CONFIG_FILE",
+        "CHECKPOINT_SUBDIR",
+        "EXPORT_SUBDIR",
+    ],
+)
 def test_moved_checkpoint_names_are_still_importable_from_train(name):
     from locality import checkpoints, train
 

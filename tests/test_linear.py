@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from locality import denoisers, sensitivity as sens
+from locality import denoisers
+from locality import sensitivity as sens
 from locality.denoisers import linear as linear_lib
 from locality.denoisers.base import _apply
 from locality.denoisers.wiener import dense_wiener_matrices
@@ -35,8 +36,9 @@ def test_gd_converges_to_float64_wiener(ab):
     # GD samples the N images uniformly: its target is the Wiener filter of the biased covariance.
     w_star, b_star = dense_wiener_matrices(cov * (n - 1) / n, mean, ab)
     steps, batch = 3000, 256
-    fit = linear_lib.train_linear(x, ab, steps=steps, batch_size=batch, lr=3e-3,
-                                  key=jax.random.PRNGKey(1), log_every=500)
+    fit = linear_lib.train_linear(
+        x, ab, steps=steps, batch_size=batch, lr=3e-3, key=jax.random.PRNGKey(1), log_every=500
+    )
     rel = np.linalg.norm(fit.W - w_star) / np.linalg.norm(w_star)
     # Tolerance: the estimate averages the last half of the iterates (M = 1500 x 256 samples);
     # the OLS asymptotics give an rms error ~ sqrt(L* tr(Sc^-1) / M) / ||W*|| (0.018 at ab = 0.3,
@@ -47,12 +49,17 @@ def test_gd_converges_to_float64_wiener(ab):
     assert rel < 2.0 * predicted, (rel, predicted)
     assert np.linalg.norm(fit.b - b_star) / np.linalg.norm(b_star) < 0.02
     h = fit.history
-    assert h["rel_frob"][0] == pytest.approx(1.0, abs=1e-6)        # W starts at 0
-    assert h["rel_frob"][-1] == pytest.approx(rel, rel=1e-3)        # history tracks the result
+    assert h["rel_frob"][0] == pytest.approx(1.0, abs=1e-6)  # W starts at 0
+    assert h["rel_frob"][-1] == pytest.approx(rel, rel=1e-3)  # history tracks the result
     assert h["cosine"][-1] > 0.999 and h["excess"][-1] < 1e-3
     assert fit.loss_opt == pytest.approx(
-        np.sum(np.clip(np.linalg.eigvalsh(cov * (n - 1) / n), 0, None)
-               * (1 - ab) / (ab * np.linalg.eigvalsh(cov * (n - 1) / n) + 1 - ab)), rel=1e-6)
+        np.sum(
+            np.clip(np.linalg.eigvalsh(cov * (n - 1) / n), 0, None)
+            * (1 - ab)
+            / (ab * np.linalg.eigvalsh(cov * (n - 1) / n) + 1 - ab)
+        ),
+        rel=1e-6,
+    )
 
 
 def test_isotropic_init_starts_at_the_isotropic_wiener_gain_and_helps_near_ab_1():
@@ -88,8 +95,9 @@ def test_least_squares_solution_satisfies_normal_equations():
     # W E[x_t x_t^T] + b E[x_t]^T - E[x0 x_t^T].
     m2 = flat.T @ flat / len(flat)
     m1 = flat.mean(axis=0)
-    grad_w = (w @ (ab * m2 + (1 - ab) * np.eye(16)) + np.outer(b, np.sqrt(ab) * m1)
-              - np.sqrt(ab) * m2)
+    grad_w = (
+        w @ (ab * m2 + (1 - ab) * np.eye(16)) + np.outer(b, np.sqrt(ab) * m1) - np.sqrt(ab) * m2
+    )
     grad_b = w @ (np.sqrt(ab) * m1) + b - m1
     assert np.abs(grad_w).max() < 1e-12 and np.abs(grad_b).max() < 1e-12
 
@@ -113,8 +121,9 @@ def test_registered_linear_applies_wx_plus_b_at_nearest_level(tmp_path):
     den(x, 0.69)
     assert _apply._cache_size() == size
     # Its sensitivity field is |row of W|.
-    np.testing.assert_allclose(np.asarray(sens.field(den, x, 0.3)),
-                               np.abs(w1.reshape(4, 4, 4, 4)[2, 2]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sens.field(den, x, 0.3)), np.abs(w1.reshape(4, 4, 4, 4)[2, 2]), rtol=1e-6
+    )
     # Round trip through a file; the shape comes from the file.
     path = linear_lib.save_linear(str(tmp_path / "lin.npz"), {0.3: (w1, b1), 0.7: (w2, b2)}, shape)
     den2 = denoisers.make("linear", weights=path)
@@ -146,33 +155,47 @@ def test_linear_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="image shape"):
         den(np.zeros((1, 5, 5, 1), np.float32), 0.3)
     x = _gaussian_images(n=64)
-    for kwargs, match in (({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"tail": 1.0}, "tail"),
-                          ({"optimizer": "lbfgs"}, "optimizer"),
-                          ({"schedule": "step"}, "schedule")):
+    for kwargs, match in (
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"tail": 1.0}, "tail"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"schedule": "step"}, "schedule"),
+    ):
         args = {"steps": 10, "batch_size": 8, "lr": 1e-3, "key": jax.random.PRNGKey(0)}
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
             linear_lib.train_linear(x, 0.5, **args)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        linear_lib.train_linear(3 * x, 0.5, steps=1, batch_size=1, lr=1e-3,
-                                key=jax.random.PRNGKey(0))
+        linear_lib.train_linear(
+            3 * x, 0.5, steps=1, batch_size=1, lr=1e-3, key=jax.random.PRNGKey(0)
+        )
 
 
 def test_linear_gd_experiment_smoke(tmp_path):
     from configs import linear_gd as cfg_mod
 
     spec = importlib.util.spec_from_file_location(
-        "exp_linear_gd", os.path.join(ROOT, "experiments", "linear_gd.py"))
+        "exp_linear_gd", os.path.join(ROOT, "experiments", "linear_gd.py")
+    )
     exp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(exp)
     config = cfg_mod.get_config("smoke")
     m = exp.run(config, str(tmp_path))
-    for f in ("config.json", "metrics.json", "summary.txt", "linear_weights.npz", "rel_frob.png",
-              "cosine.png", "excess.png", "fields.png"):
+    for f in (
+        "config.json",
+        "metrics.json",
+        "summary.txt",
+        "linear_weights.npz",
+        "rel_frob.png",
+        "cosine.png",
+        "excess.png",
+        "fields.png",
+    ):
         assert (tmp_path / f).exists(), f
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved["levels"]) == {str(t) for t in config.timesteps}
     for lev in saved["levels"].values():
-        assert lev["final"]["rel_frob"] < lev["history"]["rel_frob"][0]   # it learned something
+        assert lev["final"]["rel_frob"] < lev["history"]["rel_frob"][0]  # it learned something
     den = denoisers.make("linear", weights=m["weights_file"])
     assert den.shape == (8, 8, 1) and den.ab_values.shape == (len(config.timesteps),)

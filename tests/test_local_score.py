@@ -5,12 +5,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import noisy_uniform_data
 
 from locality import sampling, schedules
 from locality.denoisers import local_score as L
 from locality.denoisers.optimal import make_optimal
-
-from conftest import noisy_uniform_data
 
 AB = 0.6
 STD = dict(n=12, shape=(6, 6, 1), seed=0)  # shared by several tests so compiled programs are reused
@@ -39,8 +38,9 @@ def oracle_ls(train, x, ab, k):
     for bi in range(b):
         for i in range(h):
             for j in range(w):
-                out[bi, i, j] = _softmax_read(xp[bi, i:i + k, j:j + k], tp[:, i:i + k, j:j + k],
-                                              train[:, i, j], ab)
+                out[bi, i, j] = _softmax_read(
+                    xp[bi, i : i + k, j : j + k], tp[:, i : i + k, j : j + k], train[:, i, j], ab
+                )
     return out
 
 
@@ -55,20 +55,20 @@ def oracle_els(train, x, ab, k, dictionary):
         for n in range(len(train)):
             for i in range(h):
                 for j in range(w):
-                    patches.append(tp[n, i:i + k, j:j + k])
+                    patches.append(tp[n, i : i + k, j : j + k])
                     centres.append(train[n, i, j])
     else:
         for n in range(len(train)):
             for i in range(r, h - r):
                 for j in range(r, w - r):
-                    patches.append(train[n, i - r:i + r + 1, j - r:j + r + 1])
+                    patches.append(train[n, i - r : i + r + 1, j - r : j + r + 1])
                     centres.append(train[n, i, j])
     patches, centres = np.stack(patches), np.stack(centres)
     out = np.zeros_like(x)
     for bi in range(b):
         for i in range(h):
             for j in range(w):
-                out[bi, i, j] = _softmax_read(xp[bi, i:i + k, j:j + k], patches, centres, ab)
+                out[bi, i, j] = _softmax_read(xp[bi, i : i + k, j : j + k], patches, centres, ab)
     return out
 
 
@@ -94,11 +94,12 @@ def oracle_bbels(train, x, ab, k):
                 locs = [(a, j) for a in inner_rows]
             else:
                 locs = [(i, j)]
-            patches = np.stack([tp[n, a:a + k, bb:bb + k] for n in range(len(train))
-                                for (a, bb) in locs])
+            patches = np.stack(
+                [tp[n, a : a + k, bb : bb + k] for n in range(len(train)) for (a, bb) in locs]
+            )
             centres = np.stack([train[n, a, bb] for n in range(len(train)) for (a, bb) in locs])
             for bi in range(b):
-                out[bi, i, j] = _softmax_read(xp[bi, i:i + k, j:j + k], patches, centres, ab)
+                out[bi, i, j] = _softmax_read(xp[bi, i : i + k, j : j + k], patches, centres, ab)
     return out
 
 
@@ -109,13 +110,16 @@ def test_ls_matches_oracle(shape, k):
     np.testing.assert_allclose(np.asarray(den(x, AB)), oracle_ls(train, x, AB, k), atol=2e-5)
 
 
-@pytest.mark.parametrize("dictionary,shape,k", [("wrapped", (6, 6, 1), 3), ("valid", (6, 7, 3), 3),
-                                                ("wrapped", (5, 5, 1), 5)])
+@pytest.mark.parametrize(
+    "dictionary,shape,k",
+    [("wrapped", (6, 6, 1), 3), ("valid", (6, 7, 3), 3), ("wrapped", (5, 5, 1), 5)],
+)
 def test_els_matches_oracle(dictionary, shape, k):
     train, x = _data(12, shape)
     den = L.make_els(train=train, patch_size=k, dictionary=dictionary, chunk_size=CS)
-    np.testing.assert_allclose(np.asarray(den(x, AB)), oracle_els(train, x, AB, k, dictionary),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(den(x, AB)), oracle_els(train, x, AB, k, dictionary), atol=2e-5
+    )
 
 
 @pytest.mark.parametrize("shape,k", [((6, 6, 1), 3), ((8, 8, 1), 5), ((7, 6, 3), 3)])
@@ -127,8 +131,9 @@ def test_bbels_matches_oracle_per_pixel_class(shape, k):
     cls = L.bbels_classes(shape[0], shape[1], k)
     for c, label in enumerate(["interior", "edge", "corner"]):
         assert (cls == c).any(), label
-        np.testing.assert_allclose(got[:, cls == c], want[:, cls == c], atol=2e-5,
-                                   err_msg=f"{label} pixels")
+        np.testing.assert_allclose(
+            got[:, cls == c], want[:, cls == c], atol=2e-5, err_msg=f"{label} pixels"
+        )
     # the three rules really differ from LS and from ELS on this data
     ls = oracle_ls(train, x, AB, k)
     assert np.abs(want[:, cls == 0] - ls[:, cls == 0]).max() > 1e-2
@@ -159,8 +164,9 @@ def test_els_commutes_with_circular_shifts_ls_does_not():
     roll = lambda a: np.roll(a, shift, axis=(1, 2))
     for dictionary in ("wrapped", "valid"):
         den = L.make_els(train=train, patch_size=3, dictionary=dictionary, chunk_size=CS)
-        np.testing.assert_allclose(np.asarray(den(roll(x), AB)), roll(np.asarray(den(x, AB))),
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(den(roll(x), AB)), roll(np.asarray(den(x, AB))), atol=2e-5
+        )
     ls = L.make_ls(train=train, patch_size=3, chunk_size=CS)
     assert np.abs(np.asarray(ls(roll(x), AB)) - roll(np.asarray(ls(x, AB)))).max() > 1e-2
 
@@ -199,16 +205,18 @@ def test_samplers_switch_matches_eager_choice(method):
     res = sampling.ddim(den, x_T, num_steps=3, timesteps=[400, 200, 100])
     assert [den.size_at(a) for a in res.abs] == [5, 3, 3]
     for s in range(len(res.abs)):
-        np.testing.assert_allclose(np.asarray(res.x0_hats[s]),
-                                   np.asarray(den(res.xts[s], res.abs[s])), atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(res.x0_hats[s]), np.asarray(den(res.xts[s], res.abs[s])), atol=1e-4
+        )
     if method != "ls":
         return
     sig = np.array([10.0, 2.0, 0.5, 0.0])
     res = sampling.edm(den, 10.0 * x_T, sig)
     assert np.all(np.isfinite(np.asarray(res.images)))
     for s in range(3):
-        np.testing.assert_allclose(np.asarray(res.x0_hats[s]),
-                                   np.asarray(den(res.xts[s], res.abs[s])), atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(res.x0_hats[s]), np.asarray(den(res.xts[s], res.abs[s])), atol=1e-4
+        )
 
 
 def test_published_schedules_and_index_convention():
@@ -233,8 +241,11 @@ def test_schedule_file_roundtrip(tmp_path):
     assert json.load(open(path))["note"] == "x"
     den = L.make_ls(train=train, patch_size="file:" + path)
     assert den.size_at(0.25) == 5 and den.size_at(0.8) == 3
-    np.testing.assert_allclose(np.asarray(den(x, 0.25)),
-                               np.asarray(L.make_ls(train=train, patch_size=5)(x, 0.25)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(den(x, 0.25)),
+        np.asarray(L.make_ls(train=train, patch_size=5)(x, 0.25)),
+        atol=1e-6,
+    )
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
@@ -295,8 +306,10 @@ def test_sharded_over_eight_devices_equals_one_device():
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

@@ -15,8 +15,14 @@ def _undo_output_gain(params):
     """Scale the gain-1e-5 output layers back to unit gain so outputs are O(1) and tests of
     the inner layers are sensitive."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p * 1e5 if any(getattr(k, "key", "") in ("tail", "Conv3x3_1", "proj_out")
-                                       for k in path) and p.ndim > 1 else p, params)
+        lambda path, p: (
+            p * 1e5
+            if any(getattr(k, "key", "") in ("tail", "Conv3x3_1", "proj_out") for k in path)
+            and p.ndim > 1
+            else p
+        ),
+        params,
+    )
 
 
 def _jit_apply(model):
@@ -35,14 +41,14 @@ def _hand_count_tiny_unet(c_in=1):
         return n + (dense(i, o) if i != o else 0)  # 1x1 shortcut conv == dense
 
     attn = lambda c: gn(c) + 4 * dense(c, c)
-    total = dense(ch, temb) + dense(temb, temb)          # time embedding MLP
-    total += conv3(c_in, ch)                              # head
-    total += rb(8, 8) + conv3(8, 8)                       # level 0 + downsample
-    total += rb(8, 16)                                    # level 1
-    total += rb(16, 16) + attn(16) + rb(16, 16)           # middle
+    total = dense(ch, temb) + dense(temb, temb)  # time embedding MLP
+    total += conv3(c_in, ch)  # head
+    total += rb(8, 8) + conv3(8, 8)  # level 0 + downsample
+    total += rb(8, 16)  # level 1
+    total += rb(16, 16) + attn(16) + rb(16, 16)  # middle
     total += rb(16 + 16, 16) + rb(16 + 8, 16) + conv3(16, 16)  # up level 1 (+ upsample)
-    total += rb(16 + 8, 8) + rb(8 + 8, 8)                 # up level 0
-    total += gn(8) + conv3(8, c_in)                       # tail
+    total += rb(16 + 8, 8) + rb(8 + 8, 8)  # up level 0
+    total += gn(8) + conv3(8, c_in)  # tail
     return total
 
 
@@ -89,7 +95,8 @@ def test_dit_shapes_and_param_count():
     np.testing.assert_array_equal(out, 0.0)  # adaLN-zero: final linear starts at zero
     with pytest.raises(ValueError, match="patch_size"):
         build_model(dict(arch="dit", size="tiny", patch_size=3)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))
+            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))
+        )
 
 
 def test_dit_patchify_roundtrip_and_tokens_are_local():
@@ -100,8 +107,9 @@ def test_dit_patchify_roundtrip_and_tokens_are_local():
     bias = np.zeros(4, np.float32)
     bias[3] = 1.0  # position (1, 1) inside every patch, channel 0
     params["final_linear"]["bias"] = jnp.asarray(bias)
-    out = np.asarray(_jit_apply(model)({"params": params}, jnp.zeros((1, 4, 4, 1)),
-                                       jnp.zeros((1,))))
+    out = np.asarray(
+        _jit_apply(model)({"params": params}, jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,)))
+    )
     expected = np.zeros((4, 4))
     expected[1::2, 1::2] = 1.0
     np.testing.assert_array_equal(out[0, :, :, 0], expected)
@@ -137,8 +145,9 @@ def _shift_errors(padding, shifts):
     errs = []
     for shift in shifts:
         out_shift = f(jnp.roll(x, shift, axis=(1, 2)))
-        errs.append(float(jnp.max(jnp.abs(out_shift - jnp.roll(out, shift, axis=(1, 2))))
-                          / jnp.std(out)))
+        errs.append(
+            float(jnp.max(jnp.abs(out_shift - jnp.roll(out, shift, axis=(1, 2)))) / jnp.std(out))
+        )
     return errs
 
 

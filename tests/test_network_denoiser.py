@@ -7,18 +7,24 @@ import numpy as np
 import pytest
 
 from locality import schedules
+from locality.checkpoints import CheckpointError, export_params
 from locality.denoisers.network import make_network, timestep_from_ab
 from locality.denoisers.registry import make, names
 from locality.nets import build_model, init_params
-from locality.checkpoints import CheckpointError, export_params
 
 MODEL = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
 
 
 def _unit_gain(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p * 1e5 if any(getattr(k, "key", "") in ("tail", "Conv3x3_1", "proj_out")
-                                       for k in path) and p.ndim > 1 else p, params)
+        lambda path, p: (
+            p * 1e5
+            if any(getattr(k, "key", "") in ("tail", "Conv3x3_1", "proj_out") for k in path)
+            and p.ndim > 1
+            else p
+        ),
+        params,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,10 @@ def test_wrapper_matches_hand_written_conversion(net):
     x = np.random.RandomState(0).randn(3, 8, 8, 1).astype(np.float32)
     for t in (0, 250, 999):
         ab = ab_tab[t]
-        eps = np.asarray(model.apply({"params": params}, jnp.asarray(x),
-                                     jnp.full((3,), float(t)), train=False), np.float64)
+        eps = np.asarray(
+            model.apply({"params": params}, jnp.asarray(x), jnp.full((3,), float(t)), train=False),
+            np.float64,
+        )
         assert np.std(eps) > 0.1  # a non-trivial prediction
         ref = (x.astype(np.float64) - np.sqrt(1.0 - ab) * eps) / np.sqrt(ab)
         np.testing.assert_allclose(np.asarray(den(x, ab)), ref, rtol=1e-4, atol=1e-4)
@@ -71,7 +79,7 @@ def test_jit_vmap_and_no_retrace(net):
     abs_ = jnp.asarray([0.9, 0.2])
     v = jax.vmap(lambda xi, ai: den(xi[None], ai)[0])(x, abs_)
     for i in range(2):
-        np.testing.assert_allclose(v[i], den(x[i:i + 1], abs_[i])[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(v[i], den(x[i : i + 1], abs_[i])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_load_exported_checkpoint(net, tmp_path):

@@ -1,11 +1,9 @@
 """pca_locality (docs/algorithms.md §5) against a literal float64 numpy oracle on tiny images."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import optimal_np
+
 from locality import denoisers, sampling, schedules, stats
 from locality.denoisers import pca_locality as pl
 
@@ -33,8 +31,11 @@ def mask_np(x, ab, theta, mode="global"):
     if theta == 0:
         return mc
     a = np.abs(mc)
-    thr = {"global": theta * a.max(), "row": theta * a.max(1, keepdims=True),
-           "column": theta * a.max(0, keepdims=True)}[mode]
+    thr = {
+        "global": theta * a.max(),
+        "row": theta * a.max(1, keepdims=True),
+        "column": theta * a.max(0, keepdims=True),
+    }[mode]
     return (a >= thr).astype(np.float64)
 
 
@@ -44,17 +45,18 @@ def denoise_np(xt, x, mask, ab, tau=1.0):
     b, n = q.shape
     out = np.zeros((b, n))
     for bi in range(b):
-        r2 = (q[bi][None, :] - np.sqrt(ab) * X) ** 2                    # [K, n]
-        dist = r2 @ mask                                                # dist[k, m] = sum_j M[j, m] r2[k, j]
+        r2 = (q[bi][None, :] - np.sqrt(ab) * X) ** 2  # [K, n]
+        dist = r2 @ mask  # dist[k, m] = sum_j M[j, m] r2[k, j]
         l = -dist / (2 * (1 - ab) * tau)
         l -= l.max(0, keepdims=True)
-        w = np.exp(l); w /= w.sum(0, keepdims=True)
+        w = np.exp(l)
+        w /= w.sum(0, keepdims=True)
         out[bi] = (w * X).sum(0)
     return out.reshape(xt.shape)
 
 
 def chunk_mean_np(xt, x, mask, ab, cs):
-    parts = [denoise_np(xt, x[s:s + cs], mask, ab) for s in range(0, len(x), cs)]
+    parts = [denoise_np(xt, x[s : s + cs], mask, ab) for s in range(0, len(x), cs)]
     return np.mean(parts, axis=0)
 
 
@@ -82,8 +84,9 @@ def test_masks_match_oracle(setup, mode):
 @pytest.mark.parametrize("cs", [7, 40])
 def test_exact_matches_oracle_on_every_path(setup, path, cs):
     x, st, xt = setup
-    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, chunk_size=cs, path=path,
-                         tile=2)
+    den = denoisers.make(
+        "pca_locality", stats=st, train=x, threshold=0.1, chunk_size=cs, path=path, tile=2
+    )
     for ab in (0.02, 0.3, 0.9, 0.999):
         ref = denoise_np(xt, x, mask_np(x, ab, 0.1), ab)
         np.testing.assert_allclose(den(xt, ab), ref, atol=1e-5, err_msg=f"ab={ab}")
@@ -92,8 +95,9 @@ def test_exact_matches_oracle_on_every_path(setup, path, cs):
 @pytest.mark.parametrize("cs", [6, 13, 40])
 def test_chunk_mean_reproduces_released_quirk(setup, cs):
     x, st, xt = setup
-    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, softmax="chunk_mean",
-                         chunk_size=cs)
+    den = denoisers.make(
+        "pca_locality", stats=st, train=x, threshold=0.1, softmax="chunk_mean", chunk_size=cs
+    )
     ab = 0.3
     m = mask_np(x, ab, 0.1)
     out = np.asarray(den(xt, ab))
@@ -121,12 +125,14 @@ def test_limits_theta_to_zero_is_optimal_and_identity_mask(setup):
     n = int(np.prod(x.shape[1:]))
     ident = denoisers.make("pca_locality", stats=st, train=x, mask=np.eye(n))
     # per-element machine: each output is a 1-D posterior mean over that element alone
-    q = xt.reshape(3, -1).astype(np.float64); X = x.reshape(len(x), -1).astype(np.float64)
+    q = xt.reshape(3, -1).astype(np.float64)
+    X = x.reshape(len(x), -1).astype(np.float64)
     ref = np.zeros_like(q)
     for b in range(3):
         for m in range(n):
-            l = -(q[b, m] - np.sqrt(ab) * X[:, m]) ** 2 / (2 * (1 - ab))
-            w = np.exp(l - l.max()); w /= w.sum()
+            l = -((q[b, m] - np.sqrt(ab) * X[:, m]) ** 2) / (2 * (1 - ab))
+            w = np.exp(l - l.max())
+            w /= w.sum()
             ref[b, m] = w @ X[:, m]
     np.testing.assert_allclose(ident(xt, ab), ref.reshape(xt.shape), atol=1e-5)
     soft = denoisers.make("pca_locality", stats=st, train=x, threshold=0.0)
@@ -140,20 +146,21 @@ def test_pixel_permutation_equivariance(setup):
     xp = x.reshape(len(x), -1)[:, perm].reshape(x.shape)
     xtp = xt.reshape(3, -1)[:, perm].reshape(xt.shape)
     a = denoisers.make("pca_locality", stats=st, train=x, threshold=0.05, path="dense")
-    b = denoisers.make("pca_locality", stats=stats.gaussian_stats(xp), train=xp, threshold=0.05,
-                       path="dense")
+    b = denoisers.make(
+        "pca_locality", stats=stats.gaussian_stats(xp), train=xp, threshold=0.05, path="dense"
+    )
     out_a = np.asarray(a(xt, 0.3)).reshape(3, -1)[:, perm]
     np.testing.assert_allclose(b(xtp, 0.3).reshape(3, -1), out_a, atol=1e-5)
 
 
 def test_constant_pixel_guard_and_empty_column(rng):
     x = _smooth_data(rng, n=30)
-    x[:, 0, 0, 0] = -1.0          # a constant border pixel: P[j, j] = 0 -> guard
+    x[:, 0, 0, 0] = -1.0  # a constant border pixel: P[j, j] = 0 -> guard
     st = stats.gaussian_stats(x)
     m, _ = pl.masks(st, 0.5, 0.05)
     assert np.isfinite(pl.masks(st, 0.5, 0.0)[0]).all()
     np.testing.assert_array_equal(m, mask_np(x, 0.5, 0.05).astype(bool))
-    assert not m[:, 0].any()      # its column is empty
+    assert not m[:, 0].any()  # its column is empty
     den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.05)
     xt = rng.normal(size=(2,) + x.shape[1:]).astype(np.float32)
     out = np.asarray(den(xt, 0.5))
@@ -161,9 +168,12 @@ def test_constant_pixel_guard_and_empty_column(rng):
     np.testing.assert_allclose(out[:, 0, 0, 0], x[:, 0, 0, 0].mean(), atol=1e-6)
     # an explicit mask with an empty column for an element that varies
     n = int(np.prod(x.shape[1:]))
-    mm = np.ones((n, n)); mm[:, 7] = 0
+    mm = np.ones((n, n))
+    mm[:, 7] = 0
     out = np.asarray(denoisers.make("pca_locality", stats=st, train=x, mask=mm)(xt, 0.5))
-    np.testing.assert_allclose(out.reshape(2, -1)[:, 7], x.reshape(len(x), -1)[:, 7].mean(), atol=1e-6)
+    np.testing.assert_allclose(
+        out.reshape(2, -1)[:, 7], x.reshape(len(x), -1)[:, 7].mean(), atol=1e-6
+    )
 
 
 def test_no_retrace_across_timesteps_and_sampling(setup):
@@ -216,7 +226,7 @@ def test_threshold_above_one_is_rejected(setup):
             denoisers.make("pca_locality", stats=st, train=x, threshold=bad)
         with pytest.raises(ValueError, match="training mean"):
             pl.masks(st, 0.5, bad)
-    m, dens = pl.masks(st, 0.5, 1.0)                 # theta = 1 is valid: only the maxima
+    m, dens = pl.masks(st, 0.5, 1.0)  # theta = 1 is valid: only the maxima
     assert 0 < dens < 0.5 and m.any()
 
 
@@ -232,13 +242,13 @@ def _reconstruct(cp, n):
         for r, ci in enumerate(g.clusters):
             for o, col in enumerate(cp.outs[ci]):
                 if col < 0:
-                    assert not g.block[r, :, o].any()        # padding columns carry nothing
+                    assert not g.block[r, :, o].any()  # padding columns carry nothing
                     continue
                 v = full[:, g.base[r]].copy()
                 np.add.at(v, g.ins[r], g.block[r, :, o])
                 out[:, col] = v
                 seen[col] += 1
-    np.testing.assert_array_equal(seen, 1)                  # every column exactly once
+    np.testing.assert_array_equal(seen, 1)  # every column exactly once
     return out
 
 
@@ -252,19 +262,29 @@ def _family_mask(rng, n, patterns, flips, singles=0):
             m[rng.choice(n, flips, replace=False), col] ^= True
     for col in rng.choice(n, singles, replace=False):
         m[:, col] = rng.random(n) < 0.3
-    return m.T.copy()                                      # [n inputs, n columns]
+    return m.T.copy()  # [n inputs, n columns]
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 8])
 def test_cluster_plan_reconstructs_the_mask(rng, k):
     n = 30
-    masks_ = [_family_mask(rng, n, 3, 2, singles=4), _family_mask(rng, n, 2, 0),
-              rng.random((n, n)) < 0.5, np.ones((n, n), bool), np.zeros((n, n), bool), np.eye(n, dtype=bool)]
+    masks_ = [
+        _family_mask(rng, n, 3, 2, singles=4),
+        _family_mask(rng, n, 2, 0),
+        rng.random((n, n)) < 0.5,
+        np.ones((n, n), bool),
+        np.zeros((n, n), bool),
+        np.eye(n, dtype=bool),
+    ]
     for m in masks_:
         plans = pl.cluster_plans(m, k, (1, 2, 4, 8))
         for size, cp in plans.items():
             assert cp.cluster_size == size
-            assert set(np.unique(np.concatenate([g.block.ravel() for g in cp.groups]))) <= {-1.0, 0.0, 1.0}
+            assert set(np.unique(np.concatenate([g.block.ravel() for g in cp.groups]))) <= {
+                -1.0,
+                0.0,
+                1.0,
+            }
             assert cp.bases.shape[1] <= k + 1
             np.testing.assert_array_equal(_reconstruct(cp, n), m.astype(np.float64))
 
@@ -290,7 +310,7 @@ def test_cluster_plan_edge_cases(rng):
     assert len(np.unique(c, axis=1).T) == c.shape[1]
     # merging: clusters partition the columns and never exceed the size
     diff = rng.random((n, 13)) < 0.2
-    for window in (1024, 4):                   # partners sought within windows of 4 columns
+    for window in (1024, 4):  # partners sought within windows of 4 columns
         for size, cl in pl.merge_clusters(diff, (1, 2, 4, 8), window=window).items():
             assert max(len(c) for c in cl) <= size
             np.testing.assert_array_equal(np.sort(np.concatenate(cl)), np.arange(13))
@@ -300,8 +320,16 @@ def test_cluster_plan_edge_cases(rng):
 def test_clusters_path_matches_oracle(setup, k, size):
     """Several k and cluster widths (uneven clusters, padded groups) against the float64 oracle."""
     x, st, xt = setup
-    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, chunk_size=9,
-                         path="clusters", num_centroids=k, cluster_size=size)
+    den = denoisers.make(
+        "pca_locality",
+        stats=st,
+        train=x,
+        threshold=0.1,
+        chunk_size=9,
+        path="clusters",
+        num_centroids=k,
+        cluster_size=size,
+    )
     for ab in (0.02, 0.3, 0.9, 0.999):
         p = den.plan(ab)
         assert p.path == "clusters" and p.clusters.cluster_size == size
@@ -321,25 +349,54 @@ def test_clusters_path_explicit_masks_match_oracle(setup, rng):
     edge[:, 0] = False
     edge[:, 1] = True
     for m, k, size in ((fam, 3, 4), (exact, 2, 8), (edge, 4, 2), (edge, 0, 16)):
-        den = denoisers.make("pca_locality", stats=st, train=x, mask=m, path="clusters",
-                             num_centroids=k, cluster_size=size, chunk_size=16)
+        den = denoisers.make(
+            "pca_locality",
+            stats=st,
+            train=x,
+            mask=m,
+            path="clusters",
+            num_centroids=k,
+            cluster_size=size,
+            chunk_size=16,
+        )
         cp = den.plans.plans[0].clusters
         if m is exact:
             assert cp.correction_density() == 0.0
         ref = denoise_np(xt, x, m.astype(np.float64), 0.4)
         np.testing.assert_allclose(den(xt, 0.4), ref, atol=1e-5)
-    out = np.asarray(denoisers.make("pca_locality", stats=st, train=x, mask=edge, path="clusters",
-                                    num_centroids=2, cluster_size=4)(xt, 0.4))
-    np.testing.assert_allclose(out.reshape(3, -1)[:, 0], x.reshape(len(x), -1)[:, 0].mean(), atol=1e-6)
+    out = np.asarray(
+        denoisers.make(
+            "pca_locality",
+            stats=st,
+            train=x,
+            mask=edge,
+            path="clusters",
+            num_centroids=2,
+            cluster_size=4,
+        )(xt, 0.4)
+    )
+    np.testing.assert_allclose(
+        out.reshape(3, -1)[:, 0], x.reshape(len(x), -1)[:, 0].mean(), atol=1e-6
+    )
 
 
 def test_clusters_path_chunk_mean(setup):
     x, st, xt = setup
-    den = denoisers.make("pca_locality", stats=st, train=x, threshold=0.1, softmax="chunk_mean",
-                         chunk_size=13, path="clusters", num_centroids=3, cluster_size=4)
+    den = denoisers.make(
+        "pca_locality",
+        stats=st,
+        train=x,
+        threshold=0.1,
+        softmax="chunk_mean",
+        chunk_size=13,
+        path="clusters",
+        num_centroids=3,
+        cluster_size=4,
+    )
     ab = 0.3
-    np.testing.assert_allclose(den(xt, ab), chunk_mean_np(xt, x, mask_np(x, ab, 0.1), ab, 13),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        den(xt, ab), chunk_mean_np(xt, x, mask_np(x, ab, 0.1), ab, 13), atol=1e-5
+    )
 
 
 def test_auto_mixes_paths_in_one_sampling_run_with_one_compile(setup):
@@ -364,8 +421,8 @@ def test_auto_mixes_paths_in_one_sampling_run_with_one_compile(setup):
     n_compiled = sampling._ddim_scan._cache_size()
     p1 = cpath.prepare(r1.abs).plans.plans
     r2 = sampling.ddim(cpath, xt, num_steps=6)
-    assert sampling._ddim_scan._cache_size() == n_compiled          # no recompilation
-    assert all(a is b for a, b in zip(p1, cpath.prepare(r2.abs).plans.plans))   # cached plans
+    assert sampling._ddim_scan._cache_size() == n_compiled  # no recompilation
+    assert all(a is b for a, b in zip(p1, cpath.prepare(r2.abs).plans.plans))  # cached plans
     np.testing.assert_array_equal(r1.images, r2.images)
     ref = cpath(np.asarray(r1.xts[3]), float(r1.abs[3]))
     np.testing.assert_allclose(r1.x0_hats[3], ref, atol=1e-5)
@@ -414,7 +471,8 @@ for softmax in ("exact", "chunk_mean"):
         assert d <= 1e-6, (softmax, ab, d)
 kw = dict(threshold=0.05, chunk_size=4, path="clusters")
 r1 = sampling.ddim(denoisers.make("pca_locality", stats=st, train=x, **kw), xt, num_steps=4)
-r8 = sampling.ddim(denoisers.make("pca_locality", stats=st, train=x, shard=True, **kw), xt, num_steps=4)
+sharded = denoisers.make("pca_locality", stats=st, train=x, shard=True, **kw)
+r8 = sampling.ddim(sharded, xt, num_steps=4)
 d = float(np.abs(np.asarray(r1.images) - np.asarray(r8.images)).max())
 assert d <= 1e-5, d
 print("OK")
@@ -425,8 +483,12 @@ def test_clusters_path_on_eight_devices_equals_one_device():
     import os
     import subprocess
     import sys
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
-                          timeout=600)
+
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout

@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import noisy_uniform_data
 
 from locality import sampling
 from locality.denoisers import pspc
 from locality.denoisers.optimal import make_optimal
-
-from conftest import noisy_uniform_data
 
 AB = 0.6
 
@@ -37,11 +36,11 @@ def oracle_square(train, x, ab, s, flip):
     for bi in range(b):
         for u in range(h - s + 1):
             for v in range(w - s + 1):
-                crops = t[:, u:u + s, v:v + s]
-                wts = _weights(x[bi, u:u + s, v:v + s], crops, ab)
-                total[bi, u:u + s, v:v + s] += np.tensordot(wts, crops, axes=1)
+                crops = t[:, u : u + s, v : v + s]
+                wts = _weights(x[bi, u : u + s, v : v + s], crops, ab)
+                total[bi, u : u + s, v : v + s] += np.tensordot(wts, crops, axes=1)
                 if bi == 0:
-                    count[u:u + s, v:v + s] += 1
+                    count[u : u + s, v : v + s] += 1
     return total / count[None, :, :, None]
 
 
@@ -74,13 +73,15 @@ def oracle_grow(heat, lam):
     return cols
 
 
-@pytest.mark.parametrize("shape,s,flip", [((6, 6, 1), 3, False), ((6, 6, 1), 3, True),
-                                          ((5, 6, 3), 2, True)])
+@pytest.mark.parametrize(
+    "shape,s,flip", [((6, 6, 1), 3, False), ((6, 6, 1), 3, True), ((5, 6, 3), 2, True)]
+)
 def test_square_matches_oracle(shape, s, flip):
     train, x = _data(9, shape)
     den = pspc.make_pspc_square(train=train, patch_size=s, flip=flip, chunk_size=4)
-    np.testing.assert_allclose(np.asarray(den(x, AB)), oracle_square(train, x, AB, s, flip),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(den(x, AB)), oracle_square(train, x, AB, s, flip), atol=2e-5
+    )
 
 
 def test_square_full_size_equals_optimal():
@@ -89,14 +90,20 @@ def test_square_full_size_equals_optimal():
         got = np.asarray(pspc.make_pspc_square(train=train, patch_size=6, flip=flip)(x, AB))
         opt = np.asarray(make_optimal(train=_augment(train, flip))(x, AB))
         np.testing.assert_allclose(got, opt, atol=2e-5)
-    small = np.asarray(pspc.make_pspc_square(train=train, patch_size=3, flip=False, chunk_size=4)(x, AB))
+    small = np.asarray(
+        pspc.make_pspc_square(train=train, patch_size=3, flip=False, chunk_size=4)(x, AB)
+    )
     assert np.abs(small - np.asarray(make_optimal(train=train)(x, AB))).max() > 1e-2
 
 
 def test_square_chunk_size_independence():
     train, x = _data(9, (6, 6, 1), seed=2)
-    outs = [np.asarray(pspc.make_pspc_square(train=train, patch_size=3, flip=True, chunk_size=cs)(x, AB))
-            for cs in (4, 7)]
+    outs = [
+        np.asarray(
+            pspc.make_pspc_square(train=train, patch_size=3, flip=True, chunk_size=cs)(x, AB)
+        )
+        for cs in (4, 7)
+    ]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], atol=1e-5)
 
@@ -104,9 +111,16 @@ def test_square_chunk_size_independence():
 def test_square_size_schedules():
     train, x = _data(4, (6, 6, 1))
     den = pspc.make_pspc_square(train=train)  # published CIFAR schedule, clipped to 6
-    ab = lambda sig: 1.0 / (1.0 + sig ** 2)
-    assert [den.size_at(ab(s)) for s in (80.0, 8.4, 5.32, 1.92, 0.585, 0.296, 0.01)] == \
-        [6, 6, 6, 6, 5, 3, 3]
+    ab = lambda sig: 1.0 / (1.0 + sig**2)
+    assert [den.size_at(ab(s)) for s in (80.0, 8.4, 5.32, 1.92, 0.585, 0.296, 0.01)] == [
+        6,
+        6,
+        6,
+        6,
+        5,
+        3,
+        3,
+    ]
     assert pspc.CIFAR10_EDM_SCHEDULE.size(ab(5.32)) == 23
     assert pspc.CIFAR10_EDM_SCHEDULE.size(ab(1.09)) == 7
     den = pspc.make_pspc_square(train=train, patch_size=lambda sigma: 2 if sigma > 1 else 4)
@@ -129,16 +143,18 @@ def test_square_edm_sampler_switch_matches_eager():
     res = sampling.edm(den, z, np.array([8.0, 1.5, 0.3, 0.0]))
     assert [den.size_at(a) for a in res.abs] == [6, 3, 3]
     for s in range(3):
-        np.testing.assert_allclose(np.asarray(res.x0_hats[s]),
-                                   np.asarray(den(res.xts[s], res.abs[s])), atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(res.x0_hats[s]), np.asarray(den(res.xts[s], res.abs[s])), atol=1e-4
+        )
 
 
 def _linear_network(shape, seed=3):
     h, w, c = shape
     n = h * w * c
     a = np.random.default_rng(seed).normal(size=(n, n)).astype(np.float32) / np.sqrt(n)
-    net = lambda x, ab: jnp.matmul(x.reshape(x.shape[0], -1), jnp.asarray(a).T,
-                                   precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+    net = lambda x, ab: jnp.matmul(
+        x.reshape(x.shape[0], -1), jnp.asarray(a).T, precision=jax.lax.Precision.HIGHEST
+    ).reshape(x.shape)
     heat = np.abs(a.reshape(h * w, c, h * w, c)).sum(axis=(1, 3))  # [p, q]: sum |A|
     return net, heat
 
@@ -147,16 +163,19 @@ def test_gradient_heatmaps_and_mask_growth():
     shape = (4, 5, 3)
     _, heat = _linear_network(shape)
     a = np.random.default_rng(3).normal(size=(60, 60)).astype(np.float32) / np.sqrt(60)
-    net = lambda x, ab: jnp.tanh(jnp.matmul(x.reshape(x.shape[0], -1), jnp.asarray(a).T,
-                                            precision=jax.lax.Precision.HIGHEST)).reshape(x.shape)
+    net = lambda x, ab: jnp.tanh(
+        jnp.matmul(x.reshape(x.shape[0], -1), jnp.asarray(a).T, precision=jax.lax.Precision.HIGHEST)
+    ).reshape(x.shape)
     x = np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32)
     # per-probe Jacobian diag(1 - tanh^2(A x)) A, |.| summed over channels, mean over probes
     jac = (1 - np.tanh(x.reshape(3, -1).astype(np.float64) @ a.T) ** 2)[:, :, None] * a[None]
     want = np.abs(jac.reshape(3, 20, 3, 20, 3)).sum(axis=(2, 4)).mean(0)
-    np.testing.assert_allclose(pspc.gradient_heatmaps(net, x, 0.5, pixel_batch=7), want,
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(pspc._own_heatmaps(net, x, 0.5, pixel_batch=7), want, rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        pspc.gradient_heatmaps(net, x, 0.5, pixel_batch=7), want, rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        pspc._own_heatmaps(net, x, 0.5, pixel_batch=7), want, rtol=1e-4, atol=1e-6
+    )
     for lam in (0.3, 0.75, 1.0):
         np.testing.assert_array_equal(pspc.grow_masks(heat, lam), oracle_grow(heat, lam))
     zero = np.zeros((4, 4))
@@ -173,14 +192,16 @@ def test_flex_matches_oracle():
     net, heat = _linear_network(shape, seed=5)
     lam = lambda sigma: 0.4 if sigma > 1.0 else 0.8
     abs_grid = [0.3, 0.8]
-    den = pspc.make_pspc_flex(train=train, network=net, abs=abs_grid, lam=lam, num_probes=2,
-                              chunk_size=5)
+    den = pspc.make_pspc_flex(
+        train=train, network=net, abs=abs_grid, lam=lam, num_probes=2, chunk_size=5
+    )
     for ab in abs_grid:
         sigma = np.sqrt((1 - ab) / ab)
         cols = oracle_grow(heat, lam(sigma))
         np.testing.assert_array_equal(np.asarray(den.masks[int(den.mask_index(ab))]), cols)
-        np.testing.assert_allclose(np.asarray(den(x, ab)), oracle_flex(train, x, ab, cols, True),
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(den(x, ab)), oracle_flex(train, x, ab, cols, True), atol=2e-5
+        )
     # a query between the grid points uses the masks of the nearest one in log sigma
     assert int(den.mask_index(0.7)) == 1 and int(den.mask_index(0.35)) == 0
     # chunk-size independence
@@ -192,8 +213,9 @@ def test_flex_full_masks_equal_optimal_and_errors():
     train, x = _data(8, (5, 5, 1), seed=6)
     n = 25
     den = pspc.make_pspc_flex(train=train, masks=np.ones((n, n)), flip=False)
-    np.testing.assert_allclose(np.asarray(den(x, AB)), np.asarray(make_optimal(train=train)(x, AB)),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(den(x, AB)), np.asarray(make_optimal(train=train)(x, AB)), atol=2e-5
+    )
     with pytest.raises(ValueError, match="network"):
         pspc.make_pspc_flex(train=train)
     with pytest.raises(ValueError, match="masks must be"):

@@ -42,8 +42,9 @@ def test_frechet_distance_isotropic_closed_form_and_rank_deficient():
     fa, fb = rng.normal(size=(3, 6)), rng.normal(size=(4, 6)) + 1.0
     ab, ba = quality.frechet_distance_of(fa, fb), quality.frechet_distance_of(fb, fa)
     assert np.isfinite(ab) and ab == pytest.approx(ba, rel=1e-6)  # round-off of zero eigenvalues
-    assert ab == pytest.approx(_fd_scipy(*quality.gaussian_fit(fa), *quality.gaussian_fit(fb)),
-                               rel=1e-6)
+    assert ab == pytest.approx(
+        _fd_scipy(*quality.gaussian_fit(fa), *quality.gaussian_fit(fb)), rel=1e-6
+    )
 
 
 def test_gaussian_fit_is_unbiased_float64():
@@ -74,11 +75,15 @@ def test_eps_mse_of_an_oracle_net_and_of_the_zero_net():
     got = quality.eps_mse(zero, {}, x0, ts, seed=3, batch_size=4, schedule=sched)
     for i, t in enumerate(ts):
         key_t = jax.random.fold_in(jax.random.PRNGKey(3), t)
-        eps = np.concatenate([np.asarray(jax.random.normal(jax.random.fold_in(key_t, j),
-                                                           x0[s:s + 4].shape))
-                              for j, s in enumerate(range(0, 6, 4))])
-        np.testing.assert_allclose(got[i], np.mean(eps.astype(np.float64) ** 2, (1, 2, 3)),
-                                   rtol=1e-6)
+        eps = np.concatenate(
+            [
+                np.asarray(jax.random.normal(jax.random.fold_in(key_t, j), x0[s : s + 4].shape))
+                for j, s in enumerate(range(0, 6, 4))
+            ]
+        )
+        np.testing.assert_allclose(
+            got[i], np.mean(eps.astype(np.float64) ** 2, (1, 2, 3)), rtol=1e-6
+        )
     with pytest.raises(ValueError, match="outside"):
         quality.eps_mse(zero, {}, x0, (1000,), schedule=sched)
 
@@ -95,16 +100,20 @@ def test_cached_classifier_is_keyed_by_content(tmp_path, monkeypatch):
 
     x, y = _bars()
     first = classify.cached_classifier(x, y, tmp_path, epochs=1, seed=0)
-    monkeypatch.setattr(classify, "train_classifier",
-                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained again")))
+    monkeypatch.setattr(
+        classify,
+        "train_classifier",
+        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained again")),
+    )
     again = classify.cached_classifier(x, y, tmp_path, epochs=1, seed=0, progress=True)
     np.testing.assert_array_equal(first.features(x), again.features(x))
     assert again.holdout_accuracy == first.holdout_accuracy
     assert again.features(x).shape == (60, 4 * first.width)
     for changed in (dict(images=x[::-1].copy(), labels=y), dict(images=x, labels=1 - y)):
         with pytest.raises(RuntimeError, match="trained again"):
-            classify.cached_classifier(changed["images"], changed["labels"], tmp_path, epochs=1,
-                                       seed=0)
+            classify.cached_classifier(
+                changed["images"], changed["labels"], tmp_path, epochs=1, seed=0
+            )
     with pytest.raises(RuntimeError, match="trained again"):
         classify.cached_classifier(x, y, tmp_path, epochs=2, seed=0)
 
@@ -127,8 +136,12 @@ def test_quality_entry_point(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load", fake_load)
     monkeypatch.setenv("LOCALITY_CACHE_DIR", str(tmp_path / "cache" / "stats"))
     net = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
-    train(net, TrainConfig(batch_size=8, num_steps=2, warmup_steps=0, num_samples=0,
-                           progress=False), tmp_path / "net", images=x)
+    train(
+        net,
+        TrainConfig(batch_size=8, num_steps=2, warmup_steps=0, num_samples=0, progress=False),
+        tmp_path / "net",
+        images=x,
+    )
     c = quality_cfg.get_config("mnist")
     c.networks = f"tiny={tmp_path / 'net'}"
     c.num_samples, c.num_real, c.eval_count, c.num_steps = 12, 6, 5, 2
@@ -143,8 +156,15 @@ def test_quality_entry_point(tmp_path, monkeypatch):
         assert (tmp_path / "w" / f).exists(), f
 
     keep, held = classify.balanced_split(y, 0.1, 0)
-    clf = classify.cached_classifier(x[keep], y[keep], str(tmp_path / "cache" / "classifiers"),
-                                     holdout=0.1, epochs=1, seed=0, flip=False)
+    clf = classify.cached_classifier(
+        x[keep],
+        y[keep],
+        str(tmp_path / "cache" / "classifiers"),
+        holdout=0.1,
+        epochs=1,
+        seed=0,
+        flip=False,
+    )
     real = x[held][np.sort(np.random.default_rng(0).permutation(len(held))[:6])]
     den = denoisers.make("network", checkpoint=str(tmp_path / "net"))
     x_T = np.asarray(jax.random.normal(jax.random.key(0), (12, 8, 8, 1)))

@@ -15,8 +15,9 @@ SHAPE = (5, 5, 1)
 def _data(n=10, seed=0, batch=2):
     rng = np.random.default_rng(seed)
     train = rng.uniform(-1, 1, (n,) + SHAPE).astype(np.float32)
-    x_t = (np.sqrt(AB) * train[:batch] + np.sqrt(1 - AB) * rng.normal(size=(batch,) + SHAPE)
-           ).astype(np.float32)
+    x_t = (
+        np.sqrt(AB) * train[:batch] + np.sqrt(1 - AB) * rng.normal(size=(batch,) + SHAPE)
+    ).astype(np.float32)
     return train, x_t
 
 
@@ -51,11 +52,13 @@ def oracle_train(train, x, ab, noise, sigma_s):
 
 def test_input_smoothing_matches_oracle_with_same_noise():
     train, x = _data()
-    den = scfdm.make_scfdm(train=train, num_samples=4, sigma_s=0.3, key=jax.random.key(3),
-                           chunk_size=4)
+    den = scfdm.make_scfdm(
+        train=train, num_samples=4, sigma_s=0.3, key=jax.random.key(3), chunk_size=4
+    )
     xi = np.asarray(scfdm.smoothing_noise(den.key, AB, x.shape, 4), np.float64)
-    np.testing.assert_allclose(np.asarray(den(x, AB)), oracle_input(train, x, AB, xi, 0.3),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(den(x, AB)), oracle_input(train, x, AB, xi, 0.3), atol=2e-5
+    )
     # reproducible, key-dependent, noise-level dependent
     np.testing.assert_array_equal(np.asarray(den(x, AB)), np.asarray(den(x, AB)))
     assert np.abs(np.asarray(den.with_key(4)(x, AB)) - np.asarray(den(x, AB))).max() > 1e-4
@@ -71,11 +74,18 @@ def test_train_smoothing_matches_oracle_and_is_chunk_independent():
     n = int(np.prod(SHAPE))
     outs = []
     for cs in (3, 10):
-        den = scfdm.make_scfdm(train=train, num_samples=3, sigma_s=0.2, seed=5, smoothing="train",
-                               chunk_size=cs)
+        den = scfdm.make_scfdm(
+            train=train, num_samples=3, sigma_s=0.2, seed=5, smoothing="train", chunk_size=cs
+        )
         outs.append(np.asarray(den(x, AB)))
-    noise = np.stack([np.stack([np.asarray(scfdm.train_noise(den.key, AB, r, k, n))
-                                for k in range(len(train))]) for r in range(3)]).astype(np.float64)
+    noise = np.stack(
+        [
+            np.stack(
+                [np.asarray(scfdm.train_noise(den.key, AB, r, k, n)) for k in range(len(train))]
+            )
+            for r in range(3)
+        ]
+    ).astype(np.float64)
     np.testing.assert_allclose(outs[0], oracle_train(train, x, AB, noise, 0.2), atol=2e-5)
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
 
@@ -96,8 +106,9 @@ def test_ddim_under_tracing_matches_eager_calls():
     x_T = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
     res = sampling.ddim(den, x_T, num_steps=3, timesteps=[500, 200, 50])
     for s in range(3):
-        np.testing.assert_allclose(np.asarray(res.x0_hats[s]),
-                                   np.asarray(den(res.xts[s], res.abs[s])), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(res.x0_hats[s]), np.asarray(den(res.xts[s], res.abs[s])), atol=1e-5
+        )
 
 
 def test_bad_arguments():

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from locality import denoisers, sensitivity as sens, stats
+from locality import denoisers, stats
+from locality import sensitivity as sens
 from locality.denoisers import linear as linear_lib  # noqa: F401  (registers "linear")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ def test_rows_match_dense_jacfwd_of_nonlinear_map():
     rows = sens.jacobian_rows(_nonlinear, x, 0.7, pixels)
     assert rows.shape == (3, 3, 2, 4, 4, 2)
     for b in range(3):
-        dense = jax.jacfwd(lambda y: _nonlinear(y[None], 0.7)[0])(x[b])   # [H, W, C, H, W, C]
+        dense = jax.jacfwd(lambda y: _nonlinear(y[None], 0.7)[0])(x[b])  # [H, W, C, H, W, C]
         for k, (i, j) in enumerate(pixels):
             np.testing.assert_allclose(rows[k, b], dense[i, j], atol=1e-6)
     # Chunked pull-backs (lax.map) give the same rows.
@@ -47,7 +48,7 @@ def test_rows_match_finite_differences_float64():
     for q in np.ndindex(4, 4, 2):
         e = np.zeros_like(x)
         e[(0,) + q] = h
-        fd[(slice(None),) + q] = (f(x + e) - f(x - e))[0, 1, 2] / (2 * h)   # [C_out]
+        fd[(slice(None),) + q] = (f(x + e) - f(x - e))[0, 1, 2] / (2 * h)  # [C_out]
     np.testing.assert_allclose(rows[0, 0], fd, atol=2e-3)
 
 
@@ -79,14 +80,14 @@ def test_wiener_field_is_abs_row_of_shrinkage_projector():
     st, wiener = _wiener_setup()
     ab = 0.3
     s = ab * st.eigvals / (ab * st.eigvals + 1.0 - ab)
-    p64 = (st.eigvecs * s) @ st.eigvecs.T / np.sqrt(ab)           # float64 P_t / sqrt(ab)
+    p64 = (st.eigvecs * s) @ st.eigvecs.T / np.sqrt(ab)  # float64 P_t / sqrt(ab)
     p6 = np.abs(p64).reshape(5, 5, 2, 5, 5, 2)
     rng = np.random.default_rng(4)
     x_t = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
     pixels = [(2, 2), (0, 4), (4, 0)]
     got = np.asarray(sens.fields(wiener, x_t, ab, pixels))
     for k, (i, j) in enumerate(pixels):
-        want = p6[i, j].sum(axis=(0, 3))                            # sum over C_out and C_in
+        want = p6[i, j].sum(axis=(0, 3))  # sum over C_out and C_in
         np.testing.assert_allclose(got[k], want, rtol=2e-4, atol=2e-5 * want.max())
         np.testing.assert_allclose(sens.linear_field(p64, (5, 5, 2), (i, j)), want, rtol=1e-12)
     # The default pixel is the centre, and Wiener.jacobian agrees with the float64 projector.
@@ -109,17 +110,17 @@ def test_radius_hand_built_fields():
     assert sens.radius(f, (2, 2), 0.5) == 0.0
     assert sens.radius(f, (2, 2), 1.0) == 0.0
     assert sens.radius(f, (0, 0), 0.5) == pytest.approx(np.sqrt(8))
-    f[2, 4] = 1.0                                   # equal mass 2 pixels away
-    assert sens.radius(f, (2, 2), 0.5) == 0.0       # the centre alone holds exactly half
+    f[2, 4] = 1.0  # equal mass 2 pixels away
+    assert sens.radius(f, (2, 2), 0.5) == 0.0  # the centre alone holds exactly half
     assert sens.radius(f, (2, 2), 0.9) == 2.0
     g = np.zeros((5, 5))
     g[2, 2], g[3, 3] = 1.0, 3.0
     assert sens.radius(g, (2, 2), 0.5) == pytest.approx(np.sqrt(2))
     # Uniform 5x5 around the centre: cumulative counts by radius 1, 5, 9, 13, 21, 25.
     u = np.ones((5, 5))
-    assert sens.radius(u, mass=0.5) == 2.0          # 12.5 pixels needed -> 13 within r = 2
-    assert sens.radius(u, mass=0.2) == 1.0          # 5 pixels
-    assert sens.radius(u, mass=0.84) == pytest.approx(np.sqrt(5))    # 21 pixels
+    assert sens.radius(u, mass=0.5) == 2.0  # 12.5 pixels needed -> 13 within r = 2
+    assert sens.radius(u, mass=0.2) == 1.0  # 5 pixels
+    assert sens.radius(u, mass=0.84) == pytest.approx(np.sqrt(5))  # 21 pixels
 
 
 def test_cosine_and_iou_hand_built_fields():
@@ -128,9 +129,11 @@ def test_cosine_and_iou_hand_built_fields():
     assert sens.cosine(f, 2 * f) == pytest.approx(1.0)
     assert sens.cosine(f, np.array([[0.0, 1.0], [0.0, 0.0]])) == 0.0
     assert sens.cosine(f, g) == pytest.approx(1 / np.sqrt(2))
-    a = np.zeros((3, 3)); a[0, 0] = a[0, 1] = 1.0
-    b = np.zeros((3, 3)); b[0, 1] = b[0, 2] = 1.0
-    assert sens.iou(a, b, mass=0.9) == pytest.approx(1 / 3)          # both pixels needed
+    a = np.zeros((3, 3))
+    a[0, 0] = a[0, 1] = 1.0
+    b = np.zeros((3, 3))
+    b[0, 1] = b[0, 2] = 1.0
+    assert sens.iou(a, b, mass=0.9) == pytest.approx(1 / 3)  # both pixels needed
     assert sens.iou(a, a, mass=0.9) == 1.0
     c = np.array([[0.5, 0.3, 0.2]])
     np.testing.assert_array_equal(sens.support(c, mass=0.5), [[True, False, False]])
@@ -138,8 +141,8 @@ def test_cosine_and_iou_hand_built_fields():
     np.testing.assert_array_equal(sens.support(c, threshold=0.5), [[True, True, False]])
     d = np.array([[0.2, 0.3, 0.5]])
     assert sens.iou(c, d, mass=0.5) == 0.0
-    assert sens.iou(c, d, threshold=0.5) == pytest.approx(1 / 3)     # {0, 1} vs {1, 2}
-    assert sens.iou(c, d, threshold=0.3) == 1.0                      # >= 0.15: all three
+    assert sens.iou(c, d, threshold=0.5) == pytest.approx(1 / 3)  # {0, 1} vs {1, 2}
+    assert sens.iou(c, d, threshold=0.3) == 1.0  # >= 0.15: all three
 
 
 def test_bad_inputs_raise():
@@ -168,8 +171,9 @@ def test_bad_inputs_raise():
 
 
 def _load_experiment(name):
-    spec = importlib.util.spec_from_file_location(f"exp_{name}",
-                                                  os.path.join(ROOT, "experiments", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"exp_{name}", os.path.join(ROOT, "experiments", f"{name}.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -188,19 +192,29 @@ def test_sensitivity_experiment_smoke(tmp_path):
 
     ab = float(schedules.ddpm_linear().ab(config.timesteps[0]))
     w, b = dense_wiener_matrices(st.covariance(), st.mean, ab)
-    config.linear_weights = linear_lib.save_linear(str(tmp_path / "lin.npz"), {ab: (w, b)},
-                                                   st.shape)
+    config.linear_weights = linear_lib.save_linear(
+        str(tmp_path / "lin.npz"), {ab: (w, b)}, st.shape
+    )
     config.networks = {"unet": str(tmp_path / "missing")}
     m = exp.run(config, str(tmp_path / "out"))
-    for f in ("config.json", "metrics.json", "summary.txt", "radius.png", "cosine.png",
-              "iou_50.png", "iou_90.png", "fields_r4_c4.png", "fields_r1_c6.png",
-              "similarity_vs_t.png"):
+    for f in (
+        "config.json",
+        "metrics.json",
+        "summary.txt",
+        "radius.png",
+        "cosine.png",
+        "iou_50.png",
+        "iou_90.png",
+        "fields_r4_c4.png",
+        "fields_r1_c6.png",
+        "similarity_vs_t.png",
+    ):
         assert (tmp_path / "out" / f).exists(), f
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["models"]["unet"]["status"] == "skipped"
     assert saved["models"]["linear"]["status"] == "ok"
     t0, t1 = (str(t) for t in config.timesteps)
-    assert m["cosine"][t0]["4,4"][0, 1] == pytest.approx(1.0, abs=1e-5)   # linear == Wiener
-    assert np.isnan(m["cosine"][t1]["4,4"][0, 1])                        # not trained at t1
+    assert m["cosine"][t0]["4,4"][0, 1] == pytest.approx(1.0, abs=1e-5)  # linear == Wiener
+    assert np.isnan(m["cosine"][t1]["4,4"][0, 1])  # not trained at t1
     r50 = m["radius"]["wiener"]["4,4"]["0.5"]
-    assert r50[0] <= r50[1]                 # the field widens with noise on this data
+    assert r50[0] <= r50[1]  # the field widens with noise on this data

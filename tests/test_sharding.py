@@ -32,8 +32,10 @@ SCRIPT = textwrap.dedent("""
     o8 = denoisers.make("optimal", train=x, chunk_size=4, shard=True)
     d = float(np.abs(np.asarray(o1(xt, 0.3)) - np.asarray(o8(xt, 0.3))).max())
     assert d <= 1e-6, d
-    r1 = sampling.ddim(denoisers.make("pca_locality", stats=st, train=x, chunk_size=4), xt, num_steps=4)
-    r8 = sampling.ddim(denoisers.make("pca_locality", stats=st, train=x, chunk_size=4, shard=True), xt, num_steps=4)
+    single = denoisers.make("pca_locality", stats=st, train=x, chunk_size=4)
+    r1 = sampling.ddim(single, xt, num_steps=4)
+    sharded = denoisers.make("pca_locality", stats=st, train=x, chunk_size=4, shard=True)
+    r8 = sampling.ddim(sharded, xt, num_steps=4)
     d = float(np.abs(np.asarray(r1.images) - np.asarray(r8.images)).max())
     assert d <= 1e-5, d
     print("OK", worst)
@@ -44,7 +46,8 @@ def test_eight_devices_equal_one_device():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout

@@ -5,21 +5,28 @@ torch is an optional extra (``pip install '.[torch-bench]'``) that CI does not i
 whole module is skipped without it.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="torch is the optional extra torch-bench (speed reference only); not installed")
+    "torch", reason="torch is the optional extra torch-bench (speed reference only); not installed"
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import torch_unet  # noqa: E402
+from benchmarks import torch_unet  # noqa: E402  (after the importorskip above)
 from locality.nets import abstract_params, build_model, count_params  # noqa: E402
 
-CPU = {"arch": "unet", "ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
-       "attn_resolutions": [], "mid_attn": True, "dropout": 0.0, "num_groups": 8,
-       "padding": "zeros", "use_norm": True, "num_classes": 0}
+CPU = {
+    "arch": "unet",
+    "ch": 16,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "mid_attn": True,
+    "dropout": 0.0,
+    "num_groups": 8,
+    "padding": "zeros",
+    "use_norm": True,
+    "num_classes": 0,
+}
 
 
 @pytest.mark.parametrize("ch", [16, 24])

@@ -18,9 +18,18 @@ import pytest
 from locality import schedules
 from locality.checkpoints import CheckpointError, export_workdir, load_params, summary_from_log
 from locality.nets import build_model
-from locality.train import (BatchSource, TrainConfig, batch_indices, create_train_state,
-                            diffusion_loss, ema_decay_at, ema_update, learning_rate_schedule,
-                            make_mesh, make_train_step, train)
+from locality.train import (
+    BatchSource,
+    TrainConfig,
+    batch_indices,
+    create_train_state,
+    diffusion_loss,
+    ema_decay_at,
+    ema_update,
+    learning_rate_schedule,
+    make_train_step,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.1)
@@ -58,8 +67,9 @@ def test_ema_and_lr_math():
     const = learning_rate_schedule(dataclasses.replace(cfg, cosine_decay=False))
     steps = np.arange(61)
     assert np.array_equal(np.asarray(late(steps)), np.asarray(const(steps)))
-    assert float(late(85)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4))),
-                                            rel=1e-5)
+    assert float(late(85)) == pytest.approx(
+        1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4))), rel=1e-5
+    )
     assert float(late(160)) == pytest.approx(1e-4, rel=1e-5)
     with pytest.raises(ValueError, match="cosine_decay=True"):
         TrainConfig(decay_start=5, warmup_steps=0)
@@ -82,22 +92,31 @@ def test_batches_are_deterministic_epoch_permutations():
     got = flipped(5)
     is_flip = [np.array_equal(g, r[:, ::-1]) for g, r in zip(got, ref)]
     assert all(f or np.array_equal(g, r) for f, g, r in zip(is_flip, got, ref))
-    draws = np.concatenate([[np.array_equal(g, r[:, ::-1]) for g, r in
-                             zip(flipped(s), imgs[batch_indices(7, s, n, b)])] for s in range(30)])
+    draws = np.concatenate(
+        [
+            [
+                np.array_equal(g, r[:, ::-1])
+                for g, r in zip(flipped(s), imgs[batch_indices(7, s, n, b)])
+            ]
+            for s in range(30)
+        ]
+    )
     assert 0.2 < draws.mean() < 0.8  # about half of the images are flipped
     np.testing.assert_array_equal(flipped(5), BatchSource(imgs, b, 7, True)(5))
 
 
 def test_train_step_ema_and_overfitting_a_tiny_batch():
     model = build_model({**TINY, "dropout": 0.0})
-    cfg = TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, grad_clip=1.0, ema_decay=0.5,
-                      ema_warmup=False)
+    cfg = TrainConfig(
+        batch_size=4, lr=3e-3, warmup_steps=10, grad_clip=1.0, ema_decay=0.5, ema_warmup=False
+    )
     x0 = _images(4, 8, seed=1)
     state = create_train_state(model, cfg, (8, 8, 1))
     ab = jnp.asarray(schedules.ddpm_linear().alphas_cumprod)
     eval_keys = jax.random.split(jax.random.PRNGKey(123), 16)
-    eval_loss = jax.jit(lambda p: jnp.mean(jax.vmap(
-        lambda k: diffusion_loss(p, model.apply, x0, k, ab))(eval_keys)))
+    eval_loss = jax.jit(
+        lambda p: jnp.mean(jax.vmap(lambda k: diffusion_loss(p, model.apply, x0, k, ab))(eval_keys))
+    )
     before = float(eval_loss(state.params))
     step = make_train_step(model, cfg)
     key = jax.random.PRNGKey(0)
@@ -109,10 +128,12 @@ def test_train_step_ema_and_overfitting_a_tiny_batch():
     state, m = step(state, x0, key)
     assert int(state.step) == 2
     moved = 0.0
-    for e0, p1, e1 in zip(jax.tree.leaves(ema0), jax.tree.leaves(state.params),
-                          jax.tree.leaves(state.ema_params)):
-        np.testing.assert_allclose(np.asarray(e1), 0.5 * e0 + 0.5 * np.asarray(p1), rtol=1e-5,
-                                   atol=1e-7)
+    for e0, p1, e1 in zip(
+        jax.tree.leaves(ema0), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
+    ):
+        np.testing.assert_allclose(
+            np.asarray(e1), 0.5 * e0 + 0.5 * np.asarray(p1), rtol=1e-5, atol=1e-7
+        )
         moved = max(moved, float(np.max(np.abs(np.asarray(p1) - e0))))
     assert moved > 1e-5  # the parameters did change
 
@@ -129,7 +150,6 @@ def test_data_parallel_step_equals_single_device():
         import os, sys
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         import jax, numpy as np
-        sys.path.insert(0, sys.argv[1])
         from locality.nets import build_model
         from locality.train import TrainConfig, create_train_state, make_mesh, make_train_step
         assert len(jax.devices()) == 8, jax.devices()
@@ -155,17 +175,34 @@ def test_data_parallel_step_equals_single_device():
         print("OK", l1, l8, err)
     """)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    res = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True,
-                         text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(REPO)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpointing: one uninterrupted reference run shared by the tests below.
 
-CFG = TrainConfig(batch_size=8, num_steps=6, lr=1e-3, warmup_steps=2, checkpoint_every=3,
-                  keep_checkpoints=2, log_every=2, num_samples=4, sample_steps=2, progress=False,
-                  ema_decay=0.9, ema_warmup=True, random_flip=True)
+CFG = TrainConfig(
+    batch_size=8,
+    num_steps=6,
+    lr=1e-3,
+    warmup_steps=2,
+    checkpoint_every=3,
+    keep_checkpoints=2,
+    log_every=2,
+    num_samples=4,
+    sample_steps=2,
+    progress=False,
+    ema_decay=0.9,
+    ema_warmup=True,
+    random_flip=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +214,16 @@ def reference_run(tmp_path_factory):
 
 def test_run_writes_artifacts(reference_run):
     workdir, state, summary = reference_run
-    for name in ("config.json", "metrics.jsonl", "metrics.json", "loss.png", "summary.txt",
-                 "samples_0000003.png", "samples_0000006.png", "checkpoints/config.json"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "loss.png",
+        "summary.txt",
+        "samples_0000003.png",
+        "samples_0000006.png",
+        "checkpoints/config.json",
+    ):
         assert (workdir / name).exists(), name
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
@@ -186,8 +231,10 @@ def test_run_writes_artifacts(reference_run):
     assert summary["steps"] == 6 and int(state.step) == 6
     meta = json.loads((workdir / "checkpoints" / "config.json").read_text())
     assert meta["model"]["ch"] == 8 and meta["image_shape"] == [8, 8, 1]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
-        ["3", "6"]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "3",
+        "6",
+    ]
     _, ema, _ = load_params(workdir)
     assert _leaves_equal(ema, state.ema_params)
 
@@ -205,8 +252,7 @@ def test_kill_and_resume_is_bit_identical(reference_run, tmp_path):
 
     with pytest.raises(_Killed):
         train(TINY, CFG, tmp_path, images=_images(), on_step=kill_at_4)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == \
-        ["3"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     state, summary = train(TINY, CFG, tmp_path, images=_images())  # fresh manager, resumes
     assert summary["resumed_from"] == 3
     assert _leaves_equal(state.params, ref_state.params)
@@ -220,8 +266,9 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_bit_identical(reference_
     _, ref_state, _ = reference_run
     state1, summary1 = train(TINY, CFG, tmp_path / "a", images=_images(), time_limit_s=0.0)
     assert summary1["steps"] == 1 and summary1["stopped_early"] and int(state1.step) == 1
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()
-                  if p.name.isdigit()) == ["1"]
+    assert sorted(
+        p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()
+    ) == ["1"]
     assert (tmp_path / "a" / "samples_0000001.png").exists()
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["stopped_early"]
     one, _ = train(TINY, dataclasses.replace(CFG, num_steps=1), tmp_path / "b", images=_images())
@@ -237,7 +284,9 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_bit_identical(reference_
 
 
 def _tree_snapshot(path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def test_corrupt_checkpoint_raises_and_keeps_last_good(reference_run, tmp_path):
@@ -296,8 +345,12 @@ def test_resumes_a_run_stored_before_a_config_field_existed(reference_run, tmp_p
     state, summary = train(TINY, dataclasses.replace(CFG, num_steps=7), workdir, images=_images())
     assert summary["resumed_from"] == 6 and int(state.step) == 7
     with pytest.raises(CheckpointError, match="transform"):
-        train(TINY, dataclasses.replace(CFG, num_steps=8, random_flip=False,
-                                        transform="permute:0"), workdir, images=_images())
+        train(
+            TINY,
+            dataclasses.replace(CFG, num_steps=8, random_flip=False, transform="permute:0"),
+            workdir,
+            images=_images(),
+        )
 
 
 def test_anneal_appended_to_a_constant_lr_run(reference_run, tmp_path):
@@ -309,8 +362,12 @@ def test_anneal_appended_to_a_constant_lr_run(reference_run, tmp_path):
     shutil.copytree(ref_dir, workdir)
     before = _tree_snapshot(workdir / "checkpoints")
     with pytest.raises(CheckpointError, match=r"learning rate of step 3 .*decay_start=6"):
-        train(TINY, dataclasses.replace(CFG, num_steps=9, cosine_decay=True), workdir,
-              images=_images())
+        train(
+            TINY,
+            dataclasses.replace(CFG, num_steps=9, cosine_decay=True),
+            workdir,
+            images=_images(),
+        )
     with pytest.raises(CheckpointError, match="lr"):
         train(TINY, dataclasses.replace(CFG, lr=2e-3), workdir, images=_images())
     assert _tree_snapshot(workdir / "checkpoints") == before
@@ -319,16 +376,19 @@ def test_anneal_appended_to_a_constant_lr_run(reference_run, tmp_path):
     assert summary["resumed_from"] == 6 and int(state.step) == 9
     stored = json.loads((workdir / "checkpoints" / "config.json").read_text())["train"]
     assert stored["cosine_decay"] and stored["decay_start"] == 6 and stored["num_steps"] == 9
-    lrs = {r["step"]: r["lr"] for r in map(json.loads,
-                                           (workdir / "metrics.jsonl").read_text().splitlines())}
+    lrs = {
+        r["step"]: r["lr"]
+        for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    }
     assert lrs[8] < lrs[6] == pytest.approx(CFG.lr)
     straight, _ = train(TINY, anneal, tmp_path / "straight", images=_images())
     assert _leaves_equal(state.params, straight.params)
     assert _leaves_equal(state.ema_params, straight.ema_params)
     assert export_workdir(workdir, tmp_path / "out") == 9
     exported = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    first = max(json.loads(l)["wall_s"] for l in
-                (ref_dir / "metrics.jsonl").read_text().splitlines())
+    first = max(
+        json.loads(l)["wall_s"] for l in (ref_dir / "metrics.jsonl").read_text().splitlines()
+    )
     assert exported["wall_s_all_invocations"] == pytest.approx(exported["wall_s"] + first)
     assert load_params(tmp_path / "out")[2]["train"]["decay_start"] == 6
     # Exporting the same step again replaces the weights and keeps other files there.
@@ -351,8 +411,9 @@ def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
         assert (tmp_path / "last" / name).exists(), name
 
     assert export_workdir(ref_dir, tmp_path / "s3", step=3) == 3
-    three, _ = train(TINY, dataclasses.replace(CFG, num_steps=3), tmp_path / "run3",
-                     images=_images())
+    three, _ = train(
+        TINY, dataclasses.replace(CFG, num_steps=3), tmp_path / "run3", images=_images()
+    )
     _, ema3, meta3 = load_params(tmp_path / "s3")
     assert _leaves_equal(ema3, three.ema_params) and meta3["train"]["num_steps"] == 3
     assert (tmp_path / "s3" / "samples_0000003.png").exists()
@@ -372,8 +433,15 @@ def test_export_workdir_latest_and_earlier_step(reference_run, tmp_path):
 def test_summary_from_log_adds_wall_time_over_resumes(tmp_path):
     """Two invocations (wall_s restarts), a line cut by a kill, rows after the step ignored."""
     log = tmp_path / "metrics.jsonl"
-    rows = [(10, 0.5, 1.0), (20, 0.4, 2.0), (30, 0.3, 3.0), (20, 0.4, 0.5), (30, 0.3, 1.5),
-            (40, 0.2, 2.5), (50, 0.1, 3.5)]
+    rows = [
+        (10, 0.5, 1.0),
+        (20, 0.4, 2.0),
+        (30, 0.3, 3.0),
+        (20, 0.4, 0.5),
+        (30, 0.3, 1.5),
+        (40, 0.2, 2.5),
+        (50, 0.1, 3.5),
+    ]
     text = "\n".join(json.dumps({"step": a, "loss": b, "wall_s": c}) for a, b, c in rows)
     log.write_text(text + "\n" + '{"step": 60, "lo')  # the last line cut by a kill
     s = summary_from_log(log, 40)

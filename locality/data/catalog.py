@@ -38,16 +38,20 @@ class CatalogSet:
         self.display_name = "tfds:" + tfds_name
         if ":" in tfds_name and not download:
             # Namespaced names (e.g. huggingface:...) are resolved over the network.
-            raise DataSourceError(f"{self.display_name}: namespaced TFDS datasets are looked up "
-                                  "over the network; pass download=True.")
+            raise DataSourceError(
+                f"{self.display_name}: namespaced TFDS datasets are looked up "
+                "over the network; pass download=True."
+            )
         tfds = _tfds()
         data_dir = root / "tfds"
         try:
-            self.builder = tfds.builder(tfds_name, data_dir=str(data_dir),
-                                        file_format="array_record")
+            self.builder = tfds.builder(
+                tfds_name, data_dir=str(data_dir), file_format="array_record"
+            )
         except tfds.core.registered.DatasetNotFoundError as e:
-            raise ValueError(f"{self.display_name!r} is not a TFDS catalogue dataset "
-                             f"({str(e).splitlines()[0]}).") from e
+            raise ValueError(
+                f"{self.display_name!r} is not a TFDS catalogue dataset ({str(e).splitlines()[0]})."
+            ) from e
         if not self.builder.is_prepared():
             if not download:
                 raise DataSourceError(
@@ -55,11 +59,13 @@ class CatalogSet:
                     "(or --download to python -m locality.data.fetch) to download and prepare "
                     "it from the network (the first time only; "
                     "preparing needs TensorFlow), or use an offline dataset from "
-                    "locality.data.names(offline=True).")
+                    "locality.data.names(offline=True)."
+                )
             log.warning("%s: downloading and preparing into %s", self.display_name, data_dir)
             try:
                 self.builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+                )
             except ImportError as e:
                 if "tensorflow" not in str(e).lower():
                     raise
@@ -68,11 +74,13 @@ class CatalogSet:
                     f"({e}). Install it once (`pip install tensorflow-cpu`) and repeat the call; "
                     "the downloaded files are kept in "
                     f"{data_dir / 'downloads'}, and reading the prepared data afterwards does "
-                    "not need TensorFlow.") from e
+                    "not need TensorFlow."
+                ) from e
         features = self.builder.info.features
         if "image" not in features:
-            raise ValueError(f"{self.display_name} has no 'image' feature "
-                             f"(features: {list(features)}).")
+            raise ValueError(
+                f"{self.display_name} has no 'image' feature (features: {list(features)})."
+            )
         self.has_labels = "label" in features
         self._sources = {}
 
@@ -97,8 +105,10 @@ class CatalogSet:
             if image.ndim == 2:
                 image = image[..., None]
             if image.dtype != np.uint8 or image.ndim != 3:
-                raise ValueError(f"{self.display_name}: images must be uint8 [H, W, C], got "
-                                 f"{image.dtype} {image.shape}.")
+                raise ValueError(
+                    f"{self.display_name}: images must be uint8 [H, W, C], got "
+                    f"{image.dtype} {image.shape}."
+                )
             images.append(image)
             if self.has_labels:
                 labels.append(int(example["label"]))
@@ -106,7 +116,8 @@ class CatalogSet:
             raise ValueError(f"{self.display_name} {split}: no examples selected.")
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
-            raise ValueError(f"{self.display_name}: images of different shapes {sorted(shapes)}; "
-                             "only fixed-size image datasets are supported.")
-        return (np.stack(images),
-                np.asarray(labels, np.int32) if self.has_labels else None)
+            raise ValueError(
+                f"{self.display_name}: images of different shapes {sorted(shapes)}; "
+                "only fixed-size image datasets are supported."
+            )
+        return (np.stack(images), np.asarray(labels, np.int32) if self.has_labels else None)

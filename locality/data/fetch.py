@@ -25,16 +25,21 @@ from locality.data.errors import DataSourceError
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m locality.data.fetch",
-        description="Obtain, verify and prepare datasets for locality.data.load.")
+        description="Obtain, verify and prepare datasets for locality.data.load.",
+    )
     parser.add_argument("names", nargs="*", help="dataset names (see locality.data.names())")
     parser.add_argument("--all", action="store_true", help="every offline dataset")
-    parser.add_argument("--data-dir", default=None,
-                        help=f"cache root (default ${acquire.DATA_DIR_ENV} or "
-                             f"{acquire.DEFAULT_DATA_DIR})")
-    parser.add_argument("--force", action="store_true",
-                        help="obtain raw files again and rebuild prepared data")
-    parser.add_argument("--download", action="store_true",
-                        help="allow network downloads for tfds:<name> datasets")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"cache root (default ${acquire.DATA_DIR_ENV} or {acquire.DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="obtain raw files again and rebuild prepared data"
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="allow network downloads for tfds:<name> datasets"
+    )
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -47,8 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures = 0
     for name in names:
         try:
-            summary = loading.prepare(name, data_dir=args.data_dir, force=args.force,
-                                      download=args.download)
+            summary = loading.prepare(
+                name, data_dir=args.data_dir, force=args.force, download=args.download
+            )
         except (DataSourceError, ValueError) as e:
             failures += 1
             print(f"FAILED {name}: {e}", file=sys.stderr)

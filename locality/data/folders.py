@@ -62,21 +62,25 @@ def scan_folder(name: str, root: Path) -> FolderLayout:
     """Lists the images of the image-folder dataset `name` stored under `root`."""
     spec = registry.SPECS[name]
     if not root.is_dir():
-        raise DataSourceError(f"{name}: image directory {root} does not exist. "
-                              f"Put the image files in a directory and set "
-                              f"{registry.folder_env_var(name)}=/that/dir, or place them under "
-                              f"{root}/. ({spec.source})")
+        raise DataSourceError(
+            f"{name}: image directory {root} does not exist. "
+            f"Put the image files in a directory and set "
+            f"{registry.folder_env_var(name)}=/that/dir, or place them under "
+            f"{root}/. ({spec.source})"
+        )
     files = _list_images(root)
     if not files:
-        raise DataSourceError(f"{name}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                              f"under {root}.")
+        raise DataSourceError(
+            f"{name}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}."
+        )
     by_split: dict[str, list[str]] = {}
     if any(f.split("/", 1)[0] in SPLIT_DIRS and "/" in f for f in files):
         stray = [f for f in files if f.split("/", 1)[0] not in SPLIT_DIRS or "/" not in f]
         if stray:
             raise DataSourceError(
                 f"{name}: {root} has split folders ({', '.join(SPLIT_DIRS)}) but also images "
-                f"outside them, e.g. {stray[0]!r}; move or delete those.")
+                f"outside them, e.g. {stray[0]!r}; move or delete those."
+            )
         for f in files:
             split, rest = f.split("/", 1)
             by_split.setdefault(split, []).append(rest)
@@ -87,17 +91,20 @@ def scan_folder(name: str, root: Path) -> FolderLayout:
     labelled = all("/" in rel for rels in by_split.values() for rel in rels)
     class_names = None
     if labelled:
-        class_names = tuple(sorted({rel.split("/", 1)[0] for rels in by_split.values()
-                                    for rel in rels}))
+        class_names = tuple(
+            sorted({rel.split("/", 1)[0] for rels in by_split.values() for rel in rels})
+        )
     index = {c: i for i, c in enumerate(class_names or ())}
     splits = {}
     for split in sorted(by_split):
         splits[split] = tuple(
             (prefix[split] + rel, index[rel.split("/", 1)[0]] if labelled else None)
-            for rel in by_split[split])
+            for rel in by_split[split]
+        )
     digest = hashlib.sha256()
     for f in files:
         st = (root / f).stat()
         digest.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return FolderLayout(root=root, splits=splits, class_names=class_names,
-                        fingerprint=digest.hexdigest())
+    return FolderLayout(
+        root=root, splits=splits, class_names=class_names, fingerprint=digest.hexdigest()
+    )

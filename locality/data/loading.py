@@ -50,8 +50,10 @@ def canonical_name(name: str) -> str:
         return name
     if name.startswith(registry.TFDS_PREFIX) and len(name) > len(registry.TFDS_PREFIX):
         return name
-    raise ValueError(f"unknown dataset {name!r}. Valid names: {', '.join(names())} "
-                     f"(plus 'tfds:<catalogue name>' and the alias 'cifar10').")
+    raise ValueError(
+        f"unknown dataset {name!r}. Valid names: {', '.join(names())} "
+        f"(plus 'tfds:<catalogue name>' and the alias 'cifar10')."
+    )
 
 
 def info(name: str) -> dict:
@@ -66,12 +68,21 @@ def info(name: str) -> dict:
     name = canonical_name(name)
     spec = registry.SPECS.get(name)
     if spec is None:  # An unlisted tfds: name.
-        return {"name": name, "kind": "tfds", "offline": False, "shape": None, "splits": {},
-                "labels": None, "num_classes": None, "class_names": None,
-                "source": f"TFDS catalogue {name[len(registry.TFDS_PREFIX):]!r}",
-                "license": "see the TFDS catalogue", "order": "TFDS array_record order.",
-                "notes": "Needs download=True the first time.",
-                "fetch": f"data.load({name!r}, download=True)"}
+        return {
+            "name": name,
+            "kind": "tfds",
+            "offline": False,
+            "shape": None,
+            "splits": {},
+            "labels": None,
+            "num_classes": None,
+            "class_names": None,
+            "source": f"TFDS catalogue {name[len(registry.TFDS_PREFIX) :]!r}",
+            "license": "see the TFDS catalogue",
+            "order": "TFDS array_record order.",
+            "notes": "Needs download=True the first time.",
+            "fetch": f"data.load({name!r}, download=True)",
+        }
     return {
         "name": spec.name,
         "kind": spec.kind,
@@ -112,18 +123,22 @@ def parse_split(split: str, sizes: dict, name: str = "dataset") -> list[tuple[st
     concatenated in the given order.
     """
     if not isinstance(split, str) or not split.strip():
-        raise ValueError(f"split must be a non-empty string like 'train' or 'train[:80%]', got "
-                         f"{split!r}.")
+        raise ValueError(
+            f"split must be a non-empty string like 'train' or 'train[:80%]', got {split!r}."
+        )
     out = []
     for part in split.split("+"):
         match = _SPLIT_PART.match(part.strip())
         if not match:
-            raise ValueError(f"cannot parse split {part.strip()!r}; use NAME, NAME[a:b] or "
-                             "NAME[a%:b%], joined by '+'.")
+            raise ValueError(
+                f"cannot parse split {part.strip()!r}; use NAME, NAME[a:b] or "
+                "NAME[a%:b%], joined by '+'."
+            )
         base, start, stop = match.groups()
         if base not in sizes:
-            raise ValueError(f"{name} has no split {base!r}; available: "
-                             f"{', '.join(sorted(sizes))}.")
+            raise ValueError(
+                f"{name} has no split {base!r}; available: {', '.join(sorted(sizes))}."
+            )
         n = sizes[base]
         lo, hi, _ = slice(_bound(start, n), _bound(stop, n)).indices(n)
         if hi > lo:
@@ -167,8 +182,8 @@ def to_float(images: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(images).reshape(-1)
     out = np.empty(flat.shape, np.float32)
     for start in range(0, flat.size, _FLOAT_CHUNK):
-        chunk = out[start:start + _FLOAT_CHUNK]
-        np.multiply(flat[start:start + _FLOAT_CHUNK], np.float32(2), out=chunk, dtype=np.float32)
+        chunk = out[start : start + _FLOAT_CHUNK]
+        np.multiply(flat[start : start + _FLOAT_CHUNK], np.float32(2), out=chunk, dtype=np.float32)
         chunk -= np.float32(255)
         chunk /= np.float32(255)
     return out.reshape(images.shape)
@@ -179,8 +194,10 @@ def check_images(x: np.ndarray, name: str) -> None:
     if x.dtype != np.float32 or x.ndim != 4:
         raise ValueError(f"{name}: expected float32 [N, H, W, C], got {x.dtype} {x.shape}.")
     if x.size and (not np.isfinite(x).all() or x.min() < -1 or x.max() > 1):
-        raise ValueError(f"{name}: values are not finite within [-1, 1] "
-                         f"(min {np.nanmin(x)}, max {np.nanmax(x)}).")
+        raise ValueError(
+            f"{name}: values are not finite within [-1, 1] "
+            f"(min {np.nanmin(x)}, max {np.nanmax(x)})."
+        )
 
 
 def _check_options(split, resolution, limit, download, with_labels) -> None:
@@ -207,19 +224,37 @@ def _prepared_set(name: str, root):
     if spec.kind == "folder":
         layout = folders.scan_folder(name, folders.folder_root(name, root))
         key = store.content_key(name, {"listing": layout.fingerprint})
-        return store.PreparedSet(name=name, root=root, key=key, builder_kwargs={"layout": layout},
-                                 shape=spec.shape, split_sizes=layout.split_sizes,
-                                 has_labels=layout.class_names is not None)
+        return store.PreparedSet(
+            name=name,
+            root=root,
+            key=key,
+            builder_kwargs={"layout": layout},
+            shape=spec.shape,
+            split_sizes=layout.split_sizes,
+            has_labels=layout.class_names is not None,
+        )
     raw = acquire.ensure_raw(name, root)
     key = store.content_key(name, {fn: sha for fn, (_, sha) in raw.items()})
     raw_files = {fn: path for fn, (path, _) in raw.items()}
     if name == "natural_patches":
-        return store.PreparedSet(name=name, root=root, key=key,
-                                 builder_kwargs={"raw_files": raw_files}, shape=None,
-                                 split_sizes={"train": len(raw_files)}, has_labels=False)
-    return store.PreparedSet(name=name, root=root, key=key, builder_kwargs={"raw_files": raw_files},
-                             shape=spec.shape, split_sizes=dict(spec.splits),
-                             has_labels=spec.has_labels)
+        return store.PreparedSet(
+            name=name,
+            root=root,
+            key=key,
+            builder_kwargs={"raw_files": raw_files},
+            shape=None,
+            split_sizes={"train": len(raw_files)},
+            has_labels=False,
+        )
+    return store.PreparedSet(
+        name=name,
+        root=root,
+        key=key,
+        builder_kwargs={"raw_files": raw_files},
+        shape=spec.shape,
+        split_sizes=dict(spec.splits),
+        has_labels=spec.has_labels,
+    )
 
 
 def _gather_prepared(prepared, ranges, resolution):
@@ -238,7 +273,7 @@ def _gather_prepared(prepared, ranges, resolution):
         if full_labels is not None:
             labels.append(full_labels[lo:hi])
     images = images[0] if len(images) == 1 else np.concatenate(images)
-    labels = (np.concatenate(labels) if labels else None)
+    labels = np.concatenate(labels) if labels else None
     return images, labels
 
 
@@ -255,8 +290,10 @@ def crop_plan(photo_shapes, count: int, size: int, seed: int = registry.NATURAL_
     shapes = np.asarray([(h, w) for h, w in photo_shapes], np.int64)
     usable = np.flatnonzero((shapes[:, 0] >= size) & (shapes[:, 1] >= size))
     if usable.size == 0:
-        raise ValueError(f"natural_patches: resolution={size} is larger than every photo "
-                         f"(largest {shapes.min(axis=1).max()} px on its short side).")
+        raise ValueError(
+            f"natural_patches: resolution={size} is larger than every photo "
+            f"(largest {shapes.min(axis=1).max()} px on its short side)."
+        )
     blocks = -(-count // _PHOTO_BLOCK)
     photo, top, left = [], [], []
     for b in range(blocks):
@@ -266,30 +303,42 @@ def crop_plan(photo_shapes, count: int, size: int, seed: int = registry.NATURAL_
         photo.append(p)
         top.append(np.floor(u[:, 0] * (shapes[p, 0] - size + 1)).astype(np.int64))
         left.append(np.floor(u[:, 1] * (shapes[p, 1] - size + 1)).astype(np.int64))
-    return (np.concatenate(photo)[:count], np.concatenate(top)[:count],
-            np.concatenate(left)[:count])
+    return (
+        np.concatenate(photo)[:count],
+        np.concatenate(top)[:count],
+        np.concatenate(left)[:count],
+    )
 
 
 def _natural_patches(root, split: str, resolution: Optional[int], limit: Optional[int]):
     if split != "train":
-        raise ValueError(f"natural_patches has only split 'train' (got {split!r}); use limit= "
-                         "for the number of crops.")
+        raise ValueError(
+            f"natural_patches has only split 'train' (got {split!r}); use limit= "
+            "for the number of crops."
+        )
     size = resolution or registry.NATURAL_PATCHES_DEFAULT_SIZE
     count = limit or registry.NATURAL_PATCHES_DEFAULT_COUNT
     photos = [image for _, image in _prepared_set("natural_patches", root).photos()]
     photo, top, left = crop_plan([p.shape[:2] for p in photos], count, size)
     out = np.empty((count, size, size, 3), np.uint8)
     for i in range(count):
-        out[i] = photos[photo[i]][top[i]:top[i] + size, left[i]:left[i] + size]
+        out[i] = photos[photo[i]][top[i] : top[i] + size, left[i] : left[i] + size]
     return out
 
 
 # ---------------------------------------------------------------------------------- public
 
 
-def load(name: str, split: str = "train", *, resolution: Optional[int] = None,
-         limit: Optional[int] = None, download: bool = False,
-         data_dir: Optional[str | os.PathLike] = None, with_labels: bool = False):
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    resolution: Optional[int] = None,
+    limit: Optional[int] = None,
+    download: bool = False,
+    data_dir: Optional[str | os.PathLike] = None,
+    with_labels: bool = False,
+):
     """Loads a dataset as float32 [N, H, W, C] in [-1, 1] (row-major NHWC).
 
     Args:
@@ -323,8 +372,10 @@ def load(name: str, split: str = "train", *, resolution: Optional[int] = None,
     else:
         prepared = _prepared_set(name, root)
         if with_labels and not prepared.has_labels:
-            raise ValueError(f"{name} in {prepared.builder_kwargs['layout'].root} has no class "
-                             "sub-folders, so no labels; call without with_labels=True.")
+            raise ValueError(
+                f"{name} in {prepared.builder_kwargs['layout'].root} has no class "
+                "sub-folders, so no labels; call without with_labels=True."
+            )
         ranges = _apply_limit(parse_split(split, prepared.split_sizes, name), limit, split, name)
         images, labels = _gather_prepared(prepared, ranges, resolution)
 
@@ -336,11 +387,10 @@ def load(name: str, split: str = "train", *, resolution: Optional[int] = None,
 
 
 def _load_catalog(name, root, split, resolution, limit, download, with_labels):
-    dataset = catalog.CatalogSet(name[len(registry.TFDS_PREFIX):], root, download=download)
+    dataset = catalog.CatalogSet(name[len(registry.TFDS_PREFIX) :], root, download=download)
     if with_labels and not dataset.has_labels:
         raise ValueError(f"{name} has no 'label' feature; call without with_labels=True.")
-    bases = {m.group(1) for part in split.split("+")
-             if (m := _SPLIT_PART.match(part.strip()))}
+    bases = {m.group(1) for part in split.split("+") if (m := _SPLIT_PART.match(part.strip()))}
     sizes = {b: dataset.split_size(b) for b in bases}
     ranges = _apply_limit(parse_split(split, sizes, name), limit, split, name)
     images, labels = [], []
@@ -364,7 +414,7 @@ def prepare(name: str, data_dir=None, *, force: bool = False, download: bool = F
     root = acquire.cache_root(data_dir)
     spec = registry.SPECS.get(name)
     if spec is None or spec.kind == "tfds":
-        dataset = catalog.CatalogSet(name[len(registry.TFDS_PREFIX):], root, download=download)
+        dataset = catalog.CatalogSet(name[len(registry.TFDS_PREFIX) :], root, download=download)
         return f"prepared in {dataset.builder.data_dir}"
     if force and spec.kind != "folder":
         acquire.ensure_raw(name, root, force=True)

@@ -41,8 +41,14 @@ _READ_CHUNK = 4096
 
 def content_key(name: str, entries: Mapping[str, str]) -> str:
     """16-hex-digit key of a dataset's sources: name, builder version and per-file digests."""
-    payload = json.dumps({"name": name, "builder_version": registry.BUILDER_VERSION,
-                          "entries": sorted(entries.items())}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "name": name,
+            "builder_version": registry.BUILDER_VERSION,
+            "entries": sorted(entries.items()),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -81,8 +87,10 @@ class PreparedSet:
 
     def _paths(self, split: str, size: Optional[int] = None) -> tuple[Path, Path]:
         suffix = "" if size is None else f"-{size}px"
-        return (self.version_dir / f"images-{split}{suffix}.npy",
-                self.version_dir / f"labels-{split}.npy")
+        return (
+            self.version_dir / f"images-{split}{suffix}.npy",
+            self.version_dir / f"labels-{split}.npy",
+        )
 
     # ------------------------------------------------------------------------------ building
 
@@ -92,8 +100,7 @@ class PreparedSet:
         from locality.data import builders  # pylint: disable=g-import-not-at-top
 
         cls = builders.BUILDERS[self.name]
-        return cls(data_dir=str(self.base_dir), file_format="array_record",
-                   **self.builder_kwargs)
+        return cls(data_dir=str(self.base_dir), file_format="array_record", **self.builder_kwargs)
 
     def _built_builder(self):
         # Lazy: builders imports tensorflow_datasets (see builder()).
@@ -140,10 +147,17 @@ class PreparedSet:
             log.warning("%s: unreadable cache %s (%s); rebuilding", self.name, images_path, e)
             return None
         n = self.split_sizes[split]
-        if images.dtype != np.uint8 or images.shape != (n, h, w, c) or (
-                labels is not None and (labels.dtype != np.int32 or labels.shape != (n,))):
-            log.warning("%s: cache %s has unexpected shape %s; rebuilding", self.name,
-                        images_path, images.shape)
+        if (
+            images.dtype != np.uint8
+            or images.shape != (n, h, w, c)
+            or (labels is not None and (labels.dtype != np.int32 or labels.shape != (n,)))
+        ):
+            log.warning(
+                "%s: cache %s has unexpected shape %s; rebuilding",
+                self.name,
+                images_path,
+                images.shape,
+            )
             return None
         return images, labels
 
@@ -170,7 +184,8 @@ class PreparedSet:
             raise CorruptDataError(
                 f"{self.name} {split}: prepared data in {self.version_dir} has {len(source)} "
                 f"examples, expected {n}; rebuild with `python -m locality.data.fetch "
-                f"{self.name} --force`.")
+                f"{self.name} --force`."
+            )
         images = np.empty((n, *self.shape), np.uint8)
         labels = np.empty((n,), np.int32) if self.has_labels else None
         for start in range(0, n, _READ_CHUNK):
@@ -198,5 +213,7 @@ class PreparedSet:
         """For variable-size sets (natural photos): [(name, uint8 [H, W, 3]), ...] in order."""
         with self._lock():
             source = self._built_builder().as_data_source(split="train")
-            return [(str(ex["name"]), np.asarray(ex["image"], np.uint8))
-                    for ex in source.__getitems__(list(range(len(source))))]
+            return [
+                (str(ex["name"]), np.asarray(ex["image"], np.uint8))
+                for ex in source.__getitems__(list(range(len(source))))
+            ]

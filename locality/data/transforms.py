@@ -35,13 +35,16 @@ def _ints(text: str, n: int, spec: str) -> Tuple[int, ...]:
     except ValueError:
         vals = ()
     if len(vals) != n:
-        raise ValueError(f"transform spec {spec!r} needs {n} comma-separated integers after the "
-                         f"colon, e.g. 'link:10,4,0,20,6' or 'permute:0'")
+        raise ValueError(
+            f"transform spec {spec!r} needs {n} comma-separated integers after the "
+            f"colon, e.g. 'link:10,4,0,20,6' or 'permute:0'"
+        )
     return vals
 
 
 def parse(spec: str):
-    """``""`` -> None; ``"link:..."`` -> :class:`Link`; ``"permute:SEED"`` -> ``("permute", seed)``."""
+    """``""`` -> None; ``"link:..."`` -> :class:`Link`;
+    ``"permute:SEED"`` -> ``("permute", seed)``."""
     spec = (spec or "").strip()
     if not spec:
         return None
@@ -60,13 +63,17 @@ def parse(spec: str):
 def check_link(lk: Link, height: int, width: int) -> None:
     for name, (r, c) in (("source", lk.src), ("destination", lk.dst)):
         if r < 0 or c < 0 or r + lk.size > height or c + lk.size > width:
-            raise ValueError(f"link {name} block at {(r, c)} of size {lk.size} does not fit in "
-                             f"{height}x{width} images; move it inside the image")
+            raise ValueError(
+                f"link {name} block at {(r, c)} of size {lk.size} does not fit in "
+                f"{height}x{width} images; move it inside the image"
+            )
     rows = abs(lk.src[0] - lk.dst[0]) < lk.size
     cols = abs(lk.src[1] - lk.dst[1]) < lk.size
     if rows and cols:
-        raise ValueError(f"link source {lk.src} and destination {lk.dst} blocks of size {lk.size} "
-                         "overlap; choose distant blocks")
+        raise ValueError(
+            f"link source {lk.src} and destination {lk.dst} blocks of size {lk.size} "
+            "overlap; choose distant blocks"
+        )
 
 
 def link(images: np.ndarray, src, dst, size: int) -> np.ndarray:
@@ -76,7 +83,7 @@ def link(images: np.ndarray, src, dst, size: int) -> np.ndarray:
     lk = Link(tuple(src), tuple(dst), int(size))
     check_link(lk, x.shape[1], x.shape[2])
     (sr, sc), (dr, dc), k = lk
-    x[:, dr:dr + k, dc:dc + k] = x[:, sr:sr + k, sc:sc + k]
+    x[:, dr : dr + k, dc : dc + k] = x[:, sr : sr + k, sc : sc + k]
     return x
 
 

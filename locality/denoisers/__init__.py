@@ -3,6 +3,14 @@
 Every module below registers its factories on import (cheap: no data, no checkpoints read).
 """
 
-from locality.denoisers.registry import Denoiser, make, names, register  # noqa: F401
 from locality.denoisers import (  # noqa: F401  (registration)
-    linear, local_score, network, optimal, pca_locality, pspc, scfdm, wiener)
+    linear,
+    local_score,
+    network,
+    optimal,
+    pca_locality,
+    pspc,
+    scfdm,
+    wiener,
+)
+from locality.denoisers.registry import Denoiser, make, names, register  # noqa: F401

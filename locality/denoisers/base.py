@@ -34,25 +34,33 @@ def check_query(x_t, ab, shape: Tuple[int, int, int], name: str):
     """
     x_t = jnp.asarray(x_t)
     if x_t.ndim != 4:
-        raise ValueError(f"{name}: x_t must have rank 4 [B, H, W, C]; got shape {x_t.shape}. "
-                         "Add a batch axis with x[None].")
+        raise ValueError(
+            f"{name}: x_t must have rank 4 [B, H, W, C]; got shape {x_t.shape}. "
+            "Add a batch axis with x[None]."
+        )
     if tuple(x_t.shape[1:]) != tuple(shape):
-        raise ValueError(f"{name}: x_t has image shape {tuple(x_t.shape[1:])} but the denoiser was "
-                         f"fitted on images of shape {tuple(shape)}; resize the queries or refit "
-                         "on data of this resolution")
+        raise ValueError(
+            f"{name}: x_t has image shape {tuple(x_t.shape[1:])} but the denoiser was "
+            f"fitted on images of shape {tuple(shape)}; resize the queries or refit "
+            "on data of this resolution"
+        )
     if x_t.dtype != jnp.float32:
         if not jnp.issubdtype(x_t.dtype, jnp.floating):
             raise TypeError(f"{name}: x_t has dtype {x_t.dtype}; expected float32")
         x_t = x_t.astype(jnp.float32)
     ab = jnp.asarray(ab, jnp.float32)
     if ab.ndim != 0:
-        raise ValueError(f"{name}: ab must be a scalar (one noise level per call); got shape "
-                         f"{ab.shape}. vmap over the call for several levels.")
+        raise ValueError(
+            f"{name}: ab must be a scalar (one noise level per call); got shape "
+            f"{ab.shape}. vmap over the call for several levels."
+        )
     if not _is_tracer(ab):
         v = float(ab)
         if not 0.0 < v < 1.0:
-            raise ValueError(f"{name}: ab = {v} is outside (0, 1); alpha-bar of a noisy state must "
-                             "satisfy 0 < ab < 1")
+            raise ValueError(
+                f"{name}: ab = {v} is outside (0, 1); alpha-bar of a noisy state must "
+                "satisfy 0 < ab < 1"
+            )
     if not _is_tracer(x_t):
         if not bool(jnp.all(jnp.isfinite(x_t))):
             raise ValueError(f"{name}: x_t contains NaN or inf")
@@ -105,8 +113,10 @@ def resolve_mesh(mesh=None, shard: bool = False) -> Optional[jax.sharding.Mesh]:
     """``mesh`` if given; a mesh over all devices if ``shard``; else None (no sharding)."""
     if mesh is not None:
         if streaming.DATA_AXIS not in mesh.axis_names:
-            raise ValueError(f"mesh axes {mesh.axis_names} lack the axis {streaming.DATA_AXIS!r}; "
-                             "build it with locality.streaming.data_mesh()")
+            raise ValueError(
+                f"mesh axes {mesh.axis_names} lack the axis {streaming.DATA_AXIS!r}; "
+                "build it with locality.streaming.data_mesh()"
+            )
         return mesh
     if shard:
         return streaming.data_mesh()

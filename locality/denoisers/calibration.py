@@ -1,4 +1,5 @@
-"""Calibration of a per-step patch / square size against a reference denoiser (docs/algorithms.md §6).
+"""Calibration of a per-step patch / square size against a reference denoiser
+(docs/algorithms.md §6).
 
 Kamb & Ganguli fit the patch size k of their local score machines (:mod:`locality.denoisers.
 local_score`) per noise level by comparing the machine with a trained network along the
@@ -18,8 +19,12 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from locality import schedules
-from locality.denoisers.patch_schedules import (COSINE_LEGACY_STEPS, SizedDenoiser, SizeSchedule,
-                                                cosine_legacy_index_abs)
+from locality.denoisers.patch_schedules import (
+    COSINE_LEGACY_STEPS,
+    SizedDenoiser,
+    SizeSchedule,
+    cosine_legacy_index_abs,
+)
 
 
 class Calibration(NamedTuple):
@@ -45,15 +50,21 @@ class Calibration(NamedTuple):
 
     def schedule(self, name: str = "calibrated") -> SizeSchedule:
         """The result as a :class:`SizeSchedule` keyed by the steps' ab (nearest grid point)."""
-        return SizeSchedule(tuple(int(s) for s in self.sizes),
-                            tuple(float(a) for a in self.abs), "ab", name)
+        return SizeSchedule(
+            tuple(int(s) for s in self.sizes), tuple(float(a) for a in self.abs), "ab", name
+        )
 
     def to_json(self, path: str, name: str = "calibrated", **metadata) -> None:
         """Write the schedule (loadable with ``patch_size="file:PATH"``) and the raw results."""
         self.schedule(name).to_json(
-            path, criterion=self.criterion, candidates=list(self.candidates),
-            timesteps=[float(t) for t in self.timesteps], per_seed=self.per_seed.tolist(),
-            scores=np.where(np.isnan(self.scores), None, self.scores).tolist(), **metadata)
+            path,
+            criterion=self.criterion,
+            candidates=list(self.candidates),
+            timesteps=[float(t) for t in self.timesteps],
+            per_seed=self.per_seed.tolist(),
+            scores=np.where(np.isnan(self.scores), None, self.scores).tolist(),
+            **metadata,
+        )
 
 
 def _lower_median(v: np.ndarray) -> int:
@@ -73,9 +84,17 @@ def _mse(a, b):
     return np.mean(d.reshape(d.shape[0], -1) ** 2, axis=1)
 
 
-def calibrate(reference, machine: SizedDenoiser, candidates: Sequence[int], x_T, *,
-              sched: Optional[schedules.DiscreteSchedule] = None, num_steps: int = 10,
-              timesteps=None, criterion: str = "cosine") -> Calibration:
+def calibrate(
+    reference,
+    machine: SizedDenoiser,
+    candidates: Sequence[int],
+    x_T,
+    *,
+    sched: Optional[schedules.DiscreteSchedule] = None,
+    num_steps: int = 10,
+    timesteps=None,
+    criterion: str = "cosine",
+) -> Calibration:
     """Per-step size of ``machine`` that best matches ``reference`` along its own trajectory.
 
     The reference (e.g. ``denoisers.make("network", checkpoint=PATH)``) is sampled with
@@ -133,11 +152,24 @@ def calibrate(reference, machine: SizedDenoiser, candidates: Sequence[int], x_T,
                 active &= step
             per_seed[s] = np.asarray(cands)[pos]
         logging.getLogger(__name__).info(
-            "calibrate %s step %d/%d (ab %.4g): sizes per seed %s [%.1fs elapsed]", criterion,
-            s + 1, n_steps, ab, per_seed[s].tolist(), time.perf_counter() - t_start)
+            "calibrate %s step %d/%d (ab %.4g): sizes per seed %s [%.1fs elapsed]",
+            criterion,
+            s + 1,
+            n_steps,
+            ab,
+            per_seed[s].tolist(),
+            time.perf_counter() - t_start,
+        )
     sizes = np.asarray([_lower_median(per_seed[s]) for s in range(n_steps)], np.int64)
-    return Calibration(sizes, np.asarray(traj.abs, np.float32), np.asarray(traj.timesteps),
-                       per_seed, cands, scores, criterion)
+    return Calibration(
+        sizes,
+        np.asarray(traj.abs, np.float32),
+        np.asarray(traj.timesteps),
+        per_seed,
+        cands,
+        scores,
+        criterion,
+    )
 
 
 def cosine_legacy_sampler(num_steps: int = COSINE_LEGACY_STEPS):

@@ -35,8 +35,8 @@ Steps run in chunks of ``log_every`` inside one jitted ``lax.scan`` (buffers don
 chunk the history records the chunk's mean training loss and, for the current estimate (the tail
 average once averaging has begun), the relative Frobenius error ``||W - W*||_F / ||W*||_F``, the
 relative error of ``b``, the relative excess loss ``(L(W, b) - L*) / L*`` (exact, from the
-moments) and the cosine between the sensitivity fields (docs/algorithms.md §9) of ``W`` and ``W*`` at
-one pixel.
+moments) and the cosine between the sensitivity fields (docs/algorithms.md §9) of ``W`` and ``W*``
+at one pixel.
 
 Registry: ``make("linear", weights={ab: (W, b), ...} | "path.npz", shape=(H, W, C))`` returns
 a :class:`Linear` pytree denoiser; a call with ``ab`` uses the stored pair whose ``ab`` is
@@ -56,10 +56,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from locality._io import atomic_path
 import optax
 
+from locality._io import atomic_path
 from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array
 from locality.denoisers.registry import register
 from locality.denoisers.wiener import dense_wiener_matrices
@@ -167,12 +166,24 @@ def _abs_row(w, shape, pixel):
     return jnp.sum(jnp.abs(w.reshape(h, wd, c, h, wd, c)[i, j]), axis=(0, 3))
 
 
-def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, key,
-                 optimizer: str = "adam", schedule: str = "constant", tail: float = 0.5,
-                 log_every: int = 100, center: bool = True, init: str = "zeros",
-                 reference: Optional[Tuple[np.ndarray, np.ndarray]] = None,
-                 pixel: Optional[Tuple[int, int]] = None,
-                 callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> LinearFit:
+def train_linear(
+    images,
+    ab: float,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    key,
+    optimizer: str = "adam",
+    schedule: str = "constant",
+    tail: float = 0.5,
+    log_every: int = 100,
+    center: bool = True,
+    init: str = "zeros",
+    reference: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+    pixel: Optional[Tuple[int, int]] = None,
+    callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> LinearFit:
     """Train ``D(x) = W x + b`` on ``E||D(x_t) - x0||^2``, fresh noise every batch (§4).
 
     Args:
@@ -211,8 +222,8 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
         pixel = (h // 2, w // 2)
     (pixel,) = check_pixels([pixel], h, w)
     mu64, cov, count = moments(arr)
-    cov_n = cov * ((count - 1) / count)                         # biased: the empirical law
-    w_ls, b_ls = dense_wiener_matrices(cov_n, mu64, ab)         # exact minimiser of the loss
+    cov_n = cov * ((count - 1) / count)  # biased: the empirical law
+    w_ls, b_ls = dense_wiener_matrices(cov_n, mu64, ab)  # exact minimiser of the loss
     # Excess loss L(W, b) - L(W_ls, b_ls) = tr(D Sc D^T) + ||D m + b - b_ls||^2 with D = W - W_ls,
     # Sc = ab S_N + (1 - ab) I the covariance and m = sqrt(ab) mu the mean of x_t; the optimum
     # L(W_ls, b_ls) = sum_i lam_i (1 - ab) / (ab lam_i + 1 - ab).
@@ -223,8 +234,9 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
     w_ref = np.asarray(reference[0], np.float64)
     b_ref = np.asarray(reference[1], np.float64)
     if w_ref.shape != (n, n) or b_ref.shape != (n,):
-        raise ValueError(f"reference must be (W [{n}, {n}], b [{n}]); got {w_ref.shape}, "
-                         f"{b_ref.shape}")
+        raise ValueError(
+            f"reference must be (W [{n}, {n}], b [{n}]); got {w_ref.shape}, {b_ref.shape}"
+        )
 
     data = jnp.asarray(arr.reshape(arr.shape[0], n))
     mu = jnp.asarray(mu64, jnp.float32)
@@ -278,26 +290,35 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
         b = p["c"] - jnp.matmul(wm, shift, precision=HIGHEST)
         w_ls_d, b_ls_d, sc, m = ls
         d = wm - w_ls_d
-        excess = (jnp.sum(jnp.matmul(d, sc, precision=HIGHEST) * d)
-                  + jnp.sum(jnp.square(jnp.matmul(d, m, precision=HIGHEST) + b - b_ls_d)))
+        excess = jnp.sum(jnp.matmul(d, sc, precision=HIGHEST) * d) + jnp.sum(
+            jnp.square(jnp.matmul(d, m, precision=HIGHEST) + b - b_ls_d)
+        )
         rel = jnp.linalg.norm(wm - w_ref_d) / jnp.linalg.norm(w_ref_d)
         brel = jnp.linalg.norm(b - b_ref_d) / jnp.maximum(jnp.linalg.norm(b_ref_d), 1e-30)
         f, f_ref = _abs_row(wm, shape, pixel), _abs_row(w_ref_d, shape, pixel)
         cos = jnp.sum(f * f_ref) / jnp.maximum(jnp.linalg.norm(f) * jnp.linalg.norm(f_ref), 1e-30)
         return rel, brel, cos, excess, b
 
-    ls = tuple(jnp.asarray(a, jnp.float32) for a in
-               (w_ls, b_ls, ab * cov_n + (1.0 - ab) * np.eye(n), np.sqrt(ab) * mu64))
-    measure = functools.partial(jax.jit(measure), shift=shift, w_ref_d=w_ref_d, b_ref_d=b_ref_d,
-                                ls=ls)
+    ls = tuple(
+        jnp.asarray(a, jnp.float32)
+        for a in (w_ls, b_ls, ab * cov_n + (1.0 - ab) * np.eye(n), np.sqrt(ab) * mu64)
+    )
+    measure = functools.partial(
+        jax.jit(measure), shift=shift, w_ref_d=w_ref_d, b_ref_d=b_ref_d, ls=ls
+    )
 
     hist = {k: [] for k in ("step", "loss", "rel_frob", "bias_rel", "cosine", "excess")}
 
     def record(step, loss, p):
         rel, brel, cos, excess, _ = measure(p)
-        rec = {"step": int(step), "loss": float(loss), "rel_frob": float(rel),
-               "bias_rel": float(brel), "cosine": float(cos),
-               "excess": float(excess) / loss_opt if loss_opt > 0 else float(excess)}
+        rec = {
+            "step": int(step),
+            "loss": float(loss),
+            "rel_frob": float(rel),
+            "bias_rel": float(brel),
+            "cosine": float(cos),
+            "excess": float(excess) / loss_opt if loss_opt > 0 else float(excess),
+        }
         for k_, v in rec.items():
             hist[k_].append(v)
         if callback is not None:
@@ -309,17 +330,24 @@ def train_linear(images, ab: float, *, steps: int, batch_size: int, lr: float, k
     done = 0
     while done < steps:
         length = min(int(log_every), int(steps) - done)
-        params, opt_state, avg, loss = run_chunk(params, opt_state, avg, jnp.int32(done), consts,
-                                                 length)
+        params, opt_state, avg, loss = run_chunk(
+            params, opt_state, avg, jnp.int32(done), consts, length
+        )
         done += length
         record(done, loss, avg if done > tail_start else params)
     final = avg if steps > tail_start else params
     b_final = measure(final)[-1]
     w_final = np.asarray(final["W"])
     seconds = time.perf_counter() - t0
-    return LinearFit(W=w_final, b=np.asarray(b_final), ab=ab, shape=shape,
-                     history={k: np.asarray(v, np.float64) for k, v in hist.items()},
-                     seconds=seconds, loss_opt=loss_opt)
+    return LinearFit(
+        W=w_final,
+        b=np.asarray(b_final),
+        ab=ab,
+        shape=shape,
+        history={k: np.asarray(v, np.float64) for k, v in hist.items()},
+        seconds=seconds,
+        loss_opt=loss_opt,
+    )
 
 
 # ----------------------------------------------------------------------------- denoiser
@@ -364,7 +392,8 @@ class Linear(DenoiserBase):
                 raise ValueError(
                     f"linear: ab = {float(ab):.6g} is {gap:.3g} away from the nearest trained "
                     f"level (levels {np.asarray(self.ab_values).tolist()}); tolerance is "
-                    f"{self.tolerance}. Train a linear denoiser at this level or raise tolerance.")
+                    f"{self.tolerance}. Train a linear denoiser at this level or raise tolerance."
+                )
         return super().__call__(x_t, ab)
 
 
@@ -373,29 +402,42 @@ def save_linear(path: str, weights: Weights, shape: Tuple[int, int, int]) -> str
     ab, w, b, shape = _stack(weights, shape)
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, ab=ab, W=w, b=b, shape=np.asarray(shape, np.int64),
-                     version=np.int64(FORMAT_VERSION))
+            np.savez(
+                f,
+                ab=ab,
+                W=w,
+                b=b,
+                shape=np.asarray(shape, np.int64),
+                version=np.int64(FORMAT_VERSION),
+            )
     return path
 
 
-def load_linear(path: str) -> Tuple[Dict[float, Tuple[np.ndarray, np.ndarray]],
-                                   Tuple[int, int, int]]:
+def load_linear(
+    path: str,
+) -> Tuple[Dict[float, Tuple[np.ndarray, np.ndarray]], Tuple[int, int, int]]:
     """Read a file written by :func:`save_linear`: ``({ab: (W, b)}, (H, W, C))``."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"linear weights file {path} does not exist; train one with "
-                                "experiments/linear_gd.py (it writes linear_weights.npz)")
+        raise FileNotFoundError(
+            f"linear weights file {path} does not exist; train one with "
+            "experiments/linear_gd.py (it writes linear_weights.npz)"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise ValueError(f"linear weights file {path} is unreadable ({type(e).__name__}: {e}); "
-                         "delete it and retrain") from e
+        raise ValueError(
+            f"linear weights file {path} is unreadable ({type(e).__name__}: {e}); "
+            "delete it and retrain"
+        ) from e
     need = {"ab", "W", "b", "shape", "version"}
     if not need <= set(arrays):
         raise ValueError(f"linear weights file {path} lacks {sorted(need - set(arrays))}")
     if int(arrays["version"]) != FORMAT_VERSION:
-        raise ValueError(f"linear weights file {path} has format version {int(arrays['version'])}; "
-                         f"expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"linear weights file {path} has format version {int(arrays['version'])}; "
+            f"expected {FORMAT_VERSION}"
+        )
     shape = tuple(int(s) for s in arrays["shape"])
     weights = {float(a): (arrays["W"][k], arrays["b"][k]) for k, a in enumerate(arrays["ab"])}
     return weights, shape
@@ -403,8 +445,10 @@ def load_linear(path: str) -> Tuple[Dict[float, Tuple[np.ndarray, np.ndarray]],
 
 def _stack(weights: Weights, shape):
     if not isinstance(weights, Mapping) or not weights:
-        raise TypeError("weights must be a non-empty mapping {ab: (W, b)} or a path to an .npz "
-                        "written by save_linear")
+        raise TypeError(
+            "weights must be a non-empty mapping {ab: (W, b)} or a path to an .npz "
+            "written by save_linear"
+        )
     items = sorted((_check_ab(a), wb) for a, wb in weights.items())
     abs_ = [a for a, _ in items]
     if len(set(np.float32(abs_).tolist())) != len(abs_):
@@ -417,8 +461,10 @@ def _stack(weights: Weights, shape):
         wm, b = np.asarray(wb[0], np.float32), np.asarray(wb[1], np.float32)
         n = wm.shape[0] if n is None else n
         if wm.shape != (n, n) or b.shape != (n,):
-            raise ValueError(f"weights[{a}] has W {wm.shape} and b {b.shape}; expected W [n, n] "
-                             f"and b [n] with the same n = {n} at every level")
+            raise ValueError(
+                f"weights[{a}] has W {wm.shape} and b {b.shape}; expected W [n, n] "
+                f"and b [n] with the same n = {n} at every level"
+            )
         if not (np.all(np.isfinite(wm)) and np.all(np.isfinite(b))):
             raise ValueError(f"weights[{a}] contains NaN or inf")
         ws.append(wm)
@@ -430,14 +476,17 @@ def _stack(weights: Weights, shape):
         shape = (side, side, 1)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or int(np.prod(shape)) != n:
-        raise ValueError(f"shape {shape} has {int(np.prod(shape))} elements but W is {n} x {n}; "
-                         "pass shape=(H, W, C) with H * W * C = n")
+        raise ValueError(
+            f"shape {shape} has {int(np.prod(shape))} elements but W is {n} x {n}; "
+            "pass shape=(H, W, C) with H * W * C = n"
+        )
     return (np.asarray(abs_, np.float32), np.stack(ws), np.stack(bs), shape)
 
 
 @register("linear")
-def make_linear(*, weights: Union[Weights, str, os.PathLike], shape=None,
-                tolerance: Optional[float] = None) -> Linear:
+def make_linear(
+    *, weights: Union[Weights, str, os.PathLike], shape=None, tolerance: Optional[float] = None
+) -> Linear:
     """Affine denoisers from ``{ab: (W [n, n], b [n])}`` or a :func:`save_linear` file.
 
     ``shape`` (H, W, C) is read from a file; for a mapping it is required unless
@@ -452,5 +501,10 @@ def make_linear(*, weights: Union[Weights, str, os.PathLike], shape=None,
     ab, w, b, shape = _stack(weights, shape)
     if tolerance is not None and not float(tolerance) >= 0:
         raise ValueError(f"tolerance must be >= 0 or None; got {tolerance}")
-    return Linear(ab_values=jnp.asarray(ab), weights=jnp.asarray(w), biases=jnp.asarray(b),
-                  shape=shape, tolerance=None if tolerance is None else float(tolerance))
+    return Linear(
+        ab_values=jnp.asarray(ab),
+        weights=jnp.asarray(w),
+        biases=jnp.asarray(b),
+        shape=shape,
+        tolerance=None if tolerance is None else float(tolerance),
+    )

@@ -62,20 +62,36 @@ import numpy as np
 
 from locality import streaming
 from locality.denoisers.base import HIGHEST, as_train_array, resolve_mesh
-from locality.denoisers.patch_schedules import (PUBLISHED_SCHEDULES, SizedDenoiser, SizeSchedule,
-                                                SizeSpec, resolve_size_spec)
-from locality.denoisers.registry import register
+from locality.denoisers.calibration import (  # noqa: F401,E402
+    Calibration,
+    calibrate,
+    cosine_legacy_sampler,
+)
 
 # Backwards-compatible re-exports: these names lived here before the split into
 # patch_schedules.py (sizes) and calibration.py (fitting them); new code imports them from there.
 from locality.denoisers.patch_schedules import (  # noqa: F401,E402
-    COSINE_LEGACY_STEPS, KS_CELEBA_RESNET_ZEROS, KS_CELEBA_UNET_ZEROS,
-    KS_CIFAR10_RESNET_CIRCULAR_COND, KS_CIFAR10_RESNET_ZEROS_COND, KS_CIFAR10_UNET_ZEROS_COND,
-    KS_FASHIONMNIST_RESNET_ZEROS_COND, KS_FASHIONMNIST_UNET_ZEROS_COND, KS_MNIST_RESNET_CIRCULAR,
-    KS_MNIST_RESNET_ZEROS, KS_MNIST_UNET_ZEROS, SCHEDULE_FORMAT, cosine_legacy_index_abs,
-    trace_count)
-from locality.denoisers.calibration import (  # noqa: F401,E402
-    Calibration, calibrate, cosine_legacy_sampler)
+    COSINE_LEGACY_STEPS,
+    KS_CELEBA_RESNET_ZEROS,
+    KS_CELEBA_UNET_ZEROS,
+    KS_CIFAR10_RESNET_CIRCULAR_COND,
+    KS_CIFAR10_RESNET_ZEROS_COND,
+    KS_CIFAR10_UNET_ZEROS_COND,
+    KS_FASHIONMNIST_RESNET_ZEROS_COND,
+    KS_FASHIONMNIST_UNET_ZEROS_COND,
+    KS_MNIST_RESNET_CIRCULAR,
+    KS_MNIST_RESNET_ZEROS,
+    KS_MNIST_UNET_ZEROS,
+    PUBLISHED_SCHEDULES,
+    SCHEDULE_FORMAT,
+    SizedDenoiser,
+    SizeSchedule,
+    SizeSpec,
+    cosine_legacy_index_abs,
+    resolve_size_spec,
+    trace_count,
+)
+from locality.denoisers.registry import register
 
 # ----------------------------------------------------------------------------------------------
 # Numerical building blocks.
@@ -86,10 +102,12 @@ def _box_same(a, k: int):
     r = k // 2
     nd = a.ndim
     ones = (1,) * nd
-    a = jax.lax.reduce_window(a, 0.0, jax.lax.add, (1,) * (nd - 2) + (k, 1), ones,
-                              [(0, 0)] * (nd - 2) + [(r, r), (0, 0)])
-    return jax.lax.reduce_window(a, 0.0, jax.lax.add, (1,) * (nd - 1) + (k,), ones,
-                                 [(0, 0)] * (nd - 1) + [(r, r)])
+    a = jax.lax.reduce_window(
+        a, 0.0, jax.lax.add, (1,) * (nd - 2) + (k, 1), ones, [(0, 0)] * (nd - 2) + [(r, r), (0, 0)]
+    )
+    return jax.lax.reduce_window(
+        a, 0.0, jax.lax.add, (1,) * (nd - 1) + (k,), ones, [(0, 0)] * (nd - 1) + [(r, r)]
+    )
 
 
 def box_valid(a, s: int):
@@ -118,7 +136,9 @@ def _window_index(centres: np.ndarray, k: int, width: int, pad: int) -> np.ndarr
 def _pad(x, r: int, mode: str):
     if r == 0:
         return x
-    return jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="wrap" if mode == "wrap" else "constant")
+    return jnp.pad(
+        x, ((0, 0), (r, r), (r, r), (0, 0)), mode="wrap" if mode == "wrap" else "constant"
+    )
 
 
 def logit_scale(ab):
@@ -140,16 +160,35 @@ def _ls_flat(x_t, ab, chunked, k: int, softmax: str, mesh) -> jax.Array:
         logits = (2.0 * jnp.sqrt(ab_) * cross - ab_ * sq[None]) * scale
         return logits.reshape(b, kk, h * w), x.reshape(kk, h * w, c)
 
-    return streaming.stream(chunk_fn, chunked, (x_t, ab, logit_scale(ab)), batch=b, m=h * w, d=c,
-                            mode=softmax, mesh=mesh)
+    return streaming.stream(
+        chunk_fn,
+        chunked,
+        (x_t, ab, logit_scale(ab)),
+        batch=b,
+        m=h * w,
+        d=c,
+        mode=softmax,
+        mesh=mesh,
+    )
 
 
 QUERY_BLOCK = 1024
 
 
-def _patch_softmax(q_cols, ab, chunked, shape, *, k: int, item_idx: np.ndarray,
-                   centre_idx: np.ndarray, train_pad: int, train_pad_mode: str, softmax: str,
-                   mesh) -> jax.Array:
+def _patch_softmax(
+    q_cols,
+    ab,
+    chunked,
+    shape,
+    *,
+    k: int,
+    item_idx: np.ndarray,
+    centre_idx: np.ndarray,
+    train_pad: int,
+    train_pad_mode: str,
+    softmax: str,
+    mesh,
+) -> jax.Array:
     """Softmax over a dictionary of training patches shared by all outputs, centre read out.
 
     Args:
@@ -187,14 +226,25 @@ def _patch_softmax(q_cols, ab, chunked, shape, *, k: int, item_idx: np.ndarray,
     qb = min(QUERY_BLOCK, b * m)
     nb = -(-(b * m) // qb)
     flat_q = jnp.pad(flat_q, ((0, nb * qb - b * m), (0, 0)))
-    one = lambda blk: streaming.stream(chunk_fn, items, (blk, ab, scale), batch=1, m=qb, d=c,
-                                       mode=softmax, mesh=mesh)[0]
+    one = lambda blk: streaming.stream(
+        chunk_fn, items, (blk, ab, scale), batch=1, m=qb, d=c, mode=softmax, mesh=mesh
+    )[0]
     out = jax.lax.map(one, flat_q.reshape(nb, qb, f)) if nb > 1 else one(flat_q)[None]
     return out.reshape(nb * qb, c)[: b * m].reshape(b, m, c)
 
 
-def _line_softmax(x_t, ab, chunked, *, k: int, lines: np.ndarray, positions: np.ndarray,
-                  axis: int, softmax: str, mesh) -> jax.Array:
+def _line_softmax(
+    x_t,
+    ab,
+    chunked,
+    *,
+    k: int,
+    lines: np.ndarray,
+    positions: np.ndarray,
+    axis: int,
+    softmax: str,
+    mesh,
+) -> jax.Array:
     """bbELS edge pixels on lines parallel to an edge -> [B, nlines * L, C].
 
     ``axis=0``: lines are rows ``lines`` [nl] and the outputs of a line are the pixels
@@ -207,8 +257,11 @@ def _line_softmax(x_t, ab, chunked, *, k: int, lines: np.ndarray, positions: np.
     r = k // 2
     nl, ll = len(lines), len(positions)
     ii, jj = np.meshgrid(lines, positions, indexing="ij")  # [nl, L]
-    centres = np.stack([ii.ravel(), jj.ravel()], 1) if axis == 0 else np.stack(
-        [jj.ravel(), ii.ravel()], 1)
+    centres = (
+        np.stack([ii.ravel(), jj.ravel()], 1)
+        if axis == 0
+        else np.stack([jj.ravel(), ii.ravel()], 1)
+    )
     wp = w + 2 * r
     idx = _window_index(centres, k, wp, r)  # [nl*L, k*k]
     centre_idx = ((centres[:, 0] + r) * wp + centres[:, 1] + r).astype(np.int32)
@@ -222,16 +275,26 @@ def _line_softmax(x_t, ab, chunked, *, k: int, lines: np.ndarray, positions: np.
         patches = flat[:, idx].reshape(kk, nl, ll, -1)  # [K, nl, L(a), F]
         cross = jnp.einsum("klaf,bljf->bkalj", patches, qc, precision=HIGHEST)
         sq = jnp.sum(patches * patches, axis=-1)  # [K, nl, L(a)]
-        logits = (2.0 * jnp.sqrt(ab_) * cross
-                  - ab_ * jnp.transpose(sq, (0, 2, 1))[None, :, :, :, None]) * scale
+        logits = (
+            2.0 * jnp.sqrt(ab_) * cross - ab_ * jnp.transpose(sq, (0, 2, 1))[None, :, :, :, None]
+        ) * scale
         cen = flat[:, centre_idx].reshape(kk, nl, ll, c)  # value of item (k, a) for line l
-        vals = jnp.broadcast_to(jnp.transpose(cen, (0, 2, 1, 3))[:, :, :, None, :],
-                                (kk, ll, nl, ll, c))
+        vals = jnp.broadcast_to(
+            jnp.transpose(cen, (0, 2, 1, 3))[:, :, :, None, :], (kk, ll, nl, ll, c)
+        )
         return logits.reshape(b, kk * ll, nl * ll), vals.reshape(kk * ll, nl * ll, c)
 
     items = streaming.Chunked(chunked.data, jnp.repeat(chunked.valid, ll, axis=1))
-    return streaming.stream(chunk_fn, items, (q_cols, ab, logit_scale(ab)), batch=b, m=nl * ll, d=c,
-                            mode=softmax, mesh=mesh)
+    return streaming.stream(
+        chunk_fn,
+        items,
+        (q_cols, ab, logit_scale(ab)),
+        batch=b,
+        m=nl * ll,
+        d=c,
+        mode=softmax,
+        mesh=mesh,
+    )
 
 
 def _query_cols(x_t, k: int, centres: np.ndarray, mode: str):
@@ -258,14 +321,28 @@ def _els_flat(x_t, ab, chunked, k, dictionary, softmax, mesh):
         centre_idx = ((allpix[:, 0] + r) * (w + 2 * r) + allpix[:, 1] + r).astype(np.int32)
         pad = r
     else:
-        inner = allpix[(allpix[:, 0] >= r) & (allpix[:, 0] <= h - 1 - r)
-                       & (allpix[:, 1] >= r) & (allpix[:, 1] <= w - 1 - r)]
+        inner = allpix[
+            (allpix[:, 0] >= r)
+            & (allpix[:, 0] <= h - 1 - r)
+            & (allpix[:, 1] >= r)
+            & (allpix[:, 1] <= w - 1 - r)
+        ]
         item_idx = _window_index(inner, k, w, 0)
         centre_idx = (inner[:, 0] * w + inner[:, 1]).astype(np.int32)
         pad = 0
-    return _patch_softmax(q_cols, ab, chunked, (h, w, c), k=k, item_idx=item_idx,
-                          centre_idx=centre_idx, train_pad=pad, train_pad_mode="wrap",
-                          softmax=softmax, mesh=mesh)
+    return _patch_softmax(
+        q_cols,
+        ab,
+        chunked,
+        (h, w, c),
+        k=k,
+        item_idx=item_idx,
+        centre_idx=centre_idx,
+        train_pad=pad,
+        train_pad_mode="wrap",
+        softmax=softmax,
+        mesh=mesh,
+    )
 
 
 def bbels_classes(h: int, w: int, k: int) -> np.ndarray:
@@ -290,18 +367,38 @@ def _bbels_flat(x_t, ab, chunked, k, softmax, mesh):
     inner = allpix[cls == 0]
     if len(inner):
         q_cols = _query_cols(x_t, k, inner, "zeros")
-        vals = _patch_softmax(q_cols, ab, chunked, (h, w, c), k=k,
-                              item_idx=_window_index(inner, k, w, 0),
-                              centre_idx=(inner[:, 0] * w + inner[:, 1]).astype(np.int32),
-                              train_pad=0, train_pad_mode="zeros", softmax=softmax, mesh=mesh)
+        vals = _patch_softmax(
+            q_cols,
+            ab,
+            chunked,
+            (h, w, c),
+            k=k,
+            item_idx=_window_index(inner, k, w, 0),
+            centre_idx=(inner[:, 0] * w + inner[:, 1]).astype(np.int32),
+            train_pad=0,
+            train_pad_mode="zeros",
+            softmax=softmax,
+            mesh=mesh,
+        )
         out = out.at[:, np.flatnonzero(cls == 0)].set(vals)
     if r > 0:
         edge_rows = np.concatenate([np.arange(r), np.arange(h - r, h)])
         edge_cols = np.concatenate([np.arange(r), np.arange(w - r, w)])
-        for axis, lines, positions, width in ((0, edge_rows, np.arange(r, w - r), w),
-                                              (1, edge_cols, np.arange(r, h - r), h)):
-            vals = _line_softmax(x_t, ab, chunked, k=k, lines=lines, positions=positions,
-                                 axis=axis, softmax=softmax, mesh=mesh)
+        for axis, lines, positions, _width in (
+            (0, edge_rows, np.arange(r, w - r), w),
+            (1, edge_cols, np.arange(r, h - r), h),
+        ):
+            vals = _line_softmax(
+                x_t,
+                ab,
+                chunked,
+                k=k,
+                lines=lines,
+                positions=positions,
+                axis=axis,
+                softmax=softmax,
+                mesh=mesh,
+            )
             ii, jj = np.meshgrid(lines, positions, indexing="ij")
             flat = (ii * w + jj) if axis == 0 else (jj * w + ii)
             out = out.at[:, flat.ravel()].set(vals)
@@ -358,16 +455,22 @@ class LocalScoreMachine(SizedDenoiser):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"{self.name}: patch size must be an int, got {k!r}")
         if k < 1 or k % 2 == 0:
-            raise ValueError(f"{self.name}: patch size k = {k} must be a positive odd integer "
-                             "(the window is centred on the output pixel); use k - 1 or k + 1")
+            raise ValueError(
+                f"{self.name}: patch size k = {k} must be a positive odd integer "
+                "(the window is centred on the output pixel); use k - 1 or k + 1"
+            )
         if k > self.max_size():
             h, w, _ = self.shape
-            why = ("valid ELS patches must fit inside the image" if self.method == "els"
-                   and self.dictionary == "valid" else
-                   "k = 2 max(H, W) - 1 already covers the whole image from every pixel (the "
-                   "optimal denoiser)")
-            raise ValueError(f"{self.name}: patch size k = {k} is too large for {h}x{w} images: "
-                             f"the maximum is {self.max_size()} ({why})")
+            why = (
+                "valid ELS patches must fit inside the image"
+                if self.method == "els" and self.dictionary == "valid"
+                else "k = 2 max(H, W) - 1 already covers the whole image from every pixel (the "
+                "optimal denoiser)"
+            )
+            raise ValueError(
+                f"{self.name}: patch size k = {k} is too large for {h}x{w} images: "
+                f"the maximum is {self.max_size()} ({why})"
+            )
 
     def _impl(self, x_t, ab, k: int):
         b, h, w, c = x_t.shape
@@ -388,15 +491,28 @@ def _default_chunk(method: str, shape) -> int:
 
 
 def _resolve_ls_spec(spec, convention: str):
-    named = {n: functools.partial(SizeSchedule.published, n, convention)
-             for n in PUBLISHED_SCHEDULES}
-    return resolve_size_spec(spec, named=named, default_grid=lambda: SizeSchedule.published(
-        "cifar10_unet_zeros_cond", convention))
+    named = {
+        n: functools.partial(SizeSchedule.published, n, convention) for n in PUBLISHED_SCHEDULES
+    }
+    return resolve_size_spec(
+        spec,
+        named=named,
+        default_grid=lambda: SizeSchedule.published("cifar10_unet_zeros_cond", convention),
+    )
 
 
-def _make(method: str, *, train, patch_size: SizeSpec = 3, dictionary: str = "wrapped",
-          softmax: str = "exact", chunk_size: Optional[int] = None, mesh=None,
-          shard: bool = False, convention: str = "use") -> LocalScoreMachine:
+def _make(
+    method: str,
+    *,
+    train,
+    patch_size: SizeSpec = 3,
+    dictionary: str = "wrapped",
+    softmax: str = "exact",
+    chunk_size: Optional[int] = None,
+    mesh=None,
+    shard: bool = False,
+    convention: str = "use",
+) -> LocalScoreMachine:
     arr = as_train_array(train)
     if dictionary not in DICTIONARIES:
         raise ValueError(f"dictionary must be one of {DICTIONARIES}, got {dictionary!r}")
@@ -412,16 +528,30 @@ def _make(method: str, *, train, patch_size: SizeSpec = 3, dictionary: str = "wr
     chunked = streaming.chunk((jnp.asarray(arr),), cs, num_shards=n_shards)
     if mesh is not None:
         chunked = streaming.shard_chunked(chunked, mesh)
-    den = LocalScoreMachine(chunked=chunked, shape=shape, patch_size=spec, method=method,
-                            dictionary=dictionary, softmax=softmax, mesh=mesh,
-                            convention=convention)
+    den = LocalScoreMachine(
+        chunked=chunked,
+        shape=shape,
+        patch_size=spec,
+        method=method,
+        dictionary=dictionary,
+        softmax=softmax,
+        mesh=mesh,
+        convention=convention,
+    )
     return LocalScoreMachine._validated(den)
 
 
 @register("ls")
-def make_ls(*, train, patch_size: SizeSpec = 3, softmax: str = "exact",
-            chunk_size: Optional[int] = None, mesh=None, shard: bool = False,
-            convention: str = "use") -> LocalScoreMachine:
+def make_ls(
+    *,
+    train,
+    patch_size: SizeSpec = 3,
+    softmax: str = "exact",
+    chunk_size: Optional[int] = None,
+    mesh=None,
+    shard: bool = False,
+    convention: str = "use",
+) -> LocalScoreMachine:
     """Kamb & Ganguli's local score (LS) machine over ``train`` [N, H, W, C].
 
     Args:
@@ -431,14 +561,30 @@ def make_ls(*, train, patch_size: SizeSpec = 3, softmax: str = "exact",
       chunk_size: training images per streamed chunk (default 256).
       convention: how published schedules map index -> t (module docs): ``"use"``/``"calibration"``.
     """
-    return _make("ls", train=train, patch_size=patch_size, softmax=softmax, chunk_size=chunk_size,
-                 mesh=mesh, shard=shard, convention=convention)
+    return _make(
+        "ls",
+        train=train,
+        patch_size=patch_size,
+        softmax=softmax,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        shard=shard,
+        convention=convention,
+    )
 
 
 @register("els")
-def make_els(*, train, patch_size: SizeSpec = 3, dictionary: str = "wrapped",
-             softmax: str = "exact", chunk_size: Optional[int] = None, mesh=None,
-             shard: bool = False, convention: str = "use") -> LocalScoreMachine:
+def make_els(
+    *,
+    train,
+    patch_size: SizeSpec = 3,
+    dictionary: str = "wrapped",
+    softmax: str = "exact",
+    chunk_size: Optional[int] = None,
+    mesh=None,
+    shard: bool = False,
+    convention: str = "use",
+) -> LocalScoreMachine:
     """Kamb & Ganguli's equivariant local score (ELS) machine (circular query padding).
 
     ``dictionary="wrapped"`` (default): patches of the circularly padded training images at all
@@ -446,20 +592,56 @@ def make_els(*, train, patch_size: SizeSpec = 3, dictionary: str = "wrapped",
     training images per chunk (default: about 1024 patches per chunk, at least one image). Other
     arguments as :func:`make_ls`.
     """
-    return _make("els", train=train, patch_size=patch_size, dictionary=dictionary,
-                 softmax=softmax, chunk_size=chunk_size, mesh=mesh, shard=shard,
-                 convention=convention)
+    return _make(
+        "els",
+        train=train,
+        patch_size=patch_size,
+        dictionary=dictionary,
+        softmax=softmax,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        shard=shard,
+        convention=convention,
+    )
 
 
 @register("bbels")
-def make_bbels(*, train, patch_size: SizeSpec = 3, softmax: str = "exact",
-               chunk_size: Optional[int] = None, mesh=None, shard: bool = False,
-               convention: str = "use") -> LocalScoreMachine:
+def make_bbels(
+    *,
+    train,
+    patch_size: SizeSpec = 3,
+    softmax: str = "exact",
+    chunk_size: Optional[int] = None,
+    mesh=None,
+    shard: bool = False,
+    convention: str = "use",
+) -> LocalScoreMachine:
     """Boundary-broken ELS (zero padding; interior / edge / corner rules; k > min(H, W) -> LS)."""
-    return _make("bbels", train=train, patch_size=patch_size, softmax=softmax,
-                 chunk_size=chunk_size, mesh=mesh, shard=shard, convention=convention)
+    return _make(
+        "bbels",
+        train=train,
+        patch_size=patch_size,
+        softmax=softmax,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        shard=shard,
+        convention=convention,
+    )
 
 
-__all__ = ["PUBLISHED_SCHEDULES", "SizeSchedule", "LocalScoreMachine", "make_ls", "make_els",
-           "make_bbels", "calibrate", "Calibration", "cosine_legacy_sampler", "bbels_classes",
-           "box_valid", "logit_scale", "resolve_size_spec", "trace_count"]
+__all__ = [
+    "PUBLISHED_SCHEDULES",
+    "SizeSchedule",
+    "LocalScoreMachine",
+    "make_ls",
+    "make_els",
+    "make_bbels",
+    "calibrate",
+    "Calibration",
+    "cosine_legacy_sampler",
+    "bbels_classes",
+    "box_valid",
+    "logit_scale",
+    "resolve_size_spec",
+    "trace_count",
+]

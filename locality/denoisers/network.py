@@ -1,7 +1,8 @@
 """A trained eps-prediction network wrapped as a denoiser ``D(x_t, ab) -> x0_hat``.
 
 The network was trained on integer timesteps of a discrete schedule (default
-:func:`locality.schedules.ddpm_linear`), but denoisers receive ``ab`` (docs/architecture.md, "Denoiser").
+:func:`locality.schedules.ddpm_linear`), but denoisers receive ``ab``
+(docs/architecture.md, "Denoiser").
 The wrapper maps ``ab`` to a continuous timestep by piecewise-linear interpolation of the
 schedule's ``(ab_t, t)`` table: ``t(ab) = t_k + (ab_k - ab) / (ab_k - ab_{k+1})`` for
 ``ab_{k+1} <= ab <= ab_k``. When ``ab`` equals a schedule value ``ab_k`` the result is exactly the
@@ -72,8 +73,14 @@ class NetworkDenoiser:
     cycle_labels: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, model, params, schedule: Optional[schedules_lib.DiscreteSchedule] = None,
-               labels=None, guidance: float = 0.0):
+    def create(
+        cls,
+        model,
+        params,
+        schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+        labels=None,
+        guidance: float = 0.0,
+    ):
         """``labels``: ``None`` (no label), an int, a sequence of ints (one per image) or
         ``"cycle"``; ``guidance``: the guidance weight ``w`` (needs labels)."""
         schedule = schedule or schedules_lib.ddpm_linear()
@@ -83,25 +90,41 @@ class NetworkDenoiser:
             raise ValueError(f"guidance must be finite, got {guidance}")
         cycle = isinstance(labels, str)
         if cycle and labels != "cycle":
-            raise ValueError(f"labels must be None, an int, a list of ints or 'cycle', got "
-                             f"{labels!r}")
+            raise ValueError(
+                f"labels must be None, an int, a list of ints or 'cycle', got {labels!r}"
+            )
         if labels is not None and num_classes == 0:
-            raise ValueError(f"labels={labels!r} were given for an unconditional network "
-                             "(num_classes=0); drop labels, or load a class-conditional checkpoint")
+            raise ValueError(
+                f"labels={labels!r} were given for an unconditional network "
+                "(num_classes=0); drop labels, or load a class-conditional checkpoint"
+            )
         if labels is None and guidance != 0.0:
-            raise ValueError(f"guidance={guidance} needs labels (an int, a list, or 'cycle'): it "
-                             "extrapolates from the unconditional towards the conditional eps")
+            raise ValueError(
+                f"guidance={guidance} needs labels (an int, a list, or 'cycle'): it "
+                "extrapolates from the unconditional towards the conditional eps"
+            )
         if labels is not None and not cycle:
             arr = np.asarray(labels)
-            if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer) or \
-                    (arr.size and (arr.min() < 0 or arr.max() >= num_classes)):
-                raise ValueError(f"labels must be ints in [0, {num_classes}) (scalar or one per "
-                                 f"image), got {labels!r}")
+            if (
+                arr.ndim > 1
+                or not np.issubdtype(arr.dtype, np.integer)
+                or (arr.size and (arr.min() < 0 or arr.max() >= num_classes))
+            ):
+                raise ValueError(
+                    f"labels must be ints in [0, {num_classes}) (scalar or one per "
+                    f"image), got {labels!r}"
+                )
             labels = jnp.asarray(arr, jnp.int32)
         else:
             labels = None
-        return cls(params=params, alphas_cumprod=jnp.asarray(schedule.alphas_cumprod, jnp.float32),
-                   labels=labels, model=model, guidance=guidance, cycle_labels=cycle)
+        return cls(
+            params=params,
+            alphas_cumprod=jnp.asarray(schedule.alphas_cumprod, jnp.float32),
+            labels=labels,
+            model=model,
+            guidance=guidance,
+            cycle_labels=cycle,
+        )
 
     def timestep(self, ab):
         return timestep_from_ab(ab, self.alphas_cumprod)
@@ -110,17 +133,24 @@ class NetworkDenoiser:
         """The network's (guided) eps prediction at noise level ``ab``: [B, H, W, C]."""
         b = x_t.shape[0]
         t = jnp.broadcast_to(self.timestep(ab), (b,))
-        apply = lambda x, t, **kw: self.model.apply({"params": self.params}, x, t, train=False,
-                                                    **kw)
+        apply = lambda x, t, **kw: self.model.apply(
+            {"params": self.params}, x, t, train=False, **kw
+        )
         if self.labels is None and not self.cycle_labels:
             return apply(x_t, t)
         num_classes = self.model.num_classes
-        y = (jnp.arange(b, dtype=jnp.int32) % num_classes if self.cycle_labels
-             else jnp.broadcast_to(self.labels, (b,)))
+        y = (
+            jnp.arange(b, dtype=jnp.int32) % num_classes
+            if self.cycle_labels
+            else jnp.broadcast_to(self.labels, (b,))
+        )
         if self.guidance == 0.0:
             return apply(x_t, t, y=y)
-        both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                     y=jnp.concatenate([y, jnp.full((b,), num_classes, jnp.int32)]))
+        both = apply(
+            jnp.concatenate([x_t, x_t]),
+            jnp.concatenate([t, t]),
+            y=jnp.concatenate([y, jnp.full((b,), num_classes, jnp.int32)]),
+        )
         eps_c, eps_u = both[:b], both[b:]
         return (1.0 + self.guidance) * eps_c - self.guidance * eps_u
 
@@ -131,9 +161,17 @@ class NetworkDenoiser:
 
 
 @register("network")
-def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] = None,
-                 schedule: Optional[schedules_lib.DiscreteSchedule] = None, model=None,
-                 params=None, labels=None, guidance: float = 0.0) -> NetworkDenoiser:
+def make_network(
+    *,
+    checkpoint=None,
+    use_ema: bool = True,
+    step: Optional[int] = None,
+    schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+    model=None,
+    params=None,
+    labels=None,
+    guidance: float = 0.0,
+) -> NetworkDenoiser:
     """A trained eps-network as a denoiser.
 
     Either ``checkpoint`` (a training workdir, its ``checkpoints/`` directory, or a directory
@@ -146,8 +184,10 @@ def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] =
     ``i mod num_classes``; see :class:`NetworkDenoiser`).
     """
     if (checkpoint is None) == (model is None):
-        raise ValueError("make('network', ...) needs exactly one of checkpoint=... or "
-                         "model=... (with params=...)")
+        raise ValueError(
+            "make('network', ...) needs exactly one of checkpoint=... or "
+            "model=... (with params=...)"
+        )
     if checkpoint is not None:
         if params is not None:
             raise ValueError("params=... is only used with model=...; a checkpoint holds its own")
@@ -158,20 +198,27 @@ def make_network(*, checkpoint=None, use_ema: bool = True, step: Optional[int] =
             raise ValueError("make('network', model=...) also needs params=...")
         if isinstance(model, dict):
             model = build_model(model)
-        params = params["params"] if isinstance(params, dict) and set(params) == {"params"} \
-            else params
+        params = (
+            params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+        )
     params = jax.tree.map(jnp.asarray, params)
     return NetworkDenoiser.create(model, params, schedule, labels=labels, guidance=guidance)
 
 
-def sample_images(model, params, x_T, num_steps: int = 10,
-                  schedule: Optional[schedules_lib.DiscreteSchedule] = None,
-                  guidance: float = 0.0) -> np.ndarray:
-    """Deterministic DDIM (docs/algorithms.md §1, via :func:`locality.sampling.ddim`) with the network
-    wrapped as a denoiser; returns the final images [B, H, W, C]. A class-conditional net samples
-    image ``i`` from class ``i mod num_classes`` with guidance weight ``guidance``."""
+def sample_images(
+    model,
+    params,
+    x_T,
+    num_steps: int = 10,
+    schedule: Optional[schedules_lib.DiscreteSchedule] = None,
+    guidance: float = 0.0,
+) -> np.ndarray:
+    """Deterministic DDIM (docs/algorithms.md §1, via :func:`locality.sampling.ddim`) with the
+    network wrapped as a denoiser; returns the final images [B, H, W, C]. A class-conditional
+    net samples image ``i`` from class ``i mod num_classes`` with guidance weight ``guidance``."""
     schedule = schedule or schedules_lib.ddpm_linear()
     labels = "cycle" if getattr(model, "num_classes", 0) else None
-    denoise = NetworkDenoiser.create(model, params, schedule, labels=labels,
-                                     guidance=guidance if labels else 0.0)
+    denoise = NetworkDenoiser.create(
+        model, params, schedule, labels=labels, guidance=guidance if labels else 0.0
+    )
     return np.asarray(sampling.ddim(denoise, x_T, schedule, num_steps=num_steps).images)

@@ -58,7 +58,7 @@ def _topk_scan(chunked: streaming.Chunked, score_fn, k: int, batch: int):
 
 @flax.struct.dataclass
 class Optimal(DenoiserBase):
-    chunked: streaming.Chunked          # ((x [C, cs, n], ||x||^2 [C, cs]), valid [C, cs])
+    chunked: streaming.Chunked  # ((x [C, cs, n], ||x||^2 [C, cs]), valid [C, cs])
     shape: Tuple[int, int, int] = flax.struct.field(pytree_node=False)
     temperature: float = flax.struct.field(pytree_node=False, default=1.0)
     top_k: Optional[int] = flax.struct.field(pytree_node=False, default=None)
@@ -70,11 +70,19 @@ class Optimal(DenoiserBase):
         q = x_t.reshape(b, -1)
         scale = 1.0 / (2.0 * (1.0 - ab) * self.temperature)
         if self.top_k is None:
-            out = streaming.stream(_optimal_chunk, self.chunked, (q, ab, scale), batch=b, m=1,
-                                   d=q.shape[1], mesh=self.mesh)
+            out = streaming.stream(
+                _optimal_chunk,
+                self.chunked,
+                (q, ab, scale),
+                batch=b,
+                m=1,
+                d=q.shape[1],
+                mesh=self.mesh,
+            )
             return out.reshape(x_t.shape)
-        score = lambda x, sq: -(ab * sq[None, :] - 2.0 * jnp.sqrt(ab) *
-                                jnp.matmul(q, x.T, precision=HIGHEST)) * scale
+        score = lambda x, sq: (
+            -(ab * sq[None, :] - 2.0 * jnp.sqrt(ab) * jnp.matmul(q, x.T, precision=HIGHEST)) * scale
+        )
         logits, idx = _topk_scan(self.chunked, score, self.top_k, b)
         w = jax.nn.softmax(logits, axis=1)  # [B, k]
         flat = self.chunked.data[0].reshape(-1, q.shape[1])
@@ -83,8 +91,15 @@ class Optimal(DenoiserBase):
 
 
 @register("optimal")
-def make_optimal(*, train, temperature: float = 1.0, top_k: Optional[int] = None,
-                 chunk_size: int = 512, mesh=None, shard: bool = False) -> Optimal:
+def make_optimal(
+    *,
+    train,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    chunk_size: int = 512,
+    mesh=None,
+    shard: bool = False,
+) -> Optimal:
     """Exact posterior mean over ``train`` [N, H, W, C] (``top_k=None``) or over its top-k.
 
     ``mesh``/``shard=True`` shard the training set over devices (exact merge).
@@ -100,8 +115,13 @@ def make_optimal(*, train, temperature: float = 1.0, top_k: Optional[int] = None
         top_k = int(top_k)
     mesh = resolve_mesh(mesh, shard)
     chunked = chunk_train(arr.reshape(arr.shape[0], -1), chunk_size, mesh)
-    return Optimal(chunked=chunked, shape=tuple(arr.shape[1:]), temperature=float(temperature),
-                   top_k=top_k, mesh=mesh)
+    return Optimal(
+        chunked=chunked,
+        shape=tuple(arr.shape[1:]),
+        temperature=float(temperature),
+        top_k=top_k,
+        mesh=mesh,
+    )
 
 
 @flax.struct.dataclass

@@ -1,4 +1,5 @@
-"""Patch-size schedules shared by the local score machines and PSPC-Square (docs/algorithms.md §6, §7).
+"""Patch-size schedules shared by the local score machines and PSPC-Square
+(docs/algorithms.md §6, §7).
 
 A per-step size -- the patch size k of Kamb & Ganguli's LS / ELS / bbELS machines
 (:mod:`locality.denoisers.local_score`) or the square size s of Niedoba et al.'s PSPC-Square
@@ -33,7 +34,8 @@ trained at 32 px). Entry ``i`` is used at ``t = i / 20`` of the cosine-legacy pr
 sampler reads them (``k = scales[i]`` at ``t = i / nsteps``). Their calibration script, however,
 stores the size found at ``t = i / 20`` in entry ``i - 1``, so as *calibrated* entry ``i``
 belongs to ``t = (i + 1) / 20``: the sampler uses every size at a t 0.05 lower (one step later
-in sampling) than the t it was calibrated at. ``SizeSchedule.published(name, convention="use")`` (default; also the
+in sampling) than the t it was calibrated at.
+``SizeSchedule.published(name, convention="use")`` (default; also the
 ``convention=`` argument of the factories) reproduces their sampling; ``convention="calibration"``
 puts every size at the time it was measured.
 """
@@ -51,9 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from locality._io import atomic_path
-
 from locality import schedules
+from locality._io import atomic_path
 from locality.denoisers.base import DenoiserBase, _is_tracer
 
 # ----------------------------------------------------------------------------------------------
@@ -61,14 +62,75 @@ from locality.denoisers.base import DenoiserBase, _is_tracer
 # Index 0 = t 0 ... index 19 = t 0.95 on the cosine-legacy 20-step grid.
 
 KS_CIFAR10_RESNET_ZEROS_COND = (3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17)
-KS_CIFAR10_RESNET_CIRCULAR_COND = (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15)
+KS_CIFAR10_RESNET_CIRCULAR_COND = (
+    3,
+    3,
+    3,
+    3,
+    5,
+    5,
+    5,
+    5,
+    7,
+    7,
+    7,
+    9,
+    9,
+    11,
+    11,
+    13,
+    13,
+    15,
+    15,
+    15,
+)
 KS_CIFAR10_UNET_ZEROS_COND = (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25)
 KS_CELEBA_RESNET_ZEROS = (3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 15, 19, 19)
 KS_CELEBA_UNET_ZEROS = (3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27)
-KS_FASHIONMNIST_RESNET_ZEROS_COND = (3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15,
-                                     17, 17)
-KS_FASHIONMNIST_UNET_ZEROS_COND = (3, 3, 5, 5, 7, 7, 7, 9, 11, 11, 11, 13, 15, 15, 21, 23, 25, 25,
-                                   25, 25)
+KS_FASHIONMNIST_RESNET_ZEROS_COND = (
+    3,
+    3,
+    5,
+    5,
+    7,
+    7,
+    9,
+    9,
+    9,
+    11,
+    11,
+    11,
+    13,
+    13,
+    13,
+    15,
+    15,
+    15,
+    17,
+    17,
+)
+KS_FASHIONMNIST_UNET_ZEROS_COND = (
+    3,
+    3,
+    5,
+    5,
+    7,
+    7,
+    7,
+    9,
+    11,
+    11,
+    11,
+    13,
+    15,
+    15,
+    21,
+    23,
+    25,
+    25,
+    25,
+    25,
+)
 KS_MNIST_RESNET_ZEROS = (3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15)
 KS_MNIST_RESNET_CIRCULAR = (3, 3, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 11, 9, 9, 7, 7, 3, 3)
 KS_MNIST_UNET_ZEROS = (3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27)
@@ -90,8 +152,9 @@ COSINE_LEGACY_STEPS = 20
 SCHEDULE_FORMAT = "locality.size_schedule/1"
 
 
-def cosine_legacy_index_abs(num_steps: int = COSINE_LEGACY_STEPS,
-                            convention: str = "use") -> np.ndarray:
+def cosine_legacy_index_abs(
+    num_steps: int = COSINE_LEGACY_STEPS, convention: str = "use"
+) -> np.ndarray:
     """ab of every index of a published schedule: ``ab(t_i)``, ``t_i = i / S`` ("use") or
     ``(i + 1) / S`` ("calibration"), on the cosine-legacy process. float64 [S], index 0 first."""
     t = np.asarray(schedules.cosine_legacy_grid(num_steps)[::-1], np.float64)  # 0, 1/S, ...
@@ -129,8 +192,10 @@ class SizeSchedule:
         if not self.sizes:
             raise ValueError("a size schedule needs at least one entry")
         if len(self.sizes) != len(self.grid):
-            raise ValueError(f"size schedule {self.name!r} has {len(self.sizes)} sizes but a grid of "
-                             f"{len(self.grid)} noise levels; give one size per grid point")
+            raise ValueError(
+                f"size schedule {self.name!r} has {len(self.sizes)} sizes but a grid of "
+                f"{len(self.grid)} noise levels; give one size per grid point"
+            )
         if self.key not in ("ab", "sigma"):
             raise ValueError(f"key must be 'ab' or 'sigma', got {self.key!r}")
         g = np.asarray(self.grid)
@@ -181,29 +246,47 @@ class SizeSchedule:
     def published(cls, name: str, convention: str = "use") -> "SizeSchedule":
         """One of :data:`PUBLISHED_SCHEDULES` on the cosine-legacy 20-step grid (module docs)."""
         if name not in PUBLISHED_SCHEDULES:
-            raise ValueError(f"unknown published schedule {name!r}; known: "
-                             f"{', '.join(sorted(PUBLISHED_SCHEDULES))}")
-        return cls(PUBLISHED_SCHEDULES[name], tuple(cosine_legacy_index_abs(convention=convention)),
-                   "ab", name)
+            raise ValueError(
+                f"unknown published schedule {name!r}; known: "
+                f"{', '.join(sorted(PUBLISHED_SCHEDULES))}"
+            )
+        return cls(
+            PUBLISHED_SCHEDULES[name],
+            tuple(cosine_legacy_index_abs(convention=convention)),
+            "ab",
+            name,
+        )
 
     @classmethod
-    def from_callable(cls, fn: Callable[[float], int], abs_grid: Sequence[float],
-                      name: str = "") -> "SizeSchedule":
+    def from_callable(
+        cls, fn: Callable[[float], int], abs_grid: Sequence[float], name: str = ""
+    ) -> "SizeSchedule":
         """Tabulate ``fn(ab)`` on ``abs_grid`` (e.g. the ab values of a sampler's steps)."""
         abs_grid = [float(a) for a in abs_grid]
-        return cls(tuple(int(fn(a)) for a in abs_grid), tuple(abs_grid), "ab",
-                   name or getattr(fn, "__name__", "callable"))
+        return cls(
+            tuple(int(fn(a)) for a in abs_grid),
+            tuple(abs_grid),
+            "ab",
+            name or getattr(fn, "__name__", "callable"),
+        )
 
     def to_dict(self) -> dict:
-        return {"format": SCHEDULE_FORMAT, "name": self.name, "key": self.key,
-                "grid": list(self.grid), "sizes": list(self.sizes)}
+        return {
+            "format": SCHEDULE_FORMAT,
+            "name": self.name,
+            "key": self.key,
+            "grid": list(self.grid),
+            "sizes": list(self.sizes),
+        }
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "dict") -> "SizeSchedule":
         if d.get("format") != SCHEDULE_FORMAT:
-            raise ValueError(f"{source} is not a size schedule (format {d.get('format')!r}; expected "
-                             f"{SCHEDULE_FORMAT!r}); write schedules with SizeSchedule.to_json or "
-                             "experiments/calibrate.py")
+            raise ValueError(
+                f"{source} is not a size schedule (format {d.get('format')!r}; expected "
+                f"{SCHEDULE_FORMAT!r}); write schedules with SizeSchedule.to_json or "
+                "experiments/calibrate.py"
+            )
         for f in ("grid", "sizes"):
             if f not in d:
                 raise ValueError(f"{source} lacks the field {f!r}")
@@ -218,8 +301,10 @@ class SizeSchedule:
     @classmethod
     def from_json(cls, path: str) -> "SizeSchedule":
         if not os.path.exists(path):
-            raise FileNotFoundError(f"size schedule file {path!r} does not exist; create it with "
-                                    "experiments/calibrate.py or SizeSchedule.to_json")
+            raise FileNotFoundError(
+                f"size schedule file {path!r} does not exist; create it with "
+                "experiments/calibrate.py or SizeSchedule.to_json"
+            )
         with open(path) as f:
             try:
                 d = json.load(f)
@@ -237,9 +322,14 @@ def _write_json_atomic(path: str, obj) -> None:
 SizeSpec = Union[int, str, Sequence[int], SizeSchedule, Callable[[float], int]]
 
 
-def resolve_size_spec(spec: SizeSpec, *, what: str = "patch_size", named=None,
-                      grid_len: int = COSINE_LEGACY_STEPS,
-                      default_grid: Optional[Callable[[], SizeSchedule]] = None):
+def resolve_size_spec(
+    spec: SizeSpec,
+    *,
+    what: str = "patch_size",
+    named=None,
+    grid_len: int = COSINE_LEGACY_STEPS,
+    default_grid: Optional[Callable[[], SizeSchedule]] = None,
+):
     """Turn a user size spec into an int, a :class:`SizeSchedule` or a callable.
 
     Args:
@@ -256,26 +346,38 @@ def resolve_size_spec(spec: SizeSpec, *, what: str = "patch_size", named=None,
         return spec
     if isinstance(spec, str):
         if spec.startswith("file:"):
-            return SizeSchedule.from_json(spec[len("file:"):])
-        named = named if named is not None else {n: functools.partial(SizeSchedule.published, n)
-                                                 for n in PUBLISHED_SCHEDULES}
+            return SizeSchedule.from_json(spec[len("file:") :])
+        named = (
+            named
+            if named is not None
+            else {n: functools.partial(SizeSchedule.published, n) for n in PUBLISHED_SCHEDULES}
+        )
         if spec in named:
             return named[spec]()
-        raise ValueError(f"unknown {what} schedule {spec!r}; use an int, 'file:PATH', or one of "
-                         f"{', '.join(sorted(named))}")
+        raise ValueError(
+            f"unknown {what} schedule {spec!r}; use an int, 'file:PATH', or one of "
+            f"{', '.join(sorted(named))}"
+        )
     if callable(spec):
         return spec
     if isinstance(spec, (list, tuple, np.ndarray)):
         sizes = [int(s) for s in np.asarray(spec).ravel()]
         if len(sizes) != grid_len:
-            raise ValueError(f"{what} schedule has {len(sizes)} entries; a bare list must have "
-                             f"{grid_len} (one per step of its grid, index 0 = lowest noise). For "
-                             "another grid build SizeSchedule(sizes, grid)")
-        base = default_grid() if default_grid is not None else SizeSchedule.published(
-            "cifar10_unet_zeros_cond")
+            raise ValueError(
+                f"{what} schedule has {len(sizes)} entries; a bare list must have "
+                f"{grid_len} (one per step of its grid, index 0 = lowest noise). For "
+                "another grid build SizeSchedule(sizes, grid)"
+            )
+        base = (
+            default_grid()
+            if default_grid is not None
+            else SizeSchedule.published("cifar10_unet_zeros_cond")
+        )
         return SizeSchedule(tuple(sizes), base.grid, base.key, "list")
-    raise TypeError(f"{what} must be an int, a schedule, a name, a list or a callable; got "
-                    f"{type(spec).__name__}")
+    raise TypeError(
+        f"{what} must be an int, a schedule, a name, a list or a callable; got "
+        f"{type(spec).__name__}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,8 +416,10 @@ class SizedDenoiser(DenoiserBase):
             if isinstance(k, (jax.Array, np.ndarray)):
                 k = np.asarray(k).item()
             if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-                raise TypeError(f"{self.name}: the patch_size callable returned {k!r} at ab = "
-                                f"{float(ab):.6g}; it must return a Python int")
+                raise TypeError(
+                    f"{self.name}: the patch_size callable returned {k!r} at ab = "
+                    f"{float(ab):.6g}; it must return a Python int"
+                )
             k = int(k)
         self._check_size(k)
         return k
@@ -344,8 +448,10 @@ class SizedDenoiser(DenoiserBase):
                 return _impl_counted(core, x_t, ab, size=sizes[0])
             branches = [functools.partial(_impl_counted, size=s) for s in sizes]
             return jax.lax.switch(ps.branch_traced(ab), branches, core, x_t, ab)
-        raise ValueError(f"{self.name}: a callable patch_size needs a concrete ab; under jit/scan "
-                         "tabulate it first: SizeSchedule.from_callable(fn, abs_grid)")
+        raise ValueError(
+            f"{self.name}: a callable patch_size needs a concrete ab; under jit/scan "
+            "tabulate it first: SizeSchedule.from_callable(fn, abs_grid)"
+        )
 
     def with_patch_size(self, size: SizeSpec):
         """This denoiser with another size spec (validated). Shares compiled programs per size."""
@@ -369,5 +475,14 @@ class SizedDenoiser(DenoiserBase):
         return den
 
 
-__all__ = ["PUBLISHED_SCHEDULES", "COSINE_LEGACY_STEPS", "SCHEDULE_FORMAT", "SizeSchedule",
-           "SizeSpec", "SizedDenoiser", "cosine_legacy_index_abs", "resolve_size_spec", "trace_count"]
+__all__ = [
+    "PUBLISHED_SCHEDULES",
+    "COSINE_LEGACY_STEPS",
+    "SCHEDULE_FORMAT",
+    "SizeSchedule",
+    "SizeSpec",
+    "SizedDenoiser",
+    "cosine_legacy_index_abs",
+    "resolve_size_spec",
+    "trace_count",
+]

@@ -72,7 +72,8 @@ DIAG_GUARD = 1e-6
 
 
 def wiener_projection(stats: GaussianStats, ab: float) -> np.ndarray:
-    """``P_t = U diag(s) U^T`` in float64, ``s = ab lam / (ab lam + 1 - ab)`` (docs/algorithms.md §4)."""
+    """``P_t = U diag(s) U^T`` in float64, ``s = ab lam / (ab lam + 1 - ab)``
+    (docs/algorithms.md §4)."""
     lam = np.asarray(stats.eigvals, np.float64)
     s = ab * lam / (ab * lam + (1.0 - ab))
     u = np.asarray(stats.eigvecs, np.float64)
@@ -97,7 +98,8 @@ def masks(stats: GaussianStats, ab: float, threshold: float, mode: str = "global
             f"threshold must be <= 1, got {threshold}: theta is a fraction of the largest |Mc| "
             "(of the whole matrix, a row or a column), so theta > 1 keeps no entry, every mask is "
             "empty and the denoiser returns the training mean; use a value in [0, 1] (released: "
-            "0.005 for MNIST / Fashion-MNIST, 0.05 for CIFAR-10, 0.02 for 64 px sets)")
+            "0.005 for MNIST / Fashion-MNIST, 0.05 for CIFAR-10, 0.02 for 64 px sets)"
+        )
     p = wiener_projection(stats, float(ab))
     d = np.diag(p).copy()
     d[np.abs(d) < DIAG_GUARD] = 1.0
@@ -121,14 +123,14 @@ def masks(stats: GaussianStats, ab: float, threshold: float, mode: str = "global
 
 
 def _tiles(shape, tile: int) -> np.ndarray:
-    """Output element indices grouped by ``tile x tile`` spatial tiles, all channels: [T, tile*tile*C]
-    (padded with -1 where the image size is not a multiple of ``tile``)."""
+    """Output element indices grouped by ``tile x tile`` spatial tiles, all channels:
+    [T, tile*tile*C] (padded with -1 where the image size is not a multiple of ``tile``)."""
     h, w, c = shape
     idx = np.arange(h * w * c).reshape(h, w, c)
     out = []
     for i in range(0, h, tile):
         for j in range(0, w, tile):
-            out.append(idx[i:i + tile, j:j + tile].reshape(-1))
+            out.append(idx[i : i + tile, j : j + tile].reshape(-1))
     size = tile * tile * c
     return np.stack([np.pad(t, (0, size - len(t)), constant_values=-1) for t in out])
 
@@ -165,7 +167,8 @@ class TilePlan:
 
 
 def _group_sizes(costs: np.ndarray, max_groups: int) -> list:
-    """Split ascending ``costs`` into <= max_groups contiguous groups minimising sum(count * max)."""
+    """Split ascending ``costs`` into <= max_groups contiguous groups
+    minimising sum(count * max)."""
     t = len(costs)
     inf = float("inf")
     best = [[inf] * (t + 1) for _ in range(max_groups + 1)]
@@ -186,14 +189,15 @@ def _group_sizes(costs: np.ndarray, max_groups: int) -> list:
     return bounds[::-1]
 
 
-def tile_plan(mask: np.ndarray, shape, tile: int, mode: str = "mixed", max_groups: int = 3) -> TilePlan:
+def tile_plan(
+    mask: np.ndarray, shape, tile: int, mode: str = "mixed", max_groups: int = 3
+) -> TilePlan:
     """Plan the masked distances of a binary ``mask`` by spatial tiles of outputs.
 
     ``mode``: "direct" (gather the support of M), "complement" (full distance minus the support of
     1 - M) or "mixed" (per tile, whichever gathers fewer inputs).
     """
     mask = np.asarray(mask).astype(bool)
-    n = mask.shape[0]
     outs = _tiles(shape, tile)
     o = outs.shape[1]
     sel = []
@@ -217,9 +221,9 @@ def tile_plan(mask: np.ndarray, shape, tile: int, mode: str = "mixed", max_group
             use_c, support = sel[ti]
             t = outs[ti]
             valid = t >= 0
-            ins[r, :len(support)] = support
+            ins[r, : len(support)] = support
             sub = (~mask if use_c else mask)[np.ix_(support, t[valid])].astype(np.float32)
-            block[r, :len(support)][:, valid] = -sub if use_c else sub
+            block[r, : len(support)][:, valid] = -sub if use_c else sub
             base[r] = 1.0 if use_c else 0.0
         groups.append(TileGroup(tiles=ids.astype(np.int32), ins=ins, block=block, base=base))
     return TilePlan(outs=outs.astype(np.int32), groups=tuple(groups))
@@ -251,7 +255,7 @@ class ClusterPlan:
     Every output column ``m`` has a base ``c`` (none, all ones, or a Hamming k-means centroid of
     the mask's columns) and, exactly,
 
-        dist[:, m] = dist_c + sum_{i in M_m \\ c} r_i - sum_{i in c \\ M_m} r_i       (r_i = residual^2)
+        dist[:, m] = dist_c + sum_{i in M_m \\ c} r_i - sum_{i in c \\ M_m} r_i   (r_i = residual^2)
 
     Columns sharing a base are merged into clusters of at most ``O`` columns (greedy pairing by
     overlap of their correction sets), and a cluster gathers the union of its columns' correction
@@ -274,8 +278,10 @@ class ClusterPlan:
         """Multiply-adds per item and query: ``n`` per base column plus gathered inputs times
         columns of every (padded) group; dense costs ``n * n``."""
         n = self.bases.shape[0]
-        return int(n * self.bases.shape[1]
-                   + sum(g.ins.shape[0] * g.ins.shape[1] * self.cluster_size for g in self.groups))
+        return int(
+            n * self.bases.shape[1]
+            + sum(g.ins.shape[0] * g.ins.shape[1] * self.cluster_size for g in self.groups)
+        )
 
     def correction_density(self) -> float:
         """Fraction of nonzero correction entries over ``n * n`` (without padding)."""
@@ -286,14 +292,14 @@ class ClusterPlan:
 def kmeans_columns(mask: np.ndarray, k: int, iters: int = 12, seed: int = 0) -> np.ndarray:
     """Hamming k-means of the columns of a binary ``mask`` (k-means++ start, majority-vote
     centroids); returns the distinct centroids of non-empty clusters as bool [n, k'], k' <= k."""
-    cols = np.asarray(mask, bool).T.astype(np.float32)               # [c, n]
+    cols = np.asarray(mask, bool).T.astype(np.float32)  # [c, n]
     c = cols.shape[0]
     k = int(min(k, c))
     if k <= 0:
         return np.zeros((cols.shape[1], 0), bool)
     norms = cols.sum(1)
 
-    def hamming(cents):                                              # [c, k] = |a| + |b| - 2 a.b
+    def hamming(cents):  # [c, k] = |a| + |b| - 2 a.b
         return norms[:, None] + cents.sum(1)[None, :] - 2.0 * (cols @ cents.T)
 
     rng = np.random.default_rng(seed)
@@ -355,7 +361,7 @@ def merge_clusters(diff: np.ndarray, sizes: Sequence[int], window: int = 1024) -
     While there are more than ``window`` clusters, partners are sought only within consecutive
     windows of that many (element order), which bounds the planning cost for large images.
     Returns {size: list of index arrays into the c columns} after the round reaching each size."""
-    sets = np.asarray(diff, bool).T.astype(np.float32)               # [c, n]
+    sets = np.asarray(diff, bool).T.astype(np.float32)  # [c, n]
     clusters = [np.array([i]) for i in range(sets.shape[0])]
     out, size = {}, 1
     for target in sorted(sizes):
@@ -363,7 +369,7 @@ def merge_clusters(diff: np.ndarray, sizes: Sequence[int], window: int = 1024) -
             if len(clusters) > 1:
                 pairs = []
                 for lo in range(0, len(clusters), window):
-                    w = sets[lo:lo + window]
+                    w = sets[lo : lo + window]
                     pairs += [(lo + i, lo + j) for i, j in _match(w @ w.T)]
                 paired = np.zeros(len(clusters), bool)
                 new_c, new_s = [], []
@@ -383,14 +389,14 @@ def merge_clusters(diff: np.ndarray, sizes: Sequence[int], window: int = 1024) -
 def _cluster_groups(mask, bases, base_of, clusters, size, max_groups):
     """Pack clusters (column index arrays, each with one base) into padded groups."""
     n = mask.shape[0]
-    full = np.concatenate([np.zeros((n, 1), bool), bases], axis=1)   # column 0: no base
+    full = np.concatenate([np.zeros((n, 1), bool), bases], axis=1)  # column 0: no base
     rows = []
     for cols in clusters:
         b = base_of[cols[0]]
-        rows.append(np.flatnonzero((mask[:, cols] != full[:, b:b + 1]).any(axis=1)))
+        rows.append(np.flatnonzero((mask[:, cols] != full[:, b : b + 1]).any(axis=1)))
     outs = np.full((len(clusters), size), -1, np.int32)
     for i, cols in enumerate(clusters):
-        outs[i, :len(cols)] = cols
+        outs[i, : len(cols)] = cols
     costs = np.array([max(1, len(r)) for r in rows])
     order = np.argsort(costs, kind="stable")
     groups = []
@@ -403,16 +409,22 @@ def _cluster_groups(mask, bases, base_of, clusters, size, max_groups):
         for r, ci in enumerate(ids):
             cols, sup = clusters[ci], rows[ci]
             b = base_of[cols[0]]
-            ins[r, :len(sup)] = sup
-            block[r, :len(sup), :len(cols)] = (mask[np.ix_(sup, cols)].astype(np.float32)
-                                               - full[sup, b:b + 1].astype(np.float32))
+            ins[r, : len(sup)] = sup
+            block[r, : len(sup), : len(cols)] = mask[np.ix_(sup, cols)].astype(np.float32) - full[
+                sup, b : b + 1
+            ].astype(np.float32)
             base[r] = b
         groups.append(ClusterGroup(clusters=ids.astype(np.int32), ins=ins, block=block, base=base))
     return outs, tuple(groups)
 
 
-def cluster_plans(mask: np.ndarray, num_centroids: int, cluster_sizes: Sequence[int] = (8, 16, 32, 64),
-                   max_groups: int = 3, seed: int = 0) -> Dict[int, ClusterPlan]:
+def cluster_plans(
+    mask: np.ndarray,
+    num_centroids: int,
+    cluster_sizes: Sequence[int] = (8, 16, 32, 64),
+    max_groups: int = 3,
+    seed: int = 0,
+) -> Dict[int, ClusterPlan]:
     """Plans of the ``clusters`` path for one binary ``mask`` and every cluster size.
 
     Bases: all ones (the unmasked distance) and ``num_centroids`` Hamming k-means centroids; every
@@ -427,31 +439,32 @@ def cluster_plans(mask: np.ndarray, num_centroids: int, cluster_sizes: Sequence[
     if num_centroids > 0:
         cands.append(kmeans_columns(mask, num_centroids, seed=seed))
     cand = np.concatenate(cands, axis=1)
-    cand = cand[:, cand.any(axis=0)]                                  # an all-zero centroid = no base
+    cand = cand[:, cand.any(axis=0)]  # an all-zero centroid = no base
     cand = np.unique(cand, axis=1) if cand.shape[1] > 1 else cand
     colsf = mask.T.astype(np.float32)
     candf = cand.T.astype(np.float32)
     norms = colsf.sum(1, keepdims=True)
     ham = np.concatenate([norms, norms + candf.sum(1)[None] - 2.0 * (colsf @ candf.T)], axis=1)
-    choice = np.argmin(ham, axis=1)                                   # 0: none, i: cand[:, i - 1]
+    choice = np.argmin(ham, axis=1)  # 0: none, i: cand[:, i - 1]
     used = np.unique(choice[choice > 0])
     bases = cand[:, used - 1]
     remap = np.zeros(cand.shape[1] + 1, np.int64)
     remap[used] = np.arange(1, len(used) + 1)
-    base_of = remap[choice]                                           # per column, into [none, bases]
+    base_of = remap[choice]  # per column, into [none, bases]
     full = np.concatenate([np.zeros((n, 1), bool), bases], axis=1)
     sizes = sorted({int(s) for s in cluster_sizes})
     per_size = {s: [] for s in sizes}
     for b in np.unique(base_of):
         cols = np.flatnonzero(base_of == b)
-        diff = mask[:, cols] != full[:, b:b + 1]
+        diff = mask[:, cols] != full[:, b : b + 1]
         for s, cl in merge_clusters(diff, sizes).items():
             per_size[s].extend(cols[x] for x in cl)
     plans = {}
     for s in sizes:
         outs, groups = _cluster_groups(mask, bases, base_of, per_size[s], s, max_groups)
-        plans[s] = ClusterPlan(bases=bases, outs=outs, groups=groups,
-                                num_centroids=int(num_centroids))
+        plans[s] = ClusterPlan(
+            bases=bases, outs=outs, groups=groups, num_centroids=int(num_centroids)
+        )
     return plans
 
 
@@ -460,9 +473,9 @@ class StepPlan:
     """Everything needed to evaluate the masked distances at one noise level."""
 
     ab: float
-    path: str            # "dense" | "tiles" | "clusters"
+    path: str  # "dense" | "tiles" | "clusters"
     density: float
-    mask: np.ndarray     # [n, n] (bool, or float64 soft)
+    mask: np.ndarray  # [n, n] (bool, or float64 soft)
     tiles: Optional[TilePlan]
     clusters: Optional[ClusterPlan] = None
 
@@ -472,8 +485,7 @@ class StepPlan:
             return ("dense",)
         if self.path == "clusters":
             c = self.clusters
-            return ("clusters", c.bases.shape, c.outs.shape,
-                    tuple(g.block.shape for g in c.groups))
+            return ("clusters", c.bases.shape, c.outs.shape, tuple(g.block.shape for g in c.groups))
         return ("tiles", tuple(g.ins.shape for g in self.tiles.groups))
 
     @property
@@ -525,7 +537,7 @@ def _masked_dist_dense(q, xt, ab, mask_t):
     against the squared residuals. (Expanding the square instead needs a second,
     batch-independent GEMM ``(X^2) @ M``; the residual form does the same single large GEMM and
     has no cancellation.)"""
-    r = q[:, :, None] - jnp.sqrt(ab) * xt[None]                                  # [B, n, K]
+    r = q[:, :, None] - jnp.sqrt(ab) * xt[None]  # [B, n, K]
     return jnp.matmul(mask_t[None], r * r, precision=HIGHEST)
 
 
@@ -540,11 +552,11 @@ def _gathered_corrections(q, xt, ab, ins, block_t):
     b = q.shape[0]
     t, o, u = block_t.shape
     k = xt.shape[1]
-    xg = xt[ins]                                                                 # [T, U, K]
-    qg = q[:, ins]                                                               # [B, T, U]
+    xg = xt[ins]  # [T, U, K]
+    qg = q[:, ins]  # [B, T, U]
     blockq_t = (qg[:, :, None, :] * block_t[None]).transpose(1, 0, 2, 3).reshape(t, b * o, u)
-    g1 = jnp.matmul(block_t, xg * xg, precision=HIGHEST)                         # [T, O, K]
-    g2 = jnp.matmul(blockq_t, xg, precision=HIGHEST).reshape(t, b, o, k)         # [T, B, O, K]
+    g1 = jnp.matmul(block_t, xg * xg, precision=HIGHEST)  # [T, O, K]
+    g2 = jnp.matmul(blockq_t, xg, precision=HIGHEST).reshape(t, b, o, k)  # [T, B, O, K]
     return ab * g1[:, None] - 2.0 * jnp.sqrt(ab) * g2
 
 
@@ -555,7 +567,7 @@ def _tile_dist(q, xt, ab, groups):
     signed corrections (:func:`_gathered_corrections`), plus the full distance for complement
     tiles (``base = 1``), so the result is laid out without transposing item axes.
     """
-    full = _full_dist(q, xt, ab)                                                 # [B, K]
+    full = _full_dist(q, xt, ab)  # [B, K]
     b, k = full.shape
     parts = []
     for ins, block_t, base in groups:
@@ -581,14 +593,15 @@ def _cluster_dist(q, xt, ab, bases_t, groups):
     bd = None
     if bases_t is not None:
         kb = bases_t.shape[0]
-        bq = (q[:, None, :] * bases_t[None]).reshape(b * kb, -1)                 # [B Kb, n]
-        bd = (ab * jnp.matmul(bases_t, xt * xt, precision=HIGHEST)[None]
-              - 2.0 * jnp.sqrt(ab) * jnp.matmul(bq, xt, precision=HIGHEST).reshape(b, kb, k))
-        bd = jnp.concatenate([jnp.zeros((b, 1, k), bd.dtype), bd], axis=1)      # row 0: no base
+        bq = (q[:, None, :] * bases_t[None]).reshape(b * kb, -1)  # [B Kb, n]
+        bd = ab * jnp.matmul(bases_t, xt * xt, precision=HIGHEST)[None] - 2.0 * jnp.sqrt(
+            ab
+        ) * jnp.matmul(bq, xt, precision=HIGHEST).reshape(b, kb, k)
+        bd = jnp.concatenate([jnp.zeros((b, 1, k), bd.dtype), bd], axis=1)  # row 0: no base
     parts = []
     for ins, block_t, base in groups:
         t, o, _ = block_t.shape
-        d = _gathered_corrections(q, xt, ab, ins, block_t)                       # [T, B, O, K]
+        d = _gathered_corrections(q, xt, ab, ins, block_t)  # [T, B, O, K]
         if bd is not None:
             d = d + jnp.swapaxes(bd[:, base], 0, 1)[:, :, None, :]
         parts.append(jnp.swapaxes(d, 0, 1).reshape(b, t * o, k))
@@ -597,8 +610,9 @@ def _cluster_dist(q, xt, ab, bases_t, groups):
 
 def _full_dist(q, xt, ab):
     """Unmasked ``ab ||X||^2 - 2 sqrt(ab) q . X`` -> [B, K] (the optimal denoiser's distance)."""
-    return (ab * jnp.sum(xt * xt, axis=0)[None]
-            - 2.0 * jnp.sqrt(ab) * jnp.matmul(q, xt, precision=HIGHEST))
+    return ab * jnp.sum(xt * xt, axis=0)[None] - 2.0 * jnp.sqrt(ab) * jnp.matmul(
+        q, xt, precision=HIGHEST
+    )
 
 
 class _PlanTable:
@@ -651,12 +665,12 @@ def _layout(plan: StepPlan, outs: np.ndarray, n: int, width: int) -> np.ndarray:
 
 @flax.struct.dataclass
 class PcaLocality(DenoiserBase):
-    chunked: streaming.Chunked                # ((x^T [C, n, cs],), valid): items as columns
-    table_abs: jax.Array                      # [S] float32 noise levels of the plan table
-    table_arrays: Tuple                       # per entry: (mask,), ((ins, block, base), ...) or
-                                              # (bases, ((ins, block, base), ...))
-    table_perm: jax.Array                     # [S, W] output element of each logit column
-    table_pos: jax.Array                      # [S, n] logit column of each output element
+    chunked: streaming.Chunked  # ((x^T [C, n, cs],), valid): items as columns
+    table_abs: jax.Array  # [S] float32 noise levels of the plan table
+    table_arrays: Tuple  # per entry: (mask,), ((ins, block, base), ...) or
+    # (bases, ((ins, block, base), ...))
+    table_perm: jax.Array  # [S, W] output element of each logit column
+    table_pos: jax.Array  # [S, n] logit column of each output element
     shape: Tuple[int, int, int] = flax.struct.field(pytree_node=False)
     host: _Host = flax.struct.field(pytree_node=False)
     plans: _PlanTable = flax.struct.field(pytree_node=False)
@@ -679,12 +693,19 @@ class PcaLocality(DenoiserBase):
         """Build (or fetch from the host cache) the plan of one noise level: mask (float64, on
         the host), density and the path with the lowest modelled cost (``auto``) or the path
         asked for, with its tiles or clusters."""
-        key = (float(ab), self.threshold, self.threshold_mode, self.path, self.tile,
-               self.num_centroids, self.cluster_size)
+        key = (
+            float(ab),
+            self.threshold,
+            self.threshold_mode,
+            self.path,
+            self.tile,
+            self.num_centroids,
+            self.cluster_size,
+        )
         cached = self.host.plans.get(key)
         if cached is None:
             cached = self._build_plan(float(ab))
-            if len(self.host.plans) >= 32:        # a few grids' worth; plans hold [n, n] masks
+            if len(self.host.plans) >= 32:  # a few grids' worth; plans hold [n, n] masks
                 self.host.plans.clear()
             self.host.plans[key] = cached
         return cached
@@ -699,7 +720,9 @@ class PcaLocality(DenoiserBase):
 
     def _build_plan(self, ab: float) -> StepPlan:
         if self.path not in PATHS:
-            raise ValueError(f"path must be one of {', '.join(repr(p) for p in PATHS)}, got {self.path!r}")
+            raise ValueError(
+                f"path must be one of {', '.join(repr(p) for p in PATHS)}, got {self.path!r}"
+            )
         if self.fixed_mask:
             mask = self.host.fixed
             density = float(np.mean(mask != 0))
@@ -712,10 +735,18 @@ class PcaLocality(DenoiserBase):
                 raise ValueError(f"path={self.path!r} needs a binary mask (threshold > 0)")
             return StepPlan(ab, "dense", density, mask, None)
         # (modelled time in dense multiply-adds, plan); dense first so that ties stay dense
-        cands = [(float(n * n), StepPlan(ab, "dense", density, mask, None))] if self.path == "auto" else []
+        cands = (
+            [(float(n * n), StepPlan(ab, "dense", density, mask, None))]
+            if self.path == "auto"
+            else []
+        )
         if self.path in ("auto", "tiles", "sparse", "complement"):
-            mode = {"auto": "mixed", "tiles": "mixed", "sparse": "direct",
-                    "complement": "complement"}[self.path]
+            mode = {
+                "auto": "mixed",
+                "tiles": "mixed",
+                "sparse": "direct",
+                "complement": "complement",
+            }[self.path]
             tp = tile_plan(mask, self.shape, self.tile, mode)
             cands.append((tp.cost() / TILE_EFFICIENCY, StepPlan(ab, "tiles", density, mask, tp)))
         if self.path in ("auto", "clusters"):
@@ -739,15 +770,26 @@ class PcaLocality(DenoiserBase):
         for p in plans:
             if p.path == "dense":
                 m = np.ascontiguousarray(p.mask.T)
-                arrays.append((jnp.asarray(m.astype(np.uint8) if m.dtype == bool else m.astype(np.float32)),))
+                arrays.append(
+                    (jnp.asarray(m.astype(np.uint8) if m.dtype == bool else m.astype(np.float32)),)
+                )
             else:
                 groups = p.clusters.groups if p.path == "clusters" else p.tiles.groups
-                g_arrays = tuple((jnp.asarray(g.ins),
-                                  jnp.asarray(np.ascontiguousarray(np.swapaxes(g.block, 1, 2))),
-                                  jnp.asarray(g.base)) for g in groups)
+                g_arrays = tuple(
+                    (
+                        jnp.asarray(g.ins),
+                        jnp.asarray(np.ascontiguousarray(np.swapaxes(g.block, 1, 2))),
+                        jnp.asarray(g.base),
+                    )
+                    for g in groups
+                )
                 if p.path == "clusters":
                     b = p.clusters.bases
-                    bases_t = jnp.asarray(np.ascontiguousarray(b.T).astype(np.uint8)) if b.shape[1] else None
+                    bases_t = (
+                        jnp.asarray(np.ascontiguousarray(b.T).astype(np.uint8))
+                        if b.shape[1]
+                        else None
+                    )
                     arrays.append((bases_t, g_arrays))
                 else:
                     arrays.append(g_arrays)
@@ -757,9 +799,13 @@ class PcaLocality(DenoiserBase):
             pos[perm[valid]] = np.flatnonzero(valid)
             perms.append(perm)
             poss.append(pos)
-        return self.replace(table_abs=jnp.asarray([p.ab for p in plans], jnp.float32),
-                            table_arrays=tuple(arrays), table_perm=jnp.asarray(np.stack(perms)),
-                            table_pos=jnp.asarray(np.stack(poss)), plans=_PlanTable(plans))
+        return self.replace(
+            table_abs=jnp.asarray([p.ab for p in plans], jnp.float32),
+            table_arrays=tuple(arrays),
+            table_perm=jnp.asarray(np.stack(perms)),
+            table_pos=jnp.asarray(np.stack(poss)),
+            plans=_PlanTable(plans),
+        )
 
     def densities(self) -> Dict[float, float]:
         """{ab: mask density} of the plan table."""
@@ -777,8 +823,10 @@ class PcaLocality(DenoiserBase):
         one-entry plan for ``ab``."""
         if isinstance(ab, jax.core.Tracer):
             if not self.plans.plans:
-                raise ValueError("pca_locality called with a traced ab but no plan table; call "
-                                 "denoiser.prepare(abs) with the noise levels first (samplers do)")
+                raise ValueError(
+                    "pca_locality called with a traced ab but no plan table; call "
+                    "denoiser.prepare(abs) with the noise levels first (samplers do)"
+                )
             return _apply_pca(self, x_t, ab)
         a = float(ab)
         if self.plans.plans and np.min(np.abs(self.plans.abs - a)) <= 1e-7 * max(a, 1e-3):
@@ -799,7 +847,7 @@ class PcaLocality(DenoiserBase):
         scale = 1.0 / (2.0 * (1.0 - ab) * self.temperature)
         paths = [p.path for p in self.plans.plans]
         idx = jnp.argmin(jnp.abs(self.table_abs - ab))
-        perm = self.table_perm[idx]                                   # [W]
+        perm = self.table_perm[idx]  # [W]
         width = perm.shape[0]
 
         def branch(path, arrays, q_, xt, ab_):
@@ -816,7 +864,7 @@ class PcaLocality(DenoiserBase):
 
         def chunk_fn(ctx, data):
             q_, ab_, scale_, idx_, perm_, tabs = ctx
-            (xt,) = data                                                # [n, K]
+            (xt,) = data  # [n, K]
             fns = [functools.partial(branch, pth, tab) for pth, tab in zip(paths, tabs)]
             if len(fns) == 1:
                 dist = fns[0](q_, xt, ab_)
@@ -825,10 +873,18 @@ class PcaLocality(DenoiserBase):
             xv = jnp.concatenate([xt, jnp.zeros((1, xt.shape[1]), xt.dtype)], axis=0)[perm_]
             return -dist * scale_, xv.T[:, :, None]
 
-        out = streaming.stream(chunk_fn, self.chunked,
-                               (q, ab, scale, idx, perm, self.table_arrays),
-                               batch=b, m=width, d=1, mode=self.softmax, mesh=self.mesh,
-                               layout="bmk", progress="chunks" if self.progress else None)
+        out = streaming.stream(
+            chunk_fn,
+            self.chunked,
+            (q, ab, scale, idx, perm, self.table_arrays),
+            batch=b,
+            m=width,
+            d=1,
+            mode=self.softmax,
+            mesh=self.mesh,
+            layout="bmk",
+            progress="chunks" if self.progress else None,
+        )
         out = out[:, :, 0][:, self.table_pos[idx]]
         return out.reshape(x_t.shape)
 
@@ -843,7 +899,9 @@ def _chunk_transposed(train_flat: np.ndarray, chunk_size: int, mesh) -> streamin
     (sharded over ``mesh``): every path gathers input rows (``x^T[ins]``, contiguous) and
     contracts over inputs with the items as the last axis."""
     n_shards = 1 if mesh is None else mesh.shape[streaming.DATA_AXIS]
-    chunked = streaming.chunk((np.asarray(train_flat, np.float32),), chunk_size, num_shards=n_shards)
+    chunked = streaming.chunk(
+        (np.asarray(train_flat, np.float32),), chunk_size, num_shards=n_shards
+    )
     chunked = streaming.Chunked((jnp.swapaxes(chunked.data[0], 1, 2),), chunked.valid)
     if mesh is not None:
         chunked = streaming.shard_chunked(chunked, mesh)
@@ -854,12 +912,25 @@ PATHS = ("auto", "dense", "tiles", "sparse", "complement", "clusters")
 
 
 @register("pca_locality")
-def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
-                      temperature: float = 1.0, softmax: str = "exact", chunk_size: int = 512,
-                      mask=None, threshold_mode: str = "global", path: str = "auto",
-                      tile: Optional[int] = None, num_centroids: Optional[int] = None,
-                      cluster_size: Optional[int] = None, abs=None, mesh=None,
-                      shard: bool = False, progress: bool = False) -> PcaLocality:
+def make_pca_locality(
+    *,
+    stats: GaussianStats,
+    train,
+    threshold: float = 0.005,
+    temperature: float = 1.0,
+    softmax: str = "exact",
+    chunk_size: int = 512,
+    mask=None,
+    threshold_mode: str = "global",
+    path: str = "auto",
+    tile: Optional[int] = None,
+    num_centroids: Optional[int] = None,
+    cluster_size: Optional[int] = None,
+    abs=None,
+    mesh=None,
+    shard: bool = False,
+    progress: bool = False,
+) -> PcaLocality:
     """The paper's analytical denoiser (docs/algorithms.md §5).
 
     Args:
@@ -891,9 +962,11 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
         raise TypeError(f"pca_locality: stats must be a GaussianStats, got {type(stats).__name__}")
     arr = as_train_array(train)
     if tuple(arr.shape[1:]) != tuple(stats.shape):
-        raise ValueError(f"pca_locality: training images have shape {arr.shape[1:]} but the "
-                         f"statistics were computed on images of shape {stats.shape}; use "
-                         "statistics of the same data and resolution")
+        raise ValueError(
+            f"pca_locality: training images have shape {arr.shape[1:]} but the "
+            f"statistics were computed on images of shape {stats.shape}; use "
+            "statistics of the same data and resolution"
+        )
     if softmax not in ("exact", "chunk_mean"):
         raise ValueError(f"softmax must be 'exact' or 'chunk_mean', got {softmax!r}")
     if temperature <= 0:
@@ -906,8 +979,11 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
         raise ValueError(f"tile must be >= 1, got {tile}")
     if num_centroids is not None and (int(num_centroids) != num_centroids or num_centroids < 0):
         raise ValueError(f"num_centroids must be an integer >= 0 (or None), got {num_centroids}")
-    if cluster_size is not None and (int(cluster_size) != cluster_size or cluster_size < 1
-                                     or int(cluster_size) & (int(cluster_size) - 1)):
+    if cluster_size is not None and (
+        int(cluster_size) != cluster_size
+        or cluster_size < 1
+        or int(cluster_size) & (int(cluster_size) - 1)
+    ):
         raise ValueError(f"cluster_size must be a power of two >= 1 (or None), got {cluster_size}")
     n = int(np.prod(arr.shape[1:]))
     mesh = resolve_mesh(mesh, shard)
@@ -915,18 +991,33 @@ def make_pca_locality(*, stats: GaussianStats, train, threshold: float = 0.005,
     fixed = mask is not None
     plans: Tuple[StepPlan, ...] = ()
     host = _Host(stats)
-    den = PcaLocality(chunked=chunked, table_abs=jnp.zeros((0,), jnp.float32), table_arrays=(),
-                      table_perm=jnp.zeros((0, 0), jnp.int32), table_pos=jnp.zeros((0, n), jnp.int32),
-                      shape=tuple(arr.shape[1:]), host=host, plans=_PlanTable(plans),
-                      threshold=float(threshold), threshold_mode=threshold_mode,
-                      temperature=float(temperature), softmax=softmax, path=path, tile=int(tile),
-                      num_centroids=None if num_centroids is None else int(num_centroids),
-                      cluster_size=None if cluster_size is None else int(cluster_size),
-                      fixed_mask=fixed, mesh=mesh, progress=bool(progress))
+    den = PcaLocality(
+        chunked=chunked,
+        table_abs=jnp.zeros((0,), jnp.float32),
+        table_arrays=(),
+        table_perm=jnp.zeros((0, 0), jnp.int32),
+        table_pos=jnp.zeros((0, n), jnp.int32),
+        shape=tuple(arr.shape[1:]),
+        host=host,
+        plans=_PlanTable(plans),
+        threshold=float(threshold),
+        threshold_mode=threshold_mode,
+        temperature=float(temperature),
+        softmax=softmax,
+        path=path,
+        tile=int(tile),
+        num_centroids=None if num_centroids is None else int(num_centroids),
+        cluster_size=None if cluster_size is None else int(cluster_size),
+        fixed_mask=fixed,
+        mesh=mesh,
+        progress=bool(progress),
+    )
     if fixed:
         m = np.asarray(mask)
         if m.shape != (n, n):
-            raise ValueError(f"mask must be [n, n] = [{n}, {n}] in NHWC element order; got {m.shape}")
+            raise ValueError(
+                f"mask must be [n, n] = [{n}, {n}] in NHWC element order; got {m.shape}"
+            )
         if not np.all(np.isfinite(m.astype(np.float64))):
             raise ValueError("mask contains NaN or inf")
         if m.dtype != bool and np.all((m == 0) | (m == 1)):

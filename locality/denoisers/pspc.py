@@ -32,14 +32,15 @@ PSPC-Flex (``pspc_flex``)
 
         h_p(q) = mean over probes of  sum_{c_out, c_in} | d D(x_t)[p, c_out] / d x_t[q, c_in] |
 
-    (the sensitivity fields of docs/algorithms.md §9 for all output pixels, :func:`gradient_heatmaps`,
-    also summed over the output channels of ``p``; probes are noisy training images). The
+    (the sensitivity fields of docs/algorithms.md §9 for all output pixels,
+    :func:`gradient_heatmaps`, also summed over the output channels of ``p``; probes are noisy
+    training images). The
     crop of ``p`` holds the pixels of largest ``h_p``, taken in decreasing order until their mass
     reaches a fraction ``lambda(t)`` of ``sum_q h_p(q)`` (the pixel crossing the threshold is
     included), plus ``p`` itself (:func:`grow_masks`). Output pixel ``p`` is the posterior mean
     of ``x_p`` under its own crop -- the per-pixel masked empirical denoiser, i.e. the PCA-locality
-    machine of docs/algorithms.md §5 with the crop masks in place of the Wiener-derived ones. At call
-    time the mask set of the grid point nearest in ``log(sigma)`` is used (traced-friendly).
+    machine of docs/algorithms.md §5 with the crop masks in place of the Wiener-derived ones.
+    At call time the mask set of the grid point nearest in ``log(sigma)`` is used (traced-friendly).
     ``lambda`` is a float or a callable ``sigma -> fraction``; masks can also be given directly.
 
 Both use the training set with horizontal flips appended (``flip=True``, the default, as in
@@ -59,16 +60,27 @@ import numpy as np
 from locality import schedules, streaming
 from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array, resolve_mesh
 from locality.denoisers.local_score import box_valid, logit_scale
-from locality.denoisers.patch_schedules import (SizedDenoiser, SizeSchedule, SizeSpec,
-                                                resolve_size_spec)
+from locality.denoisers.patch_schedules import (
+    SizedDenoiser,
+    SizeSchedule,
+    SizeSpec,
+    resolve_size_spec,
+)
 from locality.denoisers.registry import register
 
 EDM_STEPS = 18
 
 # Published CIFAR-10 schedule on the 18-step EDM grid (docs/algorithms.md §7): (lowest sigma of the
 # band on the grid, square size), high to low noise; below 0.585 the size is 3.
-CIFAR10_EDM_BANDS = ((8.40, 32), (5.32, 23), (3.26, 15), (1.92, 11), (1.09, 7), (0.585, 5),
-                     (0.0, 3))
+CIFAR10_EDM_BANDS = (
+    (8.40, 32),
+    (5.32, 23),
+    (3.26, 15),
+    (1.92, 11),
+    (1.09, 7),
+    (0.585, 5),
+    (0.0, 3),
+)
 
 
 def _cifar10_edm_sizes(sigmas: np.ndarray) -> Tuple[int, ...]:
@@ -86,8 +98,9 @@ def edm_grid_sigmas(num_steps: int = EDM_STEPS) -> np.ndarray:
     return schedules.edm_sigmas(num_steps)[:-1]
 
 
-CIFAR10_EDM_SCHEDULE = SizeSchedule(_cifar10_edm_sizes(edm_grid_sigmas()),
-                                    tuple(edm_grid_sigmas()), "sigma", "cifar10_edm")
+CIFAR10_EDM_SCHEDULE = SizeSchedule(
+    _cifar10_edm_sizes(edm_grid_sigmas()), tuple(edm_grid_sigmas()), "sigma", "cifar10_edm"
+)
 """Sizes 32 x 7 (sigma >= 8.40), 23, 15, 11, 7, 5, then 3 (sigma <= 0.296) on the 18-step grid."""
 
 NAMED_SCHEDULES = {"cifar10_edm": CIFAR10_EDM_SCHEDULE}
@@ -140,8 +153,10 @@ class PSPCSquare(SizedDenoiser):
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
             raise TypeError(f"pspc_square: square size must be an int, got {s!r}")
         if not 1 <= s <= min(h, w):
-            raise ValueError(f"pspc_square: square size s = {s} must lie in [1, {min(h, w)}] for "
-                             f"{h}x{w} images (squares lie fully inside the image)")
+            raise ValueError(
+                f"pspc_square: square size s = {s} must lie in [1, {min(h, w)}] for "
+                f"{h}x{w} images (squares lie fully inside the image)"
+            )
 
     def _resolve(self, spec):
         return _resolve_pspc_spec(spec, self.shape)
@@ -161,11 +176,22 @@ class PSPCSquare(SizedDenoiser):
             vals = x.reshape(kk, h * w, c)[:, idx].reshape(kk, m, s * s * c)
             return logits.reshape(b, kk, m), vals
 
-        means = streaming.stream(chunk_fn, self.chunked, (x_t, ab, logit_scale(ab)), batch=b, m=m,
-                                 d=s * s * c, mode=self.softmax, mesh=self.mesh)
+        means = streaming.stream(
+            chunk_fn,
+            self.chunked,
+            (x_t, ab, logit_scale(ab)),
+            batch=b,
+            m=m,
+            d=s * s * c,
+            mode=self.softmax,
+            mesh=self.mesh,
+        )
         counts = np.bincount(idx.ravel(), minlength=h * w).astype(np.float32)
-        out = jnp.zeros((b, h * w, c), jnp.float32).at[:, idx.ravel()].add(
-            means.reshape(b, m * s * s, c))
+        out = (
+            jnp.zeros((b, h * w, c), jnp.float32)
+            .at[:, idx.ravel()]
+            .add(means.reshape(b, m * s * s, c))
+        )
         return (out / counts[None, :, None]).reshape(x_t.shape)
 
 
@@ -176,14 +202,26 @@ def _resolve_pspc_spec(spec, shape):
         return dataclasses.replace(base, sizes=tuple(min(s, h, w) for s in base.sizes))
     if callable(spec) and not isinstance(spec, (SizeSchedule, SigmaCallable)):
         return SigmaCallable(spec)
-    return resolve_size_spec(spec, what="square size", named={}, grid_len=EDM_STEPS,
-                             default_grid=lambda: CIFAR10_EDM_SCHEDULE)
+    return resolve_size_spec(
+        spec,
+        what="square size",
+        named={},
+        grid_len=EDM_STEPS,
+        default_grid=lambda: CIFAR10_EDM_SCHEDULE,
+    )
 
 
 @register("pspc_square")
-def make_pspc_square(*, train, patch_size: SizeSpec = "cifar10_edm", flip: bool = True,
-                     softmax: str = "exact", chunk_size: int = 64, mesh=None,
-                     shard: bool = False) -> PSPCSquare:
+def make_pspc_square(
+    *,
+    train,
+    patch_size: SizeSpec = "cifar10_edm",
+    flip: bool = True,
+    softmax: str = "exact",
+    chunk_size: int = 64,
+    mesh=None,
+    shard: bool = False,
+) -> PSPCSquare:
     """PSPC-Square over ``train`` [N, H, W, C] (module docs; docs/algorithms.md §7).
 
     Args:
@@ -199,8 +237,13 @@ def make_pspc_square(*, train, patch_size: SizeSpec = "cifar10_edm", flip: bool 
     shape = tuple(int(s) for s in arr.shape[1:])
     spec = _resolve_pspc_spec(patch_size, shape)
     mesh = resolve_mesh(mesh, shard)
-    den = PSPCSquare(chunked=_chunk(_flip_augment(arr, flip), chunk_size, mesh), shape=shape,
-                     patch_size=spec, softmax=softmax, mesh=mesh)
+    den = PSPCSquare(
+        chunked=_chunk(_flip_augment(arr, flip), chunk_size, mesh),
+        shape=shape,
+        patch_size=spec,
+        softmax=softmax,
+        mesh=mesh,
+    )
     return PSPCSquare._validated(den)
 
 
@@ -224,8 +267,9 @@ def gradient_heatmaps(denoise, x_t, ab: float, *, pixel_batch: Optional[int] = 6
     x_t = jnp.asarray(x_t, jnp.float32)
     _, h, w, _ = x_t.shape
     pix = [(i, j) for i in range(h) for j in range(w)]
-    return np.asarray(fields(denoise, x_t, float(ab), pix, pixel_batch=pixel_batch),
-                      np.float32).reshape(h * w, h * w)
+    return np.asarray(
+        fields(denoise, x_t, float(ab), pix, pixel_batch=pixel_batch), np.float32
+    ).reshape(h * w, h * w)
 
 
 def _own_heatmaps(denoise, x_t, ab: float, *, pixel_batch: int = 64) -> np.ndarray:
@@ -237,8 +281,10 @@ def _own_heatmaps(denoise, x_t, ab: float, *, pixel_batch: int = 64) -> np.ndarr
 
     def per_probe(x):
         _, vjp_fn = jax.vjp(lambda y: denoise(y[None], float(ab))[0], x)
-        rows = [jax.vmap(lambda e: vjp_fn(e)[0])(onehots[i:i + pixel_batch * c])
-                for i in range(0, n * c, pixel_batch * c)]
+        rows = [
+            jax.vmap(lambda e: vjp_fn(e)[0])(onehots[i : i + pixel_batch * c])
+            for i in range(0, n * c, pixel_batch * c)
+        ]
         g = jnp.concatenate(rows, axis=0).reshape(n, c, n, c)
         return jnp.sum(jnp.abs(g), axis=(1, 3))  # [p, q]
 
@@ -305,13 +351,22 @@ class PSPCFlex(DenoiserBase):
             xf = x.reshape(kk, n, c)
             cross = jnp.sum(q[:, None] * xf[None], axis=-1)  # [B, K, HW]
             sq = jnp.sum(xf * xf, axis=-1)  # [K, HW]
-            d = (2.0 * jnp.sqrt(ab_) * jnp.matmul(cross, mk, precision=HIGHEST)
-                 - ab_ * jnp.matmul(sq, mk, precision=HIGHEST)[None])
+            d = (
+                2.0 * jnp.sqrt(ab_) * jnp.matmul(cross, mk, precision=HIGHEST)
+                - ab_ * jnp.matmul(sq, mk, precision=HIGHEST)[None]
+            )
             return d * scale, xf
 
-        out = streaming.stream(chunk_fn, self.chunked,
-                               (x_t.reshape(b, n, c), ab, logit_scale(ab), mask),
-                               batch=b, m=n, d=c, mode=self.softmax, mesh=self.mesh)
+        out = streaming.stream(
+            chunk_fn,
+            self.chunked,
+            (x_t.reshape(b, n, c), ab, logit_scale(ab), mask),
+            batch=b,
+            m=n,
+            d=c,
+            mode=self.softmax,
+            mesh=self.mesh,
+        )
         return out.reshape(x_t.shape)
 
 
@@ -335,11 +390,23 @@ def _grid_sigmas(abs_, sigmas) -> np.ndarray:
 
 
 @register("pspc_flex")
-def make_pspc_flex(*, train, network=None, masks=None, abs=None, sigmas=None,
-                   lam: Union[float, Callable[[float], float]] = 0.9, num_probes: int = 8,
-                   seed: int = 0, flip: bool = True, softmax: str = "exact",
-                   chunk_size: int = 256, pixel_batch: Optional[int] = 64, mesh=None,
-                   shard: bool = False) -> PSPCFlex:
+def make_pspc_flex(
+    *,
+    train,
+    network=None,
+    masks=None,
+    abs=None,
+    sigmas=None,
+    lam: Union[float, Callable[[float], float]] = 0.9,
+    num_probes: int = 8,
+    seed: int = 0,
+    flip: bool = True,
+    softmax: str = "exact",
+    chunk_size: int = 256,
+    pixel_batch: Optional[int] = 64,
+    mesh=None,
+    shard: bool = False,
+) -> PSPCFlex:
     """PSPC-Flex over ``train`` [N, H, W, C] (module docs; docs/algorithms.md §7).
 
     Args:
@@ -363,8 +430,10 @@ def make_pspc_flex(*, train, network=None, masks=None, abs=None, sigmas=None,
         if mk.shape == (n, n):
             mk = np.broadcast_to(mk, (len(sig), n, n))
         if mk.shape != (len(sig), n, n):
-            raise ValueError(f"masks must be [H*W, H*W] = [{n}, {n}] or [G, {n}, {n}] with G = "
-                             f"{len(sig)} grid points; got {np.shape(masks)}")
+            raise ValueError(
+                f"masks must be [H*W, H*W] = [{n}, {n}] or [G, {n}, {n}] with G = "
+                f"{len(sig)} grid points; got {np.shape(masks)}"
+            )
         if not np.all((mk == 0) | (mk == 1)):
             raise ValueError("masks must be 0/1")
     else:
@@ -372,6 +441,7 @@ def make_pspc_flex(*, train, network=None, masks=None, abs=None, sigmas=None,
             raise ValueError("pspc_flex needs network= (a denoiser or a checkpoint path) or masks=")
         if isinstance(network, str):
             from locality.denoisers.registry import make
+
             network = make("network", checkpoint=network)
         rng = np.random.default_rng(seed)
         probes = arr[rng.permutation(len(arr))[:num_probes]]
@@ -388,12 +458,25 @@ def make_pspc_flex(*, train, network=None, masks=None, abs=None, sigmas=None,
     if softmax not in ("exact", "chunk_mean"):
         raise ValueError(f"softmax must be 'exact' or 'chunk_mean', got {softmax!r}")
     mesh = resolve_mesh(mesh, shard)
-    return PSPCFlex(chunked=_chunk(_flip_augment(arr, flip), chunk_size, mesh),
-                    masks=jnp.asarray(mk, jnp.float32),
-                    log_sigmas=jnp.asarray(np.log(sig), jnp.float32), shape=(h, w, c),
-                    softmax=softmax, mesh=mesh)
+    return PSPCFlex(
+        chunked=_chunk(_flip_augment(arr, flip), chunk_size, mesh),
+        masks=jnp.asarray(mk, jnp.float32),
+        log_sigmas=jnp.asarray(np.log(sig), jnp.float32),
+        shape=(h, w, c),
+        softmax=softmax,
+        mesh=mesh,
+    )
 
 
-__all__ = ["PSPCSquare", "PSPCFlex", "make_pspc_square", "make_pspc_flex", "gradient_heatmaps",
-           "grow_masks", "square_index", "CIFAR10_EDM_SCHEDULE", "CIFAR10_EDM_BANDS",
-           "SigmaCallable"]
+__all__ = [
+    "PSPCSquare",
+    "PSPCFlex",
+    "make_pspc_square",
+    "make_pspc_flex",
+    "gradient_heatmaps",
+    "grow_masks",
+    "square_index",
+    "CIFAR10_EDM_SCHEDULE",
+    "CIFAR10_EDM_BANDS",
+    "SigmaCallable",
+]

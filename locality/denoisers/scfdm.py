@@ -18,8 +18,8 @@ Monte-Carlo estimate of the Gaussian-smoothed closed-form score ``E_xi[s*(x_t + 
 noise level.
 
 ``smoothing="train"`` -- smoothing in the space of training points, the paper's own kind of
-parameterisation as docs/algorithms.md §8 describes it (its sigma perturbs the training points rather
-than the query; this is our reading of that description -- check it against the paper's
+parameterisation as docs/algorithms.md §8 describes it (its sigma perturbs the training points
+rather than the query; this is our reading of that description -- check it against the paper's
 definitions before relying on the exact form): the closed-form posterior mean of a training set
 whose points are perturbed, averaged over ``R`` perturbations,
 
@@ -61,8 +61,9 @@ def _key_data(key) -> jax.Array:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
     if key.dtype != jnp.uint32 or key.shape != (2,):
-        raise TypeError(f"key must be a jax.random key or an int seed; got dtype {key.dtype}, "
-                        f"shape {key.shape}")
+        raise TypeError(
+            f"key must be a jax.random key or an int seed; got dtype {key.dtype}, shape {key.shape}"
+        )
     return key
 
 
@@ -82,9 +83,13 @@ def _smoothing_noise(key_data, ab, *, shape, num_samples, fold_in_ab):
 
 def smoothing_noise(key_data, ab, shape, num_samples: int, fold_in_ab: bool = True) -> jax.Array:
     """The input perturbations ``xi`` [R, B, H, W, C] of one call (``smoothing="input"``)."""
-    return _smoothing_noise(jnp.asarray(key_data), jnp.asarray(ab, jnp.float32),
-                            shape=tuple(int(s) for s in shape), num_samples=int(num_samples),
-                            fold_in_ab=bool(fold_in_ab))
+    return _smoothing_noise(
+        jnp.asarray(key_data),
+        jnp.asarray(ab, jnp.float32),
+        shape=tuple(int(s) for s in shape),
+        num_samples=int(num_samples),
+        fold_in_ab=bool(fold_in_ab),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("n", "fold_in_ab"))
@@ -95,9 +100,14 @@ def _train_noise(key_data, ab, r, index, *, n, fold_in_ab):
 
 def train_noise(key_data, ab, r: int, index, n: int, fold_in_ab: bool = True) -> jax.Array:
     """Perturbation [n] of training item ``index`` in sample ``r`` (``smoothing="train"``)."""
-    return _train_noise(jnp.asarray(key_data), jnp.asarray(ab, jnp.float32),
-                        jnp.asarray(r, jnp.uint32), jnp.asarray(index, jnp.uint32), n=int(n),
-                        fold_in_ab=bool(fold_in_ab))
+    return _train_noise(
+        jnp.asarray(key_data),
+        jnp.asarray(ab, jnp.float32),
+        jnp.asarray(r, jnp.uint32),
+        jnp.asarray(index, jnp.uint32),
+        n=int(n),
+        fold_in_ab=bool(fold_in_ab),
+    )
 
 
 @flax.struct.dataclass
@@ -146,26 +156,46 @@ class SCFDM(DenoiserBase):
             q_, ab_, scale, kd, sigma_s = ctx
             x, idx = data
             k = jax.random.wrap_key_data(kd)
-            noise = jax.vmap(lambda rr: jax.vmap(
-                lambda i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, rr), i),
-                                            (n,)))(idx))(jnp.arange(r))  # [R, K, n]
+            noise = jax.vmap(
+                lambda rr: jax.vmap(
+                    lambda i: jax.random.normal(
+                        jax.random.fold_in(jax.random.fold_in(k, rr), i), (n,)
+                    )
+                )(idx)
+            )(jnp.arange(r))  # [R, K, n]
             y = x[None] + sigma_s * noise  # [R, K, n]
             cross = jnp.einsum("bn,rkn->bkr", q_, y, precision=HIGHEST)
             sq = jnp.sum(y * y, axis=-1).T  # [K, R]
             logits = (2.0 * jnp.sqrt(ab_) * cross - ab_ * sq[None]) * scale
             return logits, jnp.transpose(y, (1, 0, 2))  # values [K, R, n]
 
-        out = streaming.stream(chunk_fn, self.indexed,
-                               (q, ab, 1.0 / (2.0 * (1.0 - ab)), jax.random.key_data(ckey),
-                                self.sigma_s),
-                               batch=b, m=r, d=n, mesh=self.mesh)
+        out = streaming.stream(
+            chunk_fn,
+            self.indexed,
+            (q, ab, 1.0 / (2.0 * (1.0 - ab)), jax.random.key_data(ckey), self.sigma_s),
+            batch=b,
+            m=r,
+            d=n,
+            mesh=self.mesh,
+        )
         return jnp.mean(out, axis=1).reshape(x_t.shape)
 
 
 @register("scfdm")
-def make_scfdm(*, train, num_samples: int = 10, sigma_s: float = 0.1, key=None, seed: int = 0,
-               smoothing: str = "input", fold_in_ab: bool = True, top_k: Optional[int] = None,
-               chunk_size: int = 512, mesh=None, shard: bool = False) -> SCFDM:
+def make_scfdm(
+    *,
+    train,
+    num_samples: int = 10,
+    sigma_s: float = 0.1,
+    key=None,
+    seed: int = 0,
+    smoothing: str = "input",
+    fold_in_ab: bool = True,
+    top_k: Optional[int] = None,
+    chunk_size: int = 512,
+    mesh=None,
+    shard: bool = False,
+) -> SCFDM:
     """Smoothed closed-form denoiser over ``train`` [N, H, W, C] (module docs).
 
     Args:
@@ -192,15 +222,22 @@ def make_scfdm(*, train, num_samples: int = 10, sigma_s: float = 0.1, key=None, 
         n_shards = 1 if mesh is None else mesh.shape[streaming.DATA_AXIS]
         flat = jnp.asarray(arr.reshape(arr.shape[0], -1))
         cs = max(1, min(chunk_size, (1 << 22) // max(1, int(num_samples) * flat.shape[1])))
-        indexed = streaming.chunk((flat, jnp.arange(arr.shape[0], dtype=jnp.uint32)), cs,
-                                  num_shards=n_shards)
+        indexed = streaming.chunk(
+            (flat, jnp.arange(arr.shape[0], dtype=jnp.uint32)), cs, num_shards=n_shards
+        )
         if mesh is not None:
             indexed = streaming.shard_chunked(indexed, mesh)
-    return SCFDM(optimal=optimal, indexed=indexed,
-                 key=_key_data(jax.random.key(seed) if key is None else key),
-                 sigma_s=jnp.asarray(sigma_s, jnp.float32), shape=tuple(int(s) for s in arr.shape[1:]),
-                 num_samples=int(num_samples), smoothing=smoothing, fold_in_ab=bool(fold_in_ab),
-                 mesh=mesh)
+    return SCFDM(
+        optimal=optimal,
+        indexed=indexed,
+        key=_key_data(jax.random.key(seed) if key is None else key),
+        sigma_s=jnp.asarray(sigma_s, jnp.float32),
+        shape=tuple(int(s) for s in arr.shape[1:]),
+        num_samples=int(num_samples),
+        smoothing=smoothing,
+        fold_in_ab=bool(fold_in_ab),
+        mesh=mesh,
+    )
 
 
 __all__ = ["SCFDM", "make_scfdm", "smoothing_noise", "train_noise", "call_key"]

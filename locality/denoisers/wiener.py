@@ -29,15 +29,17 @@ def shrinkage(eigvals, ab):
 
 def _check_stats(stats, name):
     if not isinstance(stats, GaussianStats):
-        raise TypeError(f"{name}: stats must be a locality.stats.GaussianStats "
-                        f"(from stats.gaussian_stats(images)); got {type(stats).__name__}")
+        raise TypeError(
+            f"{name}: stats must be a locality.stats.GaussianStats "
+            f"(from stats.gaussian_stats(images)); got {type(stats).__name__}"
+        )
 
 
 @flax.struct.dataclass
 class Wiener(DenoiserBase):
-    mean: jax.Array      # [n] float32
-    eigvals: jax.Array   # [n] float32
-    eigvecs: jax.Array   # [n, n] float32
+    mean: jax.Array  # [n] float32
+    eigvals: jax.Array  # [n] float32
+    eigvecs: jax.Array  # [n, n] float32
     shape: Tuple[int, int, int] = flax.struct.field(pytree_node=False)
     name = "wiener"
 
@@ -50,7 +52,8 @@ class Wiener(DenoiserBase):
         return out.reshape(x_t.shape)
 
     def jacobian(self, ab) -> jax.Array:
-        """Dense Jacobian ``U diag(s) U^T / sqrt(ab)`` [n, n] (for small n and sensitivity fields)."""
+        """Dense Jacobian ``U diag(s) U^T / sqrt(ab)`` [n, n]
+        (for small n and sensitivity fields)."""
         ab = jnp.asarray(ab, jnp.float32)
         u = self.eigvecs
         return jnp.matmul(u * shrinkage(self.eigvals, ab), u.T, precision=HIGHEST) / jnp.sqrt(ab)
@@ -60,13 +63,17 @@ class Wiener(DenoiserBase):
 def make_wiener(*, stats: GaussianStats) -> Wiener:
     """Wiener filter applied in the eigenbasis of ``stats`` (never forms n x n per call)."""
     _check_stats(stats, "wiener")
-    return Wiener(mean=jnp.asarray(stats.mean, jnp.float32),
-                  eigvals=jnp.asarray(stats.eigvals, jnp.float32),
-                  eigvecs=jnp.asarray(stats.eigvecs, jnp.float32), shape=tuple(stats.shape))
+    return Wiener(
+        mean=jnp.asarray(stats.mean, jnp.float32),
+        eigvals=jnp.asarray(stats.eigvals, jnp.float32),
+        eigvecs=jnp.asarray(stats.eigvecs, jnp.float32),
+        shape=tuple(stats.shape),
+    )
 
 
 def dense_wiener_matrices(cov: np.ndarray, mean: np.ndarray, ab: float):
-    """float64 closed form ``W* = sqrt(ab) S (ab S + (1 - ab) I)^-1``, ``b* = (I - sqrt(ab) W*) mu``."""
+    """float64 closed form ``W* = sqrt(ab) S (ab S + (1 - ab) I)^-1``,
+    ``b* = (I - sqrt(ab) W*) mu``."""
     cov = np.asarray(cov, np.float64)
     n = cov.shape[0]
     a = ab * cov + (1.0 - ab) * np.eye(n)
@@ -97,8 +104,9 @@ class WienerDense(DenoiserBase):
             flat = np.asarray(x, np.float64).reshape(x.shape[0], -1)
             return (flat @ w.T + b).astype(np.float32).reshape(x.shape)
 
-        return jax.pure_callback(host, jax.ShapeDtypeStruct(x_t.shape, jnp.float32), x_t, ab,
-                                 vmap_method="sequential")
+        return jax.pure_callback(
+            host, jax.ShapeDtypeStruct(x_t.shape, jnp.float32), x_t, ab, vmap_method="sequential"
+        )
 
 
 @register("wiener_dense")
@@ -106,7 +114,11 @@ def make_wiener_dense(*, stats: GaussianStats) -> WienerDense:
     """Closed-form ``W* x_t + b*`` in float64 (for tests and tiny images only)."""
     _check_stats(stats, "wiener_dense")
     if stats.n > 4096:
-        raise ValueError(f"wiener_dense solves an n x n system per call; n = {stats.n} is too large "
-                         "(use 'wiener')")
-    return WienerDense(host=_HostArrays(stats.covariance(), np.asarray(stats.mean, np.float64)),
-                       shape=tuple(stats.shape))
+        raise ValueError(
+            f"wiener_dense solves an n x n system per call; n = {stats.n} is too large "
+            "(use 'wiener')"
+        )
+    return WienerDense(
+        host=_HostArrays(stats.covariance(), np.asarray(stats.mean, np.float64)),
+        shape=tuple(stats.shape),
+    )

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from locality.nets.dit import DiT, SIZES as DIT_SIZES
+from locality.nets.dit import SIZES as DIT_SIZES
+from locality.nets.dit import DiT
 from locality.nets.unet import UNet
 
 ARCHS = ("unet", "dit")
@@ -77,5 +78,13 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-__all__ = ["UNet", "DiT", "DIT_SIZES", "ARCHS", "build_model", "init_params", "abstract_params",
-           "count_params"]
+__all__ = [
+    "UNet",
+    "DiT",
+    "DIT_SIZES",
+    "ARCHS",
+    "build_model",
+    "init_params",
+    "abstract_params",
+    "count_params",
+]

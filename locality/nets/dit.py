@@ -47,8 +47,9 @@ def sincos_pos_embed_2d(dim: int, gh: int, gw: int) -> np.ndarray:
         out = np.outer(pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64),
-                             indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij"
+    )
     emb = np.concatenate([one_d(dim // 2, rows), one_d(dim // 2, cols)], axis=1)
     return emb.astype(np.float32)
 
@@ -68,13 +69,15 @@ class DiTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, c, train: bool):
-        mod = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros,
-                       name="adaLN_modulation")(nn.silu(c))
+        mod = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros, name="adaLN_modulation")(
+            nn.silu(c)
+        )
         sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 6, axis=-1)
         ln = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, name=name)
         h = modulate(ln("norm1")(x), sh_msa, sc_msa)
-        h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, kernel_init=_xavier,
-                                            deterministic=True, name="attn")(h, h)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, kernel_init=_xavier, deterministic=True, name="attn"
+        )(h, h)
         x = x + g_msa[:, None, :] * h
         h = modulate(ln("norm2")(x), sh_mlp, sc_mlp)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=_xavier, name="mlp_fc1")(h)
@@ -130,18 +133,28 @@ class DiT(nn.Module):
 
         c = timestep_embedding(t, 256)
         c = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02), name="t_mlp0")(c)
-        c = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02),
-                     name="t_mlp1")(nn.silu(c))
+        c = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02), name="t_mlp1")(
+            nn.silu(c)
+        )
         c = c + label_embedding(self.num_classes, self.hidden, y, b)
 
         for i in range(self.depth):
-            h = DiTBlock(self.hidden, self.num_heads, self.mlp_ratio, self.dropout,
-                         name=f"block_{i}")(h, c, train)
+            h = DiTBlock(
+                self.hidden, self.num_heads, self.mlp_ratio, self.dropout, name=f"block_{i}"
+            )(h, c, train)
 
-        shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
-                                          name="final_adaLN")(nn.silu(c)), 2, axis=-1)
-        h = modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
-                                  name="final_norm")(h), shift, scale)
+        shift, scale = jnp.split(
+            nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros, name="final_adaLN")(
+                nn.silu(c)
+            ),
+            2,
+            axis=-1,
+        )
+        h = modulate(
+            nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, name="final_norm")(h),
+            shift,
+            scale,
+        )
         h = nn.Dense(p * p * out_ch, kernel_init=nn.initializers.zeros, name="final_linear")(h)
 
         # Unpatchify: [B, gh*gw, p*p*C] -> [B, H, W, C].

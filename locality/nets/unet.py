@@ -93,14 +93,17 @@ def label_embedding(num_classes: int, dim: int, y, batch: int):
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     if num_classes == 0:
         if y is not None:
-            raise ValueError("labels y were given to an unconditional network (num_classes=0); "
-                             "build it with num_classes > 0 or call it without y")
+            raise ValueError(
+                "labels y were given to an unconditional network (num_classes=0); "
+                "build it with num_classes > 0 or call it without y"
+            )
         return 0.0
     if y is None:
         y = jnp.full((batch,), num_classes, jnp.int32)
     y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
-    return nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.zeros,
-                    name="label_embed")(y)
+    return nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.zeros, name="label_embed")(
+        y
+    )
 
 
 class Conv3x3(nn.Module):
@@ -119,8 +122,14 @@ class Conv3x3(nn.Module):
     def __call__(self, x):
         mode = {"zeros": "constant", "circular": "wrap"}[self.padding]
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
-        return nn.Conv(self.features, (3, 3), strides=(self.stride, self.stride), padding="VALID",
-                       kernel_init=xavier_uniform(self.gain), bias_init=nn.initializers.zeros)(x)
+        return nn.Conv(
+            self.features,
+            (3, 3),
+            strides=(self.stride, self.stride),
+            padding="VALID",
+            kernel_init=xavier_uniform(self.gain),
+            bias_init=nn.initializers.zeros,
+        )(x)
 
 
 class Norm(nn.Module):
@@ -135,8 +144,10 @@ class Norm(nn.Module):
             return x
         c = x.shape[-1]
         if c % self.num_groups:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups="
-                             f"{self.num_groups}; choose ch/num_groups so every width divides")
+            raise ValueError(
+                f"GroupNorm: {c} channels are not divisible by num_groups="
+                f"{self.num_groups}; choose ch/num_groups so every width divides"
+            )
         return nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6)(x)
 
 
@@ -154,8 +165,12 @@ class ResBlock(nn.Module):
         in_ch = x.shape[-1]
         h = nn.swish(Norm(self.num_groups, self.use_norm)(x))
         h = Conv3x3(self.out_ch, padding=self.padding)(h)
-        h = h + nn.Dense(self.out_ch, kernel_init=xavier_uniform(),
-                         name="temb_proj")(nn.swish(temb))[:, None, None, :]
+        h = (
+            h
+            + nn.Dense(self.out_ch, kernel_init=xavier_uniform(), name="temb_proj")(nn.swish(temb))[
+                :, None, None, :
+            ]
+        )
         h = nn.swish(Norm(self.num_groups, self.use_norm)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = Conv3x3(self.out_ch, padding=self.padding, gain=1e-5)(h)
@@ -181,7 +196,7 @@ class AttnBlock(nn.Module):
         q = nn.Dense(c, kernel_init=xavier_uniform(), name="q")(h).reshape(b, hh * ww, c)
         k = nn.Dense(c, kernel_init=xavier_uniform(), name="k")(h).reshape(b, hh * ww, c)
         v = nn.Dense(c, kernel_init=xavier_uniform(), name="v")(h).reshape(b, hh * ww, c)
-        w = jnp.einsum("bic,bjc->bij", q, k) * (c ** -0.5)
+        w = jnp.einsum("bic,bjc->bij", q, k) * (c**-0.5)
         w = jax.nn.softmax(w, axis=-1)
         h = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hh, ww, c)
         h = nn.Dense(c, kernel_init=xavier_uniform(1e-5), name="proj_out")(h)
@@ -238,8 +253,9 @@ class UNet(nn.Module):
 
         temb = timestep_embedding(t, self.ch)
         temb = nn.Dense(4 * self.ch, kernel_init=xavier_uniform(), name="temb_dense0")(temb)
-        temb = nn.Dense(4 * self.ch, kernel_init=xavier_uniform(),
-                        name="temb_dense1")(nn.swish(temb))
+        temb = nn.Dense(4 * self.ch, kernel_init=xavier_uniform(), name="temb_dense1")(
+            nn.swish(temb)
+        )
         temb = temb + label_embedding(self.num_classes, 4 * self.ch, y, b)
 
         h = Conv3x3(self.ch, padding=self.padding, name="head")(x)
@@ -252,8 +268,7 @@ class UNet(nn.Module):
                     h = AttnBlock(**norm)(h)
                 skips.append(h)
             if level != levels - 1:
-                h = Conv3x3(h.shape[-1], stride=2, padding=self.padding,
-                            name=f"down_{level}")(h)
+                h = Conv3x3(h.shape[-1], stride=2, padding=self.padding, name=f"down_{level}")(h)
                 skips.append(h)
 
         h = ResBlock(h.shape[-1], **res)(h, temb, train)
@@ -271,7 +286,7 @@ class UNet(nn.Module):
                 skip_hw = skips[-1].shape[1:3]
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
                 # odd sizes (25 -> 13 -> 26): crop back to the skip's size
-                h = h[:, :skip_hw[0], :skip_hw[1]]
+                h = h[:, : skip_hw[0], : skip_hw[1]]
                 h = Conv3x3(h.shape[-1], padding=self.padding, name=f"up_{level}")(h)
         assert not skips
 
