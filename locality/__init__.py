@@ -20,8 +20,17 @@ _SUBMODULES = (
     "sensitivity",
     "plotting",
     "train",
+    "train_config",
+    "train_data",
+    "train_step",
     "checkpoints",
     "nets",
+    "classify",
+    "quality",
+    "data_stats",
+    "evaluation",
+    "generation",
+    "linear_gd",
 )
 
 

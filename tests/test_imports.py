@@ -70,10 +70,34 @@ def _find_cycle(graph):
     return None
 
 
+# The trainer's modules below the loop in locality.train (docs/architecture.md, "Layers").
+TRAIN_PARTS = ("locality.train_config", "locality.train_data", "locality.train_step")
+# The public names of locality.train before it was split into TRAIN_PARTS and the loop.
+TRAIN_NAMES = (
+    "TrainConfig",
+    "TrainState",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "ema_decay_at",
+    "ema_update",
+    "create_train_state",
+    "diffusion_loss",
+    "make_mesh",
+    "make_train_step",
+    "epoch_permutation",
+    "batch_indices",
+    "BatchSource",
+    "batch_at",
+    "check_resumable",
+    "train",
+)
+
+
 @pytest.mark.parametrize("everywhere", [False, True], ids=["module_level", "with_local"])
 def test_imports_form_no_cycle(everywhere):
     graph = _module_graph(everywhere)
     assert {"locality.train", "locality.checkpoints", "locality.denoisers.network"} <= set(graph)
+    assert set(TRAIN_PARTS) <= set(graph)
     assert "locality.checkpoints" in graph["locality.train"]
     assert "locality.checkpoints" in graph["locality.denoisers.network"]
     cycle = _find_cycle(graph)
@@ -113,3 +137,39 @@ def test_sample_images_is_still_importable_from_train():
     from locality.denoisers import network
 
     assert train.sample_images is network.sample_images
+
+
+@pytest.mark.parametrize("everywhere", [False, True], ids=["module_level", "with_local"])
+def test_trainer_parts_sit_below_the_loop(everywhere):
+    """locality.train imports its parts; no part imports the loop; train_config, the base of
+    the parts, imports neither of the other two."""
+    graph = _module_graph(everywhere)
+    assert set(TRAIN_PARTS) <= graph["locality.train"]
+    for part in TRAIN_PARTS:
+        assert "locality.train" not in graph[part], part
+    assert graph["locality.train_config"].isdisjoint(TRAIN_PARTS)
+    assert "locality.train_config" in graph["locality.train_data"]
+    assert "locality.train_config" in graph["locality.train_step"]
+
+
+@pytest.mark.parametrize("name", TRAIN_NAMES)
+def test_trainer_names_are_still_importable_from_train(name):
+    from locality import train
+
+    assert name in train.__all__
+    assert getattr(train, name) is not None
+
+
+def test_train_reexports_every_public_name_of_its_parts():
+    import importlib
+
+    from locality import train
+
+    assert len(set(train.__all__)) == len(train.__all__)
+    for name in train.__all__:
+        assert hasattr(train, name), name
+    for part in TRAIN_PARTS:
+        module = importlib.import_module(part)
+        for name in module.__all__:
+            assert name in train.__all__, (part, name)
+            assert getattr(train, name) is getattr(module, name), (part, name)

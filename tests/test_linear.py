@@ -84,6 +84,58 @@ def test_isotropic_init_starts_at_the_isotropic_wiener_gain_and_helps_near_ab_1(
         linear_lib.train_linear(x, ab, init="eye", **kw)
 
 
+def _sgd_oracle(x, ab, key, steps, batch, lr):
+    """float64 numpy: ``steps`` of SGD with momentum 0.9 (optax.sgd: ``t <- g + 0.9 t``,
+    ``p <- p - lr t``) on the centred model ``W (x_t - sqrt(ab) mu) + c`` from ``W = 0``,
+    ``c = mu``, with the images and noise that train_linear documents for step ``s`` (drawn from
+    ``fold_in(key, s)``). Returns ``(W, b, mean loss)``."""
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    mu = flat.mean(0)
+    n = flat.shape[1]
+    sa, sn = np.sqrt(ab), np.sqrt(1 - ab)
+    shift = sa * mu
+    w, c = np.zeros((n, n)), mu.copy()
+    tw, tc = np.zeros((n, n)), np.zeros(n)
+    losses = []
+    for s in range(steps):
+        k_idx, k_eps = jax.random.split(jax.random.fold_in(key, s))
+        idx = np.asarray(jax.random.randint(k_idx, (batch,), 0, len(flat)))
+        eps = np.asarray(jax.random.normal(k_eps, (batch, n), jax.numpy.float32), np.float64)
+        x0 = flat[idx]
+        z = sa * x0 + sn * eps - shift
+        r = z @ w.T + c - x0
+        losses.append(np.mean(np.sum(r**2, axis=1)))
+        gw, gc = 2 * r.T @ z / batch, 2 * r.mean(0)
+        tw, tc = gw + 0.9 * tw, gc + 0.9 * tc
+        w, c = w - lr * tw, c - lr * tc
+    return w, c - w @ shift, np.mean(losses)
+
+
+def test_train_linear_compiles_once_for_every_noise_level():
+    """The chunk step and the metrics are module-level jitted functions with the noise level as a
+    traced argument: a second level reuses both programs (no new trace), and each level still
+    trains with its own ab (both agree with a float64 numpy SGD that draws the same batches)."""
+    x = _gaussian_images(n=64)[:, :3, :3]  # a shape no other test compiles for
+    key = jax.random.PRNGKey(4)
+    kw = dict(steps=6, batch_size=5, lr=0.05, key=key, optimizer="sgd", tail=0.0, log_every=6)
+    chunk0, measure0 = linear_lib._train_chunk._cache_size(), linear_lib._measure._cache_size()
+    fits = {}
+    for ab in (0.3, 0.8):
+        fits[ab] = linear_lib.train_linear(x, ab, **kw)
+        # One trace of each for the first level, none for the second.
+        assert linear_lib._train_chunk._cache_size() == chunk0 + 1
+        assert linear_lib._measure._cache_size() == measure0 + 1
+    oracle = {ab: _sgd_oracle(x, ab, key, 6, 5, 0.05) for ab in fits}
+    # The two levels differ by far more than the float32 tolerance, so a level that ran with
+    # the other level's ab would fail.
+    assert np.abs(oracle[0.3][0] - oracle[0.8][0]).max() > 1e-2
+    for ab, fit in fits.items():
+        w, b, loss = oracle[ab]
+        np.testing.assert_allclose(fit.W, w, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(fit.b, b, rtol=1e-5, atol=1e-7)
+        assert fit.history["loss"][-1] == pytest.approx(loss, rel=1e-5)
+
+
 def test_least_squares_solution_satisfies_normal_equations():
     x = _gaussian_images(n=200, seed=3)
     ab = 0.6

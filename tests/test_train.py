@@ -29,6 +29,7 @@ from locality.train import (
     learning_rate_schedule,
     make_train_step,
     train,
+    training_data,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,38 @@ def test_batches_are_deterministic_epoch_permutations():
     )
     assert 0.2 < draws.mean() < 0.8  # about half of the images are flipped
     np.testing.assert_array_equal(flipped(5), BatchSource(imgs, b, 7, True)(5))
+
+
+def test_training_data_holds_out_a_class_balanced_part(monkeypatch):
+    """training_data (locality.train_data) on a loaded dataset: with holdout 0.2 it keeps 8 and
+    holds out 2 of each class's 10 images (counted here, image by image), labels follow their
+    images for a conditional net and are dropped for an unconditional one."""
+    from locality import data
+
+    x, y = _images(n=40, hw=4, seed=5), np.arange(40) % 4
+    calls = []
+
+    def fake_load(name, split="train", *, resolution=None, limit=None, with_labels=False):
+        calls.append((name, split, resolution, limit, with_labels))
+        return (x, y) if with_labels else x
+
+    monkeypatch.setattr(data, "load", fake_load)
+    cfg = TrainConfig(dataset="mnist", data_limit=40, holdout=0.2, seed=3)
+    index = {img.tobytes(): i for i, img in enumerate(x)}
+    source = lambda arr: np.array([index[img.tobytes()] for img in arr])
+
+    images, labels, held = training_data(cfg, 0)
+    assert calls == [("mnist", "train", None, 40, True)] and labels is None
+    kept, out = source(images), source(held)
+    assert sorted(kept.tolist() + out.tolist()) == list(range(40))  # a partition of the set
+    assert np.bincount(y[out], minlength=4).tolist() == [2, 2, 2, 2]
+    images_c, labels_c, held_c = training_data(cfg, 4)
+    np.testing.assert_array_equal(labels_c, y[source(images_c)])
+    np.testing.assert_array_equal(held_c, held)  # the split depends on the seed only
+    with pytest.raises(ValueError, match="holdout"):
+        training_data(cfg, 0, images=x)
+    with pytest.raises(ValueError, match="num_classes=4"):
+        training_data(dataclasses.replace(cfg, holdout=0.0), 4, images=x, labels=y + 1)
 
 
 def test_train_step_ema_and_overfitting_a_tiny_batch():

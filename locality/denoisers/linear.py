@@ -31,9 +31,13 @@ rate ``E||W - W*||_F^2 ~ L* tr(Sc^-1) / M`` (``M`` samples averaged over, ``L*``
 ``Sc`` the covariance of ``x_t``) instead of stalling at a learning-rate-dependent floor. A cosine
 decay (``schedule="cosine"``, ``tail=0``) is offered as the alternative.
 
-Steps run in chunks of ``log_every`` inside one jitted ``lax.scan`` (buffers donated); after each
-chunk the history records the chunk's mean training loss and, for the current estimate (the tail
-average once averaging has begun), the relative Frobenius error ``||W - W*||_F / ||W*||_F``, the
+Steps run in chunks of ``log_every`` inside one jitted ``lax.scan`` (parameters, optimiser
+state and running average donated). The chunk and the metrics are module-level jitted functions
+that take ``ab`` (as ``sqrt(ab)``, ``sqrt(1 - ab)``) as a traced argument, so one compilation per
+image size, batch size, chunk length and optimiser setting serves every noise level
+(docs/architecture.md, "Denoiser": a new ``ab`` does not recompile). After each chunk the
+history records the chunk's mean training loss and, for the current estimate (the tail average
+once averaging has begun), the relative Frobenius error ``||W - W*||_F / ||W*||_F``, the
 relative error of ``b``, the relative excess loss ``(L(W, b) - L*) / L*`` (exact, from the
 moments) and the cosine between the sensitivity fields (docs/algorithms.md §9) of ``W`` and ``W*``
 at one pixel.
@@ -242,7 +246,11 @@ def train_linear(
     mu = jnp.asarray(mu64, jnp.float32)
     sa, sn = float(np.sqrt(ab)), float(np.sqrt(1.0 - ab))
     shift = sa * mu if center else jnp.zeros_like(mu)
-    opt = _make_optimizer(optimizer, float(lr), int(steps), schedule)
+    # The optimiser's settings are static arguments of the jitted chunk (a level-independent
+    # key: the step count only shapes a cosine schedule); built here to validate them and to
+    # initialise its state.
+    opt_spec = (optimizer, float(lr), int(steps) if schedule == "cosine" else 0, schedule)
+    opt = _make_optimizer(*opt_spec)
     if not 0.0 <= float(tail) < 1.0:
         raise ValueError(f"tail must be in [0, 1); got {tail}")
     tail_start = int(round(int(steps) * (1.0 - float(tail)))) if tail > 0 else int(steps)
@@ -254,58 +262,16 @@ def train_linear(
     params = {"W": w0, "c": jnp.array(mu, copy=True)}
     opt_state = opt.init(params)
 
-    w_ref_d = jnp.asarray(w_ref, jnp.float32)
-    b_ref_d = jnp.asarray(b_ref, jnp.float32)
-    consts = (data, shift, key)
-
-    def run_chunk(p, s, avg, start, consts, length):
-        data, shift, key = consts
-
-        def loss_fn(p, x0, eps):
-            x_t = sa * x0 + sn * eps
-            pred = jnp.matmul(x_t - shift, p["W"].T, precision=HIGHEST) + p["c"]
-            return jnp.mean(jnp.sum(jnp.square(pred - x0), axis=-1))
-
-        def one_step(carry, step):
-            p, s, avg = carry
-            k_idx, k_eps = jax.random.split(jax.random.fold_in(key, step))
-            x0 = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
-            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-            loss, g = jax.value_and_grad(loss_fn)(p, x0, eps)
-            upd, s = opt.update(g, s, p)
-            p = optax.apply_updates(p, upd)
-            # Running uniform average of the iterates after step `tail_start` (step is 0-based;
-            # the iterate after it is number step + 1).
-            wgt = jnp.where(step + 1 > tail_start, 1.0 / (step + 1 - tail_start), 0.0)
-            avg = jax.tree_util.tree_map(lambda a, q: a + wgt * (q - a), avg, p)
-            return (p, s, avg), loss
-
-        (p, s, avg), losses = jax.lax.scan(one_step, (p, s, avg), start + jnp.arange(length))
-        return p, s, avg, jnp.mean(losses)
-
-    run_chunk = jax.jit(run_chunk, static_argnums=(5,), donate_argnums=(0, 1, 2))
-
-    def measure(p, shift, w_ref_d, b_ref_d, ls):
-        wm = p["W"]
-        b = p["c"] - jnp.matmul(wm, shift, precision=HIGHEST)
-        w_ls_d, b_ls_d, sc, m = ls
-        d = wm - w_ls_d
-        excess = jnp.sum(jnp.matmul(d, sc, precision=HIGHEST) * d) + jnp.sum(
-            jnp.square(jnp.matmul(d, m, precision=HIGHEST) + b - b_ls_d)
-        )
-        rel = jnp.linalg.norm(wm - w_ref_d) / jnp.linalg.norm(w_ref_d)
-        brel = jnp.linalg.norm(b - b_ref_d) / jnp.maximum(jnp.linalg.norm(b_ref_d), 1e-30)
-        f, f_ref = _abs_row(wm, shape, pixel), _abs_row(w_ref_d, shape, pixel)
-        cos = jnp.sum(f * f_ref) / jnp.maximum(jnp.linalg.norm(f) * jnp.linalg.norm(f_ref), 1e-30)
-        return rel, brel, cos, excess, b
-
+    # Everything that depends on the noise level enters the compiled functions as an array.
+    level = (jnp.float32(sa), jnp.float32(sn), jnp.int32(tail_start))
+    ref = (jnp.asarray(w_ref, jnp.float32), jnp.asarray(b_ref, jnp.float32))
     ls = tuple(
         jnp.asarray(a, jnp.float32)
         for a in (w_ls, b_ls, ab * cov_n + (1.0 - ab) * np.eye(n), np.sqrt(ab) * mu64)
     )
-    measure = functools.partial(
-        jax.jit(measure), shift=shift, w_ref_d=w_ref_d, b_ref_d=b_ref_d, ls=ls
-    )
+
+    def measure(p):
+        return _measure(p, shift, ref, ls, shape, pixel)
 
     hist = {k: [] for k in ("step", "loss", "rel_frob", "bias_rel", "cosine", "excess")}
 
@@ -330,8 +296,18 @@ def train_linear(
     done = 0
     while done < steps:
         length = min(int(log_every), int(steps) - done)
-        params, opt_state, avg, loss = run_chunk(
-            params, opt_state, avg, jnp.int32(done), consts, length
+        params, opt_state, avg, loss = _train_chunk(
+            params,
+            opt_state,
+            avg,
+            jnp.int32(done),
+            data,
+            shift,
+            key,
+            level,
+            opt_spec,
+            int(batch_size),
+            length,
         )
         done += length
         record(done, loss, avg if done > tail_start else params)
@@ -348,6 +324,70 @@ def train_linear(
         seconds=seconds,
         loss_opt=loss_opt,
     )
+
+
+def _run_chunk(
+    params, opt_state, avg, start, data, shift, key, level, opt_spec, batch_size, length
+):
+    """``length`` optimisation steps from step ``start`` (one ``lax.scan``; jitted as
+    :data:`_train_chunk`).
+
+    ``level = (sqrt(ab), sqrt(1 - ab), tail_start)`` are traced scalars, so one compiled program
+    serves every noise level; ``opt_spec`` (:func:`_make_optimizer`'s arguments), ``batch_size``
+    and ``length`` are static. Step ``s`` draws its images and noise from ``fold_in(key, s)``.
+    Returns the updated ``(params, opt_state, avg)`` and the mean training loss of the chunk.
+    """
+    sa, sn, tail_start = level
+    opt = _make_optimizer(*opt_spec)
+
+    def loss_fn(p, x0, eps):
+        x_t = sa * x0 + sn * eps
+        pred = jnp.matmul(x_t - shift, p["W"].T, precision=HIGHEST) + p["c"]
+        return jnp.mean(jnp.sum(jnp.square(pred - x0), axis=-1))
+
+    def one_step(carry, step):
+        p, s, avg = carry
+        k_idx, k_eps = jax.random.split(jax.random.fold_in(key, step))
+        x0 = data[jax.random.randint(k_idx, (batch_size,), 0, data.shape[0])]
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        loss, g = jax.value_and_grad(loss_fn)(p, x0, eps)
+        upd, s = opt.update(g, s, p)
+        p = optax.apply_updates(p, upd)
+        # Running uniform average of the iterates after step `tail_start` (step is 0-based;
+        # the iterate after it is number step + 1).
+        wgt = jnp.where(step + 1 > tail_start, 1.0 / (step + 1 - tail_start), 0.0)
+        avg = jax.tree_util.tree_map(lambda a, q: a + wgt * (q - a), avg, p)
+        return (p, s, avg), loss
+
+    (params, opt_state, avg), losses = jax.lax.scan(
+        one_step, (params, opt_state, avg), start + jnp.arange(length)
+    )
+    return params, opt_state, avg, jnp.mean(losses)
+
+
+# Compiled once per (image size, batch size, chunk length, optimiser settings); the parameters,
+# optimiser state and running average are donated.
+_train_chunk = jax.jit(_run_chunk, static_argnums=(8, 9, 10), donate_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _measure(p, shift, ref, ls, shape, pixel):
+    """The history's metrics of the estimate ``p`` (module docstring): relative errors of ``W``
+    and ``b`` against ``ref = (W*, b*)``, the field cosine at ``pixel`` (docs/algorithms.md §9),
+    the excess loss from the moments ``ls = (W_ls, b_ls, Sc, m)``, and ``b`` itself."""
+    w_ref_d, b_ref_d = ref
+    wm = p["W"]
+    b = p["c"] - jnp.matmul(wm, shift, precision=HIGHEST)
+    w_ls_d, b_ls_d, sc, m = ls
+    d = wm - w_ls_d
+    excess = jnp.sum(jnp.matmul(d, sc, precision=HIGHEST) * d) + jnp.sum(
+        jnp.square(jnp.matmul(d, m, precision=HIGHEST) + b - b_ls_d)
+    )
+    rel = jnp.linalg.norm(wm - w_ref_d) / jnp.linalg.norm(w_ref_d)
+    brel = jnp.linalg.norm(b - b_ref_d) / jnp.maximum(jnp.linalg.norm(b_ref_d), 1e-30)
+    f, f_ref = _abs_row(wm, shape, pixel), _abs_row(w_ref_d, shape, pixel)
+    cos = jnp.sum(f * f_ref) / jnp.maximum(jnp.linalg.norm(f) * jnp.linalg.norm(f_ref), 1e-30)
+    return rel, brel, cos, excess, b
 
 
 # ----------------------------------------------------------------------------- denoiser
