@@ -46,6 +46,7 @@ import numpy as np
 from locality import data, denoisers, sampling, schedules, stats
 from locality._io import atomic_write_text
 from locality.denoisers import pca_locality as pl
+from locality.denoisers import pca_plans as pp
 
 HIGHEST = jax.lax.Precision.HIGHEST
 THREAD_ENV = (
@@ -242,7 +243,7 @@ def oracle64(x_t, train_flat, mask, ab):
 # ------------------------------------------------------------------------- work counts
 
 
-def gemm_macs(plan: pl.StepPlan, b: int) -> int:
+def gemm_macs(plan: pp.StepPlan, b: int) -> int:
     """Multiply-adds per training item that a path's GEMMs perform (padding included)."""
     n = plan.mask.shape[0]
     if plan.path == "dense":
@@ -254,7 +255,7 @@ def gemm_macs(plan: pl.StepPlan, b: int) -> int:
     return b * nb + (b + 1) * (c.cost() - nb)
 
 
-def plan_summary(plan: pl.StepPlan) -> dict:
+def plan_summary(plan: pp.StepPlan) -> dict:
     n = plan.mask.shape[0]
     out = {"path": plan.path, "mask_density": plan.density, "cost_over_dense": plan.cost() / n**2}
     if plan.path == "tiles":
@@ -271,16 +272,16 @@ def plan_summary(plan: pl.StepPlan) -> dict:
     return out
 
 
-def modelled_time(plan: pl.StepPlan) -> float:
+def modelled_time(plan: pp.StepPlan) -> float:
     """The cost model of path="auto" (dense multiply-adds; dense = n * n)."""
     n = plan.mask.shape[0]
     if plan.path == "dense":
         return float(n * n)
     if plan.path == "tiles":
-        return plan.tiles.cost() / pl.TILE_EFFICIENCY
+        return plan.tiles.cost() / pp.TILE_EFFICIENCY
     c = plan.clusters
     nb = n * c.bases.shape[1]
-    return nb + (c.cost() - nb) / pl.cluster_efficiency(c.cluster_size)
+    return nb + (c.cost() - nb) / pp.cluster_efficiency(c.cluster_size)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -413,7 +414,7 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
         mask=np.zeros((n, n)),
         path="clusters",
         num_centroids=0,
-        cluster_size=max(pl.CLUSTER_SIZES),
+        cluster_size=max(pp.CLUSTER_SIZES),
     )
     key = jax.random.key(7)
     out = {"N": int(len(train)), "levels": {}}
@@ -422,7 +423,7 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
         ab = float(sched.alphas_cumprod[t])
         x_t = np.asarray(jax.random.normal(jax.random.fold_in(key, t), (b,) + train.shape[1:]))
         variants = {"dense": base.replace(path="dense"), "tiles": base.replace(path="tiles")}
-        for o in pl.CLUSTER_SIZES:
+        for o in pp.CLUSTER_SIZES:
             variants[f"clusters_O{o}"] = base.replace(
                 path="clusters", num_centroids=0, cluster_size=o
             )
@@ -455,7 +456,7 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
                 eff = corr / max(gemm - nb, 1e-9)
                 e.update(
                     efficiency=eff,
-                    modelled_efficiency=pl.cluster_efficiency(c.cluster_size),
+                    modelled_efficiency=pp.cluster_efficiency(c.cluster_size),
                     implied_overhead=c.cluster_size * (1.0 / eff - 1.0),
                 )
                 overhead.setdefault(c.cluster_size, []).append(e["implied_overhead"])
@@ -475,7 +476,7 @@ def calibrate(st, train, ts, sched, thr, b, repeats) -> dict:
         "TILE_EFFICIENCY": float(np.median(tile_eff)),
         "CLUSTER_OVERHEAD": float(np.median([v for vs in overhead.values() for v in vs])),
         "CLUSTER_OVERHEAD_per_size": {int(k): float(np.median(v)) for k, v in overhead.items()},
-        "current": {"TILE_EFFICIENCY": pl.TILE_EFFICIENCY, "CLUSTER_OVERHEAD": pl.CLUSTER_OVERHEAD},
+        "current": {"TILE_EFFICIENCY": pp.TILE_EFFICIENCY, "CLUSTER_OVERHEAD": pp.CLUSTER_OVERHEAD},
     }
     return out
 

@@ -337,7 +337,7 @@ def test_conditional_errors(tmp_path):
 
 
 def test_parse_labels():
-    from experiments.sample import parse_labels
+    from locality.generation import parse_labels
 
     assert parse_labels("") is None and parse_labels(None) is None
     assert parse_labels("cycle") == "cycle"

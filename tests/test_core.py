@@ -281,7 +281,7 @@ def _tiny_denoiser(name, x, st):
         "pspc_square": lambda: dict(train=x, patch_size=3),
         "pspc_flex": lambda: dict(train=x, masks=np.ones((hw, hw))),
         "scfdm": lambda: dict(train=x, num_samples=2),
-        "network": lambda: dict(model=_UNET, params=_tiny_unet_params()),
+        "network": lambda: dict(model=_UNET, params=_tiny_unet_params(), shape=TINY),
     }
     assert name in kwargs, f"add a tiny case for the new denoiser {name!r} to tests/test_core.py"
     return denoisers.make(name, **kwargs[name]())
@@ -300,22 +300,7 @@ def test_empty_batch_gives_empty_result(name, tiny_data):
     assert out.shape == (0,) + TINY and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the network wrapper (network.py) does not run check_query: wrong "
-                "shapes, NaN and ab outside (0, 1) are not rejected",
-            ),
-        )
-        if n == "network"
-        else n
-        for n in denoisers.names()
-    ],
-)
+@pytest.mark.parametrize("name", denoisers.names())
 def test_query_errors(name, tiny_data):
     den = _tiny_denoiser(name, *tiny_data)
     xt = np.zeros((2,) + TINY, np.float32)

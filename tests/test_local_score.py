@@ -9,6 +9,7 @@ from conftest import noisy_uniform_data
 
 from locality import sampling, schedules
 from locality.denoisers import local_score as L
+from locality.denoisers import patch_schedules as ps
 from locality.denoisers.optimal import make_optimal
 
 AB = 0.6
@@ -183,14 +184,14 @@ def test_chunk_size_independence(method):
 def test_one_compile_per_distinct_k_along_a_schedule():
     train, x = _data(7, (6, 5, 1), seed=7)  # a shape no other test compiles
     abs_grid = (0.2, 0.4, 0.6, 0.8, 0.95)
-    sched = L.SizeSchedule((7, 5, 5, 3, 3), abs_grid, "ab", "test")
+    sched = ps.SizeSchedule((7, 5, 5, 3, 3), abs_grid, "ab", "test")
     den = L.make_ls(train=train, patch_size=sched)
-    before = {k: L.trace_count("ls", k) for k in (3, 5, 7)}
+    before = {k: ps.trace_count("ls", k) for k in (3, 5, 7)}
     for _ in range(2):
         for ab in abs_grid + (0.21, 0.79):
             den(x, ab)
     den.with_patch_size(5)(x, 0.5)  # another schedule, same k: shares the compiled program
-    after = {k: L.trace_count("ls", k) for k in (3, 5, 7)}
+    after = {k: ps.trace_count("ls", k) for k in (3, 5, 7)}
     assert {k: after[k] - before[k] for k in after} == {3: 1, 5: 1, 7: 1}
     assert [den.size_at(a) for a in abs_grid] == [7, 5, 5, 3, 3]
 
@@ -199,7 +200,7 @@ def test_one_compile_per_distinct_k_along_a_schedule():
 def test_samplers_switch_matches_eager_choice(method):
     train, _ = _data(**STD)
     # ab of the 3 DDIM steps below: ~0.19, 0.66, 0.90 -> k = 5, 3, 3 by nearest ab
-    sched = L.SizeSchedule((5, 3, 3), (0.2, 0.7, 0.99), "ab")
+    sched = ps.SizeSchedule((5, 3, 3), (0.2, 0.7, 0.99), "ab")
     den = getattr(L, "make_" + method)(train=train, patch_size=sched, chunk_size=CS)
     x_T = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
     res = sampling.ddim(den, x_T, num_steps=3, timesteps=[400, 200, 100])
@@ -220,10 +221,10 @@ def test_samplers_switch_matches_eager_choice(method):
 
 
 def test_published_schedules_and_index_convention():
-    assert len(L.PUBLISHED_SCHEDULES) == 10
-    assert all(len(v) == 20 and all(k % 2 for k in v) for v in L.PUBLISHED_SCHEDULES.values())
-    use = L.SizeSchedule.published("fashionmnist_unet_zeros_cond")
-    cal = L.SizeSchedule.published("fashionmnist_unet_zeros_cond", convention="calibration")
+    assert len(ps.PUBLISHED_SCHEDULES) == 10
+    assert all(len(v) == 20 and all(k % 2 for k in v) for v in ps.PUBLISHED_SCHEDULES.values())
+    use = ps.SizeSchedule.published("fashionmnist_unet_zeros_cond")
+    cal = ps.SizeSchedule.published("fashionmnist_unet_zeros_cond", convention="calibration")
     ab_half = float(schedules.cosine_legacy_ab(0.5))
     assert use.index(ab_half) == 10 and use.size(ab_half) == 11
     assert cal.index(ab_half) == 9 and cal.size(ab_half) == 11
@@ -237,7 +238,7 @@ def test_published_schedules_and_index_convention():
 def test_schedule_file_roundtrip(tmp_path):
     train, x = _data(6, (5, 5, 1), seed=9)
     path = str(tmp_path / "sched.json")
-    L.SizeSchedule((5, 3), (0.3, 0.9), "ab", "mine").to_json(path, note="x")
+    ps.SizeSchedule((5, 3), (0.3, 0.9), "ab", "mine").to_json(path, note="x")
     assert json.load(open(path))["note"] == "x"
     den = L.make_ls(train=train, patch_size="file:" + path)
     assert den.size_at(0.25) == 5 and den.size_at(0.8) == 3
@@ -267,7 +268,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="too large"):  # a published schedule on tiny images
         L.make_ls(train=train, patch_size="mnist_unet_zeros")
     with pytest.raises(ValueError, match="sizes but a grid"):
-        L.SizeSchedule((3, 5), (0.5,))
+        ps.SizeSchedule((3, 5), (0.5,))
     den = L.make_ls(train=train, patch_size=lambda ab: 4)
     with pytest.raises(ValueError, match="odd"):
         den(x, 0.5)

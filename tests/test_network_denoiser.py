@@ -1,5 +1,5 @@
-"""The trained-network wrapper: ab -> t mapping, eps -> x0 conversion, jit/vmap/no-retrace, and
-loading from an exported checkpoint."""
+"""The trained-network wrapper: ab -> t mapping, eps -> x0 conversion, jit/vmap/no-retrace,
+loading from an exported checkpoint, and the boundary checks of its queries."""
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +98,44 @@ def test_load_exported_checkpoint(net, tmp_path):
         make("network", checkpoint=tmp_path / "nothing")
     with pytest.raises(ValueError, match="exactly one"):
         make("network")
+
+
+def test_queries_are_checked_like_every_denoiser(net, tmp_path):
+    """check_query's rules (docs/architecture.md, "Denoiser"): the image shape from the
+    checkpoint or ``shape=``, rank, dtype, finite values, ``ab`` in (0, 1), empty batches."""
+    model, params = net
+    meta = {"model": MODEL, "image_shape": [8, 8, 1], "schedule": "ddpm_linear"}
+    export_params(tmp_path / "ckpt", meta, params, step=7)
+    loaded = make("network", checkpoint=tmp_path / "ckpt")
+    given = make("network", model=model, params=params, shape=(8, 8, 1))
+    free = make("network", model=model, params=params)
+    assert loaded.shape == given.shape == (8, 8, 1) and free.shape is None
+    x = np.random.RandomState(3).randn(2, 8, 8, 1)  # float64
+    for den in (loaded, given):
+        with pytest.raises(ValueError, match=r"image shape \(16, 8, 1\)"):
+            den(np.zeros((2, 16, 8, 1), np.float32), 0.5)
+    assert free(np.zeros((1, 16, 8, 1), np.float32), 0.5).shape == (1, 16, 8, 1)  # no H, W, C
+    for den in (loaded, given, free):
+        with pytest.raises(ValueError, match="rank 4"):
+            den(x[0], 0.5)
+        with pytest.raises(TypeError, match="int32"):
+            den(x.astype(np.int32), 0.5)
+        with pytest.raises(ValueError, match="NaN"):
+            den(np.full_like(x, np.nan), 0.5)
+        for ab in (0.0, 1.0, -0.1, 1.5):
+            with pytest.raises(ValueError, match="outside"):
+                den(x, ab)
+            with pytest.raises(ValueError, match="outside"):  # before the empty-batch rule
+                den(x[:0], ab)
+        with pytest.raises(ValueError, match="scalar"):
+            den(x, np.array([0.5, 0.6]))
+        out = den(x, 0.5)  # float64 queries are cast to float32 first
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(out, den(x.astype(np.float32), 0.5))
+        empty = den(np.zeros((0, 8, 8, 1), np.float32), 0.5)
+        assert empty.shape == (0, 8, 8, 1) and empty.dtype == jnp.float32
+    with pytest.raises(ValueError, match="trained on images of shape"):
+        make("network", checkpoint=tmp_path / "ckpt", shape=(16, 16, 1))
+    for bad in ((8, 8), (8, 0, 1), "881", (8.5, 8, 1)):
+        with pytest.raises(ValueError, match="three positive ints"):
+            make("network", model=model, params=params, shape=bad)

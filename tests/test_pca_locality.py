@@ -6,6 +6,7 @@ from conftest import optimal_np
 
 from locality import denoisers, sampling, schedules, stats
 from locality.denoisers import pca_locality as pl
+from locality.denoisers import pca_plans as pp
 
 
 def _smooth_data(rng, n=40, h=5, w=4, c=1):
@@ -277,7 +278,7 @@ def test_cluster_plan_reconstructs_the_mask(rng, k):
         np.eye(n, dtype=bool),
     ]
     for m in masks_:
-        plans = pl.cluster_plans(m, k, (1, 2, 4, 8))
+        plans = pp.cluster_plans(m, k, (1, 2, 4, 8))
         for size, cp in plans.items():
             assert cp.cluster_size == size
             assert set(np.unique(np.concatenate([g.block.ravel() for g in cp.groups]))) <= {
@@ -294,24 +295,24 @@ def test_cluster_plan_edge_cases(rng):
     # every column equals one of three patterns: with k >= 3 each column is its centroid, the
     # corrections are empty and the cost is the base columns alone
     m = _family_mask(rng, n, 3, 0)
-    cp = pl.cluster_plans(m, 3, (4,))[4]
+    cp = pp.cluster_plans(m, 3, (4,))[4]
     assert all(not g.block.any() for g in cp.groups)
     assert cp.correction_density() == 0.0
     assert cp.cost() == n * cp.bases.shape[1] + sum(g.ins.shape[0] * 4 for g in cp.groups)
     # all ones: the only base is the all-ones column, no corrections
-    cp = pl.cluster_plans(np.ones((n, n), bool), 0, (8,))[8]
+    cp = pp.cluster_plans(np.ones((n, n), bool), 0, (8,))[8]
     assert cp.bases.shape[1] == 1 and cp.bases.all() and cp.correction_density() == 0.0
     # all zeros: no base at all, no corrections
-    cp = pl.cluster_plans(np.zeros((n, n), bool), 4, (8,))[8]
+    cp = pp.cluster_plans(np.zeros((n, n), bool), 4, (8,))[8]
     assert cp.bases.shape[1] == 0 and cp.correction_density() == 0.0
     # k-means: distinct centroids of non-empty clusters, no more than asked
-    c = pl.kmeans_columns(_family_mask(rng, n, 5, 1), 8)
+    c = pp.kmeans_columns(_family_mask(rng, n, 5, 1), 8)
     assert c.shape[0] == n and 1 <= c.shape[1] <= 8
     assert len(np.unique(c, axis=1).T) == c.shape[1]
     # merging: clusters partition the columns and never exceed the size
     diff = rng.random((n, 13)) < 0.2
     for window in (1024, 4):  # partners sought within windows of 4 columns
-        for size, cl in pl.merge_clusters(diff, (1, 2, 4, 8), window=window).items():
+        for size, cl in pp.merge_clusters(diff, (1, 2, 4, 8), window=window).items():
             assert max(len(c) for c in cl) <= size
             np.testing.assert_array_equal(np.sort(np.concatenate(cl)), np.arange(13))
 
@@ -437,14 +438,14 @@ def test_auto_cost_model_picks_the_cheapest_modelled_path(setup):
         if p.path == "dense":
             model = n * n
         elif p.path == "tiles":
-            model = p.tiles.cost() / pl.TILE_EFFICIENCY
+            model = p.tiles.cost() / pp.TILE_EFFICIENCY
         else:
             cp = p.clusters
             nb = n * cp.bases.shape[1]
-            model = nb + (cp.cost() - nb) / pl.cluster_efficiency(cp.cluster_size)
+            model = nb + (cp.cost() - nb) / pp.cluster_efficiency(cp.cluster_size)
         assert model <= n * n
         tp = den.replace(path="tiles").plan(ab)
-        assert model <= tp.tiles.cost() / pl.TILE_EFFICIENCY + 1e-9
+        assert model <= tp.tiles.cost() / pp.TILE_EFFICIENCY + 1e-9
 
 
 SHARDED = """

@@ -48,6 +48,9 @@ schedules, the published tables with their index -> t off-by-one (``convention=`
 static-size dispatch under ``jit`` / ``lax.scan`` are documented in
 :mod:`locality.denoisers.patch_schedules`; fitting a schedule against a network is
 :mod:`locality.denoisers.calibration`.
+
+The window sums, window indices and the patch / line softmax kernels the machines share with
+PSPC-Square are in :mod:`locality.denoisers.patch_kernels`.
 """
 
 from __future__ import annotations
@@ -61,90 +64,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from locality import streaming
-from locality.denoisers.base import HIGHEST, as_train_array, resolve_mesh
-from locality.denoisers.calibration import (  # noqa: F401,E402
-    Calibration,
-    calibrate,
-    cosine_legacy_sampler,
+from locality.denoisers.base import as_train_array, resolve_mesh
+from locality.denoisers.patch_kernels import (
+    box_same,
+    line_softmax,
+    logit_scale,
+    patch_softmax,
+    pixel_grid,
+    query_cols,
+    window_index,
 )
-
-# Backwards-compatible re-exports: these names lived here before the split into
-# patch_schedules.py (sizes) and calibration.py (fitting them); new code imports them from there.
-from locality.denoisers.patch_schedules import (  # noqa: F401,E402
-    COSINE_LEGACY_STEPS,
-    KS_CELEBA_RESNET_ZEROS,
-    KS_CELEBA_UNET_ZEROS,
-    KS_CIFAR10_RESNET_CIRCULAR_COND,
-    KS_CIFAR10_RESNET_ZEROS_COND,
-    KS_CIFAR10_UNET_ZEROS_COND,
-    KS_FASHIONMNIST_RESNET_ZEROS_COND,
-    KS_FASHIONMNIST_UNET_ZEROS_COND,
-    KS_MNIST_RESNET_CIRCULAR,
-    KS_MNIST_RESNET_ZEROS,
-    KS_MNIST_UNET_ZEROS,
+from locality.denoisers.patch_schedules import (
     PUBLISHED_SCHEDULES,
-    SCHEDULE_FORMAT,
     SizedDenoiser,
     SizeSchedule,
     SizeSpec,
-    cosine_legacy_index_abs,
     resolve_size_spec,
-    trace_count,
 )
 from locality.denoisers.registry import register
 
 # ----------------------------------------------------------------------------------------------
-# Numerical building blocks.
-
-
-def _box_same(a, k: int):
-    """Zero-padded centred k x k window sums over the last two axes (separable)."""
-    r = k // 2
-    nd = a.ndim
-    ones = (1,) * nd
-    a = jax.lax.reduce_window(
-        a, 0.0, jax.lax.add, (1,) * (nd - 2) + (k, 1), ones, [(0, 0)] * (nd - 2) + [(r, r), (0, 0)]
-    )
-    return jax.lax.reduce_window(
-        a, 0.0, jax.lax.add, (1,) * (nd - 1) + (k,), ones, [(0, 0)] * (nd - 1) + [(r, r)]
-    )
-
-
-def box_valid(a, s: int):
-    """s x s window sums over the last two axes, windows fully inside (top-left anchored).
-
-    ``a`` [..., H, W] -> [..., H - s + 1, W - s + 1]; entry ``(u, v)`` is the sum of the window
-    with upper-left corner ``(u, v)`` (separable ``lax.reduce_window``). Shared with PSPC-Square,
-    whose squares are exactly these windows (:mod:`locality.denoisers.pspc`).
-    """
-    nd = a.ndim
-    ones = (1,) * nd
-    a = jax.lax.reduce_window(a, 0.0, jax.lax.add, (1,) * (nd - 2) + (s, 1), ones, "VALID")
-    return jax.lax.reduce_window(a, 0.0, jax.lax.add, (1,) * (nd - 1) + (s,), ones, "VALID")
-
-
-def _window_index(centres: np.ndarray, k: int, width: int, pad: int) -> np.ndarray:
-    """Flat indices [Q, k*k] of the k x k windows centred at ``centres`` [Q, 2] (unpadded
-    coordinates) in an image padded by ``pad`` on every side, of padded width ``width``."""
-    r = k // 2
-    di, dj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-    offs = (di * width + dj).reshape(-1)
-    top = (centres[:, 0] - r + pad) * width + (centres[:, 1] - r + pad)
-    return (top[:, None] + offs[None, :]).astype(np.int32)
-
-
-def _pad(x, r: int, mode: str):
-    if r == 0:
-        return x
-    return jnp.pad(
-        x, ((0, 0), (r, r), (r, r), (0, 0)), mode="wrap" if mode == "wrap" else "constant"
-    )
-
-
-def logit_scale(ab):
-    """``1 / (2 (1 - ab))``: the factor of the softmax logits of a posterior mean under ``x_t =
-    sqrt(ab) x0 + sqrt(1 - ab) eps`` (module docs); shared with :mod:`locality.denoisers.pspc`."""
-    return 1.0 / (2.0 * (1.0 - ab))
+# The machines (window kernels: locality.denoisers.patch_kernels).
 
 
 def _ls_flat(x_t, ab, chunked, k: int, softmax: str, mesh) -> jax.Array:
@@ -155,8 +95,8 @@ def _ls_flat(x_t, ab, chunked, k: int, softmax: str, mesh) -> jax.Array:
         q, ab_, scale = ctx
         (x,) = data
         kk = x.shape[0]
-        cross = _box_same(jnp.sum(q[:, None] * x[None], axis=-1), k)  # [B, K, H, W]
-        sq = _box_same(jnp.sum(x * x, axis=-1), k)  # [K, H, W]
+        cross = box_same(jnp.sum(q[:, None] * x[None], axis=-1), k)  # [B, K, H, W]
+        sq = box_same(jnp.sum(x * x, axis=-1), k)  # [K, H, W]
         logits = (2.0 * jnp.sqrt(ab_) * cross - ab_ * sq[None]) * scale
         return logits.reshape(b, kk, h * w), x.reshape(kk, h * w, c)
 
@@ -172,152 +112,14 @@ def _ls_flat(x_t, ab, chunked, k: int, softmax: str, mesh) -> jax.Array:
     )
 
 
-QUERY_BLOCK = 1024
-
-
-def _patch_softmax(
-    q_cols,
-    ab,
-    chunked,
-    shape,
-    *,
-    k: int,
-    item_idx: np.ndarray,
-    centre_idx: np.ndarray,
-    train_pad: int,
-    train_pad_mode: str,
-    softmax: str,
-    mesh,
-) -> jax.Array:
-    """Softmax over a dictionary of training patches shared by all outputs, centre read out.
-
-    Args:
-      q_cols: [B, M, k*k*C] the query windows of the M output pixels (im2col).
-      item_idx: [Q, k*k] flat window indices of the dictionary patches in every (padded)
-        training image; ``centre_idx`` [Q] their centres.
-
-    Returns [B, M, C]. The query windows form one softmax axis (``batch=1``, ``m`` = a block of
-    the B*M windows), so the cross terms of a chunk are a single GEMM
-    ``patches [K*Q, F] @ q_cols [block, F]^T`` that is already laid out as the stream's
-    ``[1, K*Q, block]`` logits (no transposes).
-    """
-    b, m, f = q_cols.shape
-    h, w, c = shape
-    q = item_idx.shape[0]
-
-    def chunk_fn(ctx, data):
-        qc, ab_, scale = ctx
-        (x,) = data
-        kk = x.shape[0]
-        flat = _pad(x, train_pad, train_pad_mode).reshape(kk, -1, c)
-        patches = flat[:, item_idx].reshape(kk * q, f)  # [K*Q, k*k*C]
-        centres = flat[:, centre_idx].reshape(kk * q, 1, c)
-        cross = jnp.matmul(patches, qc.T, precision=HIGHEST)  # [K*Q, B*M]
-        sq = jnp.sum(patches * patches, axis=-1)
-        logits = (2.0 * jnp.sqrt(ab_) * cross - ab_ * sq[:, None]) * scale
-        return logits[None], centres
-
-    # one validity flag per dictionary item (every patch of a padding image is invalid)
-    items = streaming.Chunked(chunked.data, jnp.repeat(chunked.valid, q, axis=1))
-    scale = logit_scale(ab)
-    flat_q = q_cols.reshape(b * m, f)
-    # Query blocks keep the per-chunk logits [K*Q, block] cache-sized (about 2x faster on CPU
-    # than one [K*Q, B*M] block); every block is an independent exact stream.
-    qb = min(QUERY_BLOCK, b * m)
-    nb = -(-(b * m) // qb)
-    flat_q = jnp.pad(flat_q, ((0, nb * qb - b * m), (0, 0)))
-    one = lambda blk: streaming.stream(
-        chunk_fn, items, (blk, ab, scale), batch=1, m=qb, d=c, mode=softmax, mesh=mesh
-    )[0]
-    out = jax.lax.map(one, flat_q.reshape(nb, qb, f)) if nb > 1 else one(flat_q)[None]
-    return out.reshape(nb * qb, c)[: b * m].reshape(b, m, c)
-
-
-def _line_softmax(
-    x_t,
-    ab,
-    chunked,
-    *,
-    k: int,
-    lines: np.ndarray,
-    positions: np.ndarray,
-    axis: int,
-    softmax: str,
-    mesh,
-) -> jax.Array:
-    """bbELS edge pixels on lines parallel to an edge -> [B, nlines * L, C].
-
-    ``axis=0``: lines are rows ``lines`` [nl] and the outputs of a line are the pixels
-    ``(line, positions[j])``; ``axis=1``: lines are columns. The dictionary of output
-    ``(line, p_j)`` is the patches of the zero-padded training images centred at ``(line, p_a)``
-    for every ``a`` (the same distance from the edge, any interior position along it), so each
-    line is one small ``[L, L]`` block of cross terms -- a batched GEMM over lines.
-    """
-    b, h, w, c = x_t.shape
-    r = k // 2
-    nl, ll = len(lines), len(positions)
-    ii, jj = np.meshgrid(lines, positions, indexing="ij")  # [nl, L]
-    centres = (
-        np.stack([ii.ravel(), jj.ravel()], 1)
-        if axis == 0
-        else np.stack([jj.ravel(), ii.ravel()], 1)
-    )
-    wp = w + 2 * r
-    idx = _window_index(centres, k, wp, r)  # [nl*L, k*k]
-    centre_idx = ((centres[:, 0] + r) * wp + centres[:, 1] + r).astype(np.int32)
-    q_cols = _pad(x_t, r, "zeros").reshape(b, -1, c)[:, idx].reshape(b, nl, ll, -1)
-
-    def chunk_fn(ctx, data):
-        qc, ab_, scale = ctx
-        (x,) = data
-        kk = x.shape[0]
-        flat = _pad(x, r, "zeros").reshape(kk, -1, c)
-        patches = flat[:, idx].reshape(kk, nl, ll, -1)  # [K, nl, L(a), F]
-        cross = jnp.einsum("klaf,bljf->bkalj", patches, qc, precision=HIGHEST)
-        sq = jnp.sum(patches * patches, axis=-1)  # [K, nl, L(a)]
-        logits = (
-            2.0 * jnp.sqrt(ab_) * cross - ab_ * jnp.transpose(sq, (0, 2, 1))[None, :, :, :, None]
-        ) * scale
-        cen = flat[:, centre_idx].reshape(kk, nl, ll, c)  # value of item (k, a) for line l
-        vals = jnp.broadcast_to(
-            jnp.transpose(cen, (0, 2, 1, 3))[:, :, :, None, :], (kk, ll, nl, ll, c)
-        )
-        return logits.reshape(b, kk * ll, nl * ll), vals.reshape(kk * ll, nl * ll, c)
-
-    items = streaming.Chunked(chunked.data, jnp.repeat(chunked.valid, ll, axis=1))
-    return streaming.stream(
-        chunk_fn,
-        items,
-        (q_cols, ab, logit_scale(ab)),
-        batch=b,
-        m=nl * ll,
-        d=c,
-        mode=softmax,
-        mesh=mesh,
-    )
-
-
-def _query_cols(x_t, k: int, centres: np.ndarray, mode: str):
-    b, h, w, c = x_t.shape
-    r = k // 2
-    xp = _pad(x_t, r, mode)
-    idx = _window_index(centres, k, w + 2 * r, r)
-    return xp.reshape(b, -1, c)[:, idx].reshape(b, centres.shape[0], -1)
-
-
-def _grid(h: int, w: int) -> np.ndarray:
-    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    return np.stack([i.ravel(), j.ravel()], axis=1)
-
-
 def _els_flat(x_t, ab, chunked, k, dictionary, softmax, mesh):
     """ELS machine -> [B, H*W, C] (docs/algorithms.md §6, ELS)."""
     _, h, w, c = x_t.shape
     r = k // 2
-    allpix = _grid(h, w)
-    q_cols = _query_cols(x_t, k, allpix, "wrap")
+    allpix = pixel_grid(h, w)
+    q_cols = query_cols(x_t, k, allpix, "wrap")
     if dictionary == "wrapped":
-        item_idx = _window_index(allpix, k, w + 2 * r, r)
+        item_idx = window_index(allpix, k, w + 2 * r, r)
         centre_idx = ((allpix[:, 0] + r) * (w + 2 * r) + allpix[:, 1] + r).astype(np.int32)
         pad = r
     else:
@@ -327,10 +129,10 @@ def _els_flat(x_t, ab, chunked, k, dictionary, softmax, mesh):
             & (allpix[:, 1] >= r)
             & (allpix[:, 1] <= w - 1 - r)
         ]
-        item_idx = _window_index(inner, k, w, 0)
+        item_idx = window_index(inner, k, w, 0)
         centre_idx = (inner[:, 0] * w + inner[:, 1]).astype(np.int32)
         pad = 0
-    return _patch_softmax(
+    return patch_softmax(
         q_cols,
         ab,
         chunked,
@@ -357,23 +159,23 @@ def _bbels_flat(x_t, ab, chunked, k, softmax, mesh):
     """bbELS machine -> [B, H*W, C] for k <= min(H, W) (docs/algorithms.md §6, bbELS).
 
     Interior pixels: one stream over all interior (valid) patches. Edge pixels: one stream per
-    orientation over lines parallel to the edge (:func:`_line_softmax`). Corner pixels: LS.
+    orientation over lines parallel to the edge (:func:`line_softmax`). Corner pixels: LS.
     """
     b, h, w, c = x_t.shape
     r = k // 2
     cls = bbels_classes(h, w, k).ravel()
-    allpix = _grid(h, w)
+    allpix = pixel_grid(h, w)
     out = jnp.zeros((b, h * w, c), jnp.float32)
     inner = allpix[cls == 0]
     if len(inner):
-        q_cols = _query_cols(x_t, k, inner, "zeros")
-        vals = _patch_softmax(
+        q_cols = query_cols(x_t, k, inner, "zeros")
+        vals = patch_softmax(
             q_cols,
             ab,
             chunked,
             (h, w, c),
             k=k,
-            item_idx=_window_index(inner, k, w, 0),
+            item_idx=window_index(inner, k, w, 0),
             centre_idx=(inner[:, 0] * w + inner[:, 1]).astype(np.int32),
             train_pad=0,
             train_pad_mode="zeros",
@@ -388,7 +190,7 @@ def _bbels_flat(x_t, ab, chunked, k, softmax, mesh):
             (0, edge_rows, np.arange(r, w - r), w),
             (1, edge_cols, np.arange(r, h - r), h),
         ):
-            vals = _line_softmax(
+            vals = line_softmax(
                 x_t,
                 ab,
                 chunked,
@@ -630,18 +432,11 @@ def make_bbels(
 
 
 __all__ = [
-    "PUBLISHED_SCHEDULES",
-    "SizeSchedule",
+    "METHODS",
+    "DICTIONARIES",
     "LocalScoreMachine",
     "make_ls",
     "make_els",
     "make_bbels",
-    "calibrate",
-    "Calibration",
-    "cosine_legacy_sampler",
     "bbels_classes",
-    "box_valid",
-    "logit_scale",
-    "resolve_size_spec",
-    "trace_count",
 ]

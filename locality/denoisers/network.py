@@ -12,6 +12,14 @@ to ``t = T - 1`` (clamped; the net never saw other times). The eps prediction is
 ``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (docs/algorithms.md §1, :func:`schedules.x0_from_eps`),
 using the requested ``ab`` itself.
 
+Queries are checked at the boundary like every other denoiser's (docs/architecture.md,
+"Denoiser"; :func:`locality.denoisers.base.check_query`): rank 4, the image shape the net was
+trained on (a checkpoint's ``image_shape``, or ``shape=`` for an in-memory net; an in-memory net
+without ``shape`` accepts any H, W, C its layers accept), a floating dtype (cast to float32), a
+scalar ``ab`` in ``(0, 1)`` and finite values (value checks only on concrete inputs, so the call
+still works under ``jit`` / ``vmap``); an empty batch returns float32 zeros without running the
+net.
+
 Class-conditional nets (``num_classes > 0``, see :mod:`locality.nets.unet`) are called with "no
 label" unless ``labels`` are given; with ``guidance = w != 0`` the eps is classifier-free guided,
 ``eps = (1 + w) eps(x, y) - w eps(x, no label)`` (Ho & Salimans 2022, eq. 6), both terms from one
@@ -24,7 +32,7 @@ module registers the factory and reads nothing; checkpoints are read by
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -34,6 +42,7 @@ import numpy as np
 from locality import sampling
 from locality import schedules as schedules_lib
 from locality.checkpoints import load_params
+from locality.denoisers.base import check_query, empty_result
 from locality.denoisers.registry import register
 from locality.nets import build_model
 
@@ -62,7 +71,8 @@ class NetworkDenoiser:
 
     ``labels`` (int32, scalar or [B]; a leaf) or ``cycle_labels`` (image ``i`` gets label
     ``i mod num_classes``) select the class of a conditional net; ``guidance`` is the
-    classifier-free guidance weight (module docstring).
+    classifier-free guidance weight (module docstring). ``shape`` (static): the image shape
+    (H, W, C) queries must have, or ``None`` for any.
     """
 
     params: Any
@@ -71,6 +81,8 @@ class NetworkDenoiser:
     model: Any = flax.struct.field(pytree_node=False, default=None)
     guidance: float = flax.struct.field(pytree_node=False, default=0.0)
     cycle_labels: bool = flax.struct.field(pytree_node=False, default=False)
+    shape: Optional[Tuple[int, int, int]] = flax.struct.field(pytree_node=False, default=None)
+    name = "network"
 
     @classmethod
     def create(
@@ -80,10 +92,13 @@ class NetworkDenoiser:
         schedule: Optional[schedules_lib.DiscreteSchedule] = None,
         labels=None,
         guidance: float = 0.0,
+        shape=None,
     ):
         """``labels``: ``None`` (no label), an int, a sequence of ints (one per image) or
-        ``"cycle"``; ``guidance``: the guidance weight ``w`` (needs labels)."""
+        ``"cycle"``; ``guidance``: the guidance weight ``w`` (needs labels); ``shape``: the image
+        shape (H, W, C) of the queries, or ``None`` for any."""
         schedule = schedule or schedules_lib.ddpm_linear()
+        shape = _image_shape(shape)
         num_classes = int(getattr(model, "num_classes", 0))
         guidance = float(guidance)
         if not np.isfinite(guidance):
@@ -124,6 +139,7 @@ class NetworkDenoiser:
             model=model,
             guidance=guidance,
             cycle_labels=cycle,
+            shape=shape,
         )
 
     def timestep(self, ab):
@@ -155,9 +171,30 @@ class NetworkDenoiser:
         return (1.0 + self.guidance) * eps_c - self.guidance * eps_u
 
     def __call__(self, x_t, ab):
-        x_t = jnp.asarray(x_t, jnp.float32)
-        ab = jnp.asarray(ab, jnp.float32)
+        """``x0_hat`` [B, H, W, C] float32 after the boundary checks (module docstring)."""
+        x_t = jnp.asarray(x_t)
+        shape = self.shape if self.shape is not None else tuple(x_t.shape[1:])
+        x_t, ab = check_query(x_t, ab, shape, self.name)
+        if x_t.shape[0] == 0:
+            return empty_result(x_t)
         return schedules_lib.x0_from_eps(x_t, self.eps(x_t, ab), ab)
+
+
+def _image_shape(shape) -> Optional[Tuple[int, int, int]]:
+    """``None`` or ``(H, W, C)`` as a tuple of three positive ints."""
+    if shape is None:
+        return None
+    try:
+        out = tuple(int(s) for s in shape)
+        ok = len(out) == 3 and all(s >= 1 and s == v for s, v in zip(out, shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"network: shape must be the image shape (H, W, C), three positive ints, got "
+            f"{shape!r}; e.g. shape=(28, 28, 1)"
+        )
+    return out
 
 
 @register("network")
@@ -171,6 +208,7 @@ def make_network(
     params=None,
     labels=None,
     guidance: float = 0.0,
+    shape=None,
 ) -> NetworkDenoiser:
     """A trained eps-network as a denoiser.
 
@@ -181,7 +219,9 @@ def make_network(
     trained on (default ``ddpm_linear()``), used to map ``ab`` to a timestep. ``labels`` /
     ``guidance``: class and classifier-free guidance weight for a class-conditional net
     (``labels``: an int, a list with one int per image, or ``"cycle"`` for image ``i`` -> class
-    ``i mod num_classes``; see :class:`NetworkDenoiser`).
+    ``i mod num_classes``; see :class:`NetworkDenoiser`). ``shape``: the image shape (H, W, C)
+    that queries must have; a checkpoint's own ``image_shape`` by default (another value is an
+    error), for ``model=`` no check of H, W, C unless given.
     """
     if (checkpoint is None) == (model is None):
         raise ValueError(
@@ -191,8 +231,15 @@ def make_network(
     if checkpoint is not None:
         if params is not None:
             raise ValueError("params=... is only used with model=...; a checkpoint holds its own")
-        model_config, params, _ = load_params(checkpoint, use_ema=use_ema, step=step)
+        model_config, params, meta = load_params(checkpoint, use_ema=use_ema, step=step)
         model = build_model(model_config)
+        trained = _image_shape(meta["image_shape"])
+        if shape is not None and _image_shape(shape) != trained:
+            raise ValueError(
+                f"network: shape={tuple(shape)} but the checkpoint {checkpoint} was trained on "
+                f"images of shape {trained}; drop shape=... (the checkpoint's is used)"
+            )
+        shape = trained
     else:
         if params is None:
             raise ValueError("make('network', model=...) also needs params=...")
@@ -202,7 +249,9 @@ def make_network(
             params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
         )
     params = jax.tree.map(jnp.asarray, params)
-    return NetworkDenoiser.create(model, params, schedule, labels=labels, guidance=guidance)
+    return NetworkDenoiser.create(
+        model, params, schedule, labels=labels, guidance=guidance, shape=shape
+    )
 
 
 def sample_images(

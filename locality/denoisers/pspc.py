@@ -59,14 +59,15 @@ import numpy as np
 
 from locality import schedules, streaming
 from locality.denoisers.base import HIGHEST, DenoiserBase, as_train_array, resolve_mesh
-from locality.denoisers.local_score import box_valid, logit_scale
+from locality.denoisers.patch_kernels import box_valid, logit_scale
 from locality.denoisers.patch_schedules import (
     SizedDenoiser,
     SizeSchedule,
     SizeSpec,
     resolve_size_spec,
 )
-from locality.denoisers.registry import register
+from locality.denoisers.registry import make, register
+from locality.sensitivity import fields
 
 EDM_STEPS = 18
 
@@ -257,13 +258,9 @@ def gradient_heatmaps(denoise, x_t, ab: float, *, pixel_batch: Optional[int] = 6
     ``h[p, q] = mean_b sum_{c_out, c_in} |d D(x_t)[b, p, c_out] / d x_t[b, q, c_in]|`` -- the
     sensitivity field of docs/algorithms.md §9 for every output pixel (the batch elements of ``x_t``
     [B, H, W, C] are the probes). Computed with :func:`locality.sensitivity.fields` (one VJP per
-    output pixel and channel, ``pixel_batch`` cotangents at a time); if that module is not
-    available, with the equivalent :func:`_own_heatmaps`.
+    output pixel and channel, ``pixel_batch`` cotangents at a time); :func:`_own_heatmaps` is
+    an independent plain-``jax.vjp`` version the tests check it against.
     """
-    try:
-        from locality.sensitivity import fields
-    except ImportError:  # pragma: no cover - the project ships it
-        return _own_heatmaps(denoise, x_t, ab, pixel_batch=pixel_batch or 64)
     x_t = jnp.asarray(x_t, jnp.float32)
     _, h, w, _ = x_t.shape
     pix = [(i, j) for i in range(h) for j in range(w)]
@@ -440,8 +437,6 @@ def make_pspc_flex(
         if network is None:
             raise ValueError("pspc_flex needs network= (a denoiser or a checkpoint path) or masks=")
         if isinstance(network, str):
-            from locality.denoisers.registry import make
-
             network = make("network", checkpoint=network)
         rng = np.random.default_rng(seed)
         probes = arr[rng.permutation(len(arr))[:num_probes]]
