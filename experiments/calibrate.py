@@ -7,7 +7,8 @@ Along the reference network's own deterministic DDIM trajectory (``config.num_se
 every step the machine (``ls``, ``els``, ``bbels`` or ``pspc_square``) is evaluated at every
 candidate size on the network's ``(x_t, ab)`` and the size is chosen by Kamb & Ganguli's cosine
 criterion (median over seeds) and/or the greedy MSE criterion
-(:func:`locality.denoisers.local_score.calibrate`).
+(:func:`locality.denoisers.calibration.calibrate`). The training images come from
+:func:`experiments.common.load_images` (a dataset name, ``synthetic`` or ``npy:PATH``).
 
 Writes to ``--workdir``: ``config.json``, ``schedule_<method>_<criterion>.json`` (a size schedule:
 use it with ``patch_size="file:PATH"``), ``schedule_<method>.png`` (size against the step's t),
@@ -26,24 +27,10 @@ from absl import logging
 
 from experiments import common
 from locality import denoisers, plotting, schedules
-from locality.denoisers import local_score, pspc  # noqa: F401  (registration)
-
-_CONFIG = _WORKDIR = None  # defined when run as a program (tests import several entry points)
+from locality.denoisers.calibration import calibrate, cosine_legacy_sampler
+from locality.denoisers.patch_schedules import SizeSchedule
 
 METHODS = ("ls", "els", "bbels", "pspc_square")
-
-
-def load_train(config) -> np.ndarray:
-    """``config.dataset`` through :func:`locality.data.load`, or ``npy:PATH`` (an [N, H, W, C]
-    float32 array in [-1, 1], e.g. for smoke tests)."""
-    if config.dataset.startswith("npy:"):
-        arr = np.load(config.dataset[len("npy:") :])
-        return arr[: config.limit] if config.limit else arr
-    from locality import data
-
-    return data.load(
-        config.dataset, split=config.split, resolution=config.resolution, limit=config.limit
-    )
 
 
 def default_candidates(method: str, shape) -> list:
@@ -66,7 +53,7 @@ def grid(config):
         )
         return sched, ts, ts.astype(float), "DDPM timestep t"
     if config.grid == "cosine_legacy":
-        sched, ts = local_score.cosine_legacy_sampler(config.num_steps)
+        sched, ts = cosine_legacy_sampler(config.num_steps)
         return sched, ts, ts / float(config.num_steps), "cosine-legacy t"
     raise ValueError(f"config.grid must be 'ddpm' or 'cosine_legacy'; got {config.grid!r}")
 
@@ -76,19 +63,10 @@ def run(config, workdir: str) -> str:
     if config.method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}; got {config.method!r}")
     criteria = ["cosine", "greedy"] if config.criterion == "both" else [config.criterion]
-    train = load_train(config)
+    train = common.load_images(config, config.split, config.limit)
     logging.info("training set %s", train.shape)
-    method_kwargs = dict(
-        config.method_kwargs.to_dict()
-        if hasattr(config.method_kwargs, "to_dict")
-        else config.method_kwargs
-    )
-    machine = denoisers.make(config.method, train=train, **method_kwargs)
-    ref_kwargs = dict(
-        config.reference_kwargs.to_dict()
-        if hasattr(config.reference_kwargs, "to_dict")
-        else config.reference_kwargs
-    )
+    machine = denoisers.make(config.method, train=train, **common.as_dict(config.method_kwargs))
+    ref_kwargs = common.as_dict(config.reference_kwargs)
     if config.reference != "network":
         ref_kwargs.setdefault("train", train)
     reference = denoisers.make(config.reference, **ref_kwargs)
@@ -114,7 +92,7 @@ def run(config, workdir: str) -> str:
     curves, paths = {}, []
     for crit in criteria:
         with common.Timer() as timer:
-            cal = local_score.calibrate(
+            cal = calibrate(
                 reference,
                 machine,
                 cands,
@@ -150,7 +128,7 @@ def run(config, workdir: str) -> str:
         )
         logging.info("%s: %s", crit, cal.sizes)
     if config.output:
-        local_score.SizeSchedule.from_json(paths[0]).to_json(config.output)
+        SizeSchedule.from_json(paths[0]).to_json(config.output)
         lines.append(f"  copied {paths[0]} -> {config.output}")
     png = os.path.join(workdir, f"schedule_{config.method}.png")
     plotting.save_curves(
@@ -163,9 +141,7 @@ def run(config, workdir: str) -> str:
     )
     common.write_json(os.path.join(workdir, "metrics.json"), out)
     lines.append(f"plot: {png}")
-    summary = "\n".join(lines)
-    common.atomic_write_text(os.path.join(workdir, "summary.txt"), summary + "\n")
-    return summary
+    return common.write_summary(workdir, lines)
 
 
 if __name__ == "__main__":

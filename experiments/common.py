@@ -1,4 +1,5 @@
-"""Helpers shared by the entry points: workdir, resolved config, atomic JSON, caches, logging."""
+"""Helpers shared by the entry points: workdir, resolved config, atomic JSON, caches, logging,
+the image loader and the config parsers that several entry points share."""
 
 from __future__ import annotations
 
@@ -34,6 +35,61 @@ def subset(train, limit, seed: int):
         raise ValueError(f"a method's training-set limit must be >= 1, got {limit}")
     idx = np.sort(np.random.default_rng(seed).choice(len(train), int(limit), replace=False))
     return train[idx]
+
+
+def synthetic_images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    """[n, size, size, 1] smooth random images in [-1, 1] (Gaussian-smoothed noise, tanh-squashed),
+    locally correlated so that their fields are local; for smoke tests."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, size, size))
+    k = np.exp(-0.5 * (np.arange(-2, 3) / 1.0) ** 2)
+    for axis in (1, 2):
+        z = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), axis, z)
+    return np.tanh(0.5 * z)[..., None].astype(np.float32)
+
+
+def load_images(config, split: str, limit) -> np.ndarray:
+    """Images [N, H, W, C] float32 in [-1, 1] named by ``config.dataset``: a dataset of
+    :func:`locality.data.load` (at ``config.resolution``); ``"synthetic"`` (``limit`` or 256
+    :func:`synthetic_images`, seed 0 for the ``train`` split and 1 for any other); or
+    ``"npy:PATH"`` (an [N, H, W, C] array saved with ``np.save``, its first ``limit`` images)."""
+    if config.dataset == "synthetic":
+        n = int(limit or 256)
+        return synthetic_images(n, seed=0 if split == "train" else 1)
+    if config.dataset.startswith("npy:"):
+        arr = np.load(config.dataset[len("npy:") :])
+        return arr[:limit] if limit else arr
+    from locality import data
+
+    return data.load(config.dataset, split=split, resolution=config.resolution, limit=limit)
+
+
+def load_inputs(config) -> np.ndarray:
+    """The ``config.num_inputs`` clean inputs of a field experiment from ``config.test_split``:
+    a random subset (:func:`subset`, seeded by ``config.seed``) when ``config.test_random`` (a
+    source sorted by class), else the first ones."""
+    if config.get("test_random", False):
+        return subset(load_images(config, config.test_split, None), config.num_inputs, config.seed)
+    return load_images(config, config.test_split, config.num_inputs)[: config.num_inputs]
+
+
+def parse_networks(spec: str) -> dict:
+    """``"a=path,b=path"`` -> ``{"a": path, "b": path}`` (labels and paths stripped, in order);
+    a malformed item or a repeated label is an error naming the spec."""
+    out = {}
+    for item in spec.split(","):
+        label, sep, path = item.partition("=")
+        if not sep or not label.strip() or not path.strip():
+            raise ValueError(f"networks={spec!r}: use 'label=path,label=path'")
+        if label.strip() in out:
+            raise ValueError(f"networks={spec!r}: label {label.strip()!r} appears twice")
+        out[label.strip()] = path.strip()
+    return out
+
+
+def as_dict(kwargs) -> dict:
+    """A plain ``dict`` copy of keyword arguments given as a ``ConfigDict`` or a mapping."""
+    return dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
 
 
 def stats_cache_dir() -> str:

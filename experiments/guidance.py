@@ -11,7 +11,8 @@ Every setting starts from the same initial noise (and, for DDPM, the same per-st
 classes when K = 2), ``guidance.png`` (the first 16 samples of every setting, one row each),
 ``samples.npz``, ``metrics.json`` (classifier held-out accuracy; per setting the label agreement,
 the predicted class fractions, the median L2 distance to the nearest training image) and
-``summary.txt``.
+``summary.txt``. Sampling and the nearest-image distance are :mod:`locality.generation`, the
+classifier :mod:`locality.classify`, the agreement summary :mod:`locality.evaluation`.
 """
 
 from __future__ import annotations
@@ -23,35 +24,12 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from experiments.sample import nearest_distance
-from locality import classify, data, denoisers, plotting, sampling, schedules
-
-
-def parse_weights(spec) -> list:
-    """``"0,1,3"`` -> ``[0.0, 1.0, 3.0]`` (finite, no duplicates)."""
-    try:
-        ws = [float(v) for v in str(spec).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"guidance={spec!r}: use comma-separated numbers, e.g. '0,1,3'") from None
-    if not all(np.isfinite(ws)) or len(set(ws)) != len(ws):
-        raise ValueError(f"guidance={spec!r}: weights must be finite and distinct")
-    return ws
-
-
-def _sample(den, x_T, config, key):
-    sched = schedules.ddpm_linear()
-    if config.sampler == "ddpm":
-        return sampling.ddpm(
-            den, x_T, sched, key=key, num_steps=config.num_steps, progress=config.progress
-        )
-    if config.sampler == "ddim":
-        return sampling.ddim(den, x_T, sched, config.num_steps, progress=config.progress)
-    raise ValueError(f"sampler must be ddpm or ddim; got {config.sampler!r}")
+from locality import classify, data, denoisers, evaluation, generation, plotting
 
 
 def run(config, workdir: str) -> str:
     common.prepare_workdir(workdir, config)
-    weights = parse_weights(config.guidance)
+    weights = generation.parse_weights(config.guidance)
     if not weights and not config.unconditional:
         raise ValueError("nothing to sample: set guidance (e.g. '0,1,3') or unconditional=True")
     train, labels = data.load(config.dataset, split="train", with_labels=True)
@@ -120,9 +98,17 @@ def run(config, workdir: str) -> str:
             "network", model=probe.model, params=probe.params, labels=lab, guidance=w
         )  # the weights loaded once above
         with common.Timer() as t:
-            imgs = np.asarray(_sample(den, x_T, config, jax.random.fold_in(key, 1)).images)
+            res = generation.sample(
+                den,
+                x_T,
+                config.sampler,
+                config.num_steps,
+                key=jax.random.fold_in(key, 1),
+                progress=config.progress,
+            )
+            imgs = np.asarray(res.images)
         finals[name] = imgs
-        dist, _ = nearest_distance(imgs, train)
+        dist, _ = generation.nearest_distance(imgs, train)
         info = {
             "labels": lab,
             "guidance": w,
@@ -131,18 +117,8 @@ def run(config, workdir: str) -> str:
             "fraction_outside_unit_range": float(np.mean(np.abs(imgs) > 1.0)),
         }
         agree = classify.label_agreement(clf, np.clip(imgs, -1, 1), requested)
-        if lab is None:
-            info["predicted_fractions"] = agree["predicted_fractions"]
-            desc = "predicted " + ", ".join(
-                f"class {c}: {f:.2f}" for c, f in agree["predicted_fractions"].items()
-            )
-        else:
-            info.update(agree)
-            desc = (
-                f"label agreement {agree['agreement']:.3f} (per class "
-                + ", ".join(f"{c}: {a:.2f}" for c, a in agree["per_class"].items())
-                + ")"
-            )
+        record, desc = evaluation.agreement_summary(agree, labelled=lab is not None)
+        info.update(record)
         out["settings"][name] = info
         title = "no label" if lab is None else f"labels i mod {k}, guidance w = {w:g}"
         plotting.save_image_grid(

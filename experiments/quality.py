@@ -9,7 +9,9 @@ The distance between two sets of *real* images of the same sizes (training vs he
 reported as the floor a perfect generator would reach with these sample sizes.
 
 Writes to ``--workdir``: ``metrics.json``, ``table.md``, ``samples_<label>.png`` (the first 64
-samples), ``quality.png`` (distance and eps-MSE per network) and ``summary.txt``.
+samples), ``quality.png`` (distance and eps-MSE per network) and ``summary.txt``. The measures
+are :mod:`locality.quality` and :mod:`locality.evaluation`, the sampling
+:mod:`locality.generation`.
 """
 
 from __future__ import annotations
@@ -23,23 +25,15 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from locality import classify, data, denoisers, plotting, quality, sampling, schedules
-from locality.train import read_checkpoint_config, resolve_checkpoint_dir
+from locality import classify, data, denoisers, evaluation, generation, plotting, quality
 
 
 def parse_networks(spec: str, dataset: str) -> dict:
-    """``"a=path,b=path"`` -> ``{"a": path, ...}``; ``""`` -> the committed CPU UNet of
-    ``dataset`` and the exports ``checkpoints/<dataset>_unet_long/epoch_*`` that exist."""
+    """``"a=path,b=path"`` -> ``{"a": path, ...}`` (:func:`experiments.common.parse_networks`);
+    ``""`` -> the committed CPU UNet of ``dataset`` and the exports
+    ``checkpoints/<dataset>_unet_long/epoch_*`` that exist."""
     if spec.strip():
-        out = {}
-        for item in spec.split(","):
-            label, sep, path = item.partition("=")
-            if not sep or not label.strip() or not path.strip():
-                raise ValueError(f"networks={spec!r}: use 'label=path,label=path'")
-            if label.strip() in out:
-                raise ValueError(f"networks={spec!r}: label {label.strip()!r} appears twice")
-            out[label.strip()] = path.strip()
-        return out
+        return common.parse_networks(spec)
     out = {}
     if os.path.isdir(f"checkpoints/{dataset}_unet_cpu"):
         out["cpu (committed)"] = f"checkpoints/{dataset}_unet_cpu"
@@ -59,48 +53,6 @@ def heldout_split(config):
         return train[keep], labels[keep], train[held], labels[held]
     test, test_labels = data.load(config.dataset, split="test", with_labels=True)
     return train, labels, test, test_labels
-
-
-def sample_network(den, x_T, config, batch: int = 250) -> np.ndarray:
-    sched = schedules.ddpm_linear()
-    outs = []
-    for s in range(0, len(x_T), batch):
-        xb = x_T[s : s + batch]
-        if config.sampler == "ddim":
-            res = sampling.ddim(den, xb, sched, config.num_steps, progress=False)
-        elif config.sampler == "ddpm":
-            res = sampling.ddpm(
-                den,
-                xb,
-                sched,
-                key=jax.random.fold_in(jax.random.key(config.seed), s),
-                num_steps=config.num_steps,
-                progress=False,
-            )
-        else:
-            raise ValueError(f"sampler must be ddim or ddpm; got {config.sampler!r}")
-        outs.append(np.asarray(res.images))
-    return np.concatenate(outs)
-
-
-def describe(checkpoint: str, n_train: int, config) -> dict:
-    """Step, epochs (steps x batch / training images) and whether the net trained on the
-    held-out images (a net trained on all of a split that the evaluation holds a part of)."""
-    meta = read_checkpoint_config(checkpoint)
-    ckpt_dir = resolve_checkpoint_dir(checkpoint)
-    steps = [int(p) for p in os.listdir(ckpt_dir) if p.isdigit()] or [
-        int(meta["train"].get("num_steps", 0))
-    ]
-    tr = meta["train"]
-    seen = config.holdout > 0 and not (
-        float(tr.get("holdout", 0.0)) == config.holdout
-        and int(tr.get("seed", 0)) == config.holdout_seed
-    )
-    return {
-        "step": max(steps),
-        "epochs": max(steps) * int(tr["batch_size"]) / n_train,
-        "trained_on_heldout": bool(seen),
-    }
 
 
 def run(config, workdir: str) -> str:
@@ -156,67 +108,42 @@ def run(config, workdir: str) -> str:
         "timesteps": list(quality.HELDOUT_TIMESTEPS),
         "networks": {},
     }
-    header = (
-        "| network | epochs | FD (classifier) | confident > %.1f | eps-MSE mean | "
-        % config.confidence
-        + " | ".join(f"t={t}" for t in quality.HELDOUT_TIMESTEPS)
-        + " |"
-    )
-    table = [header, "|" + "---|" * (5 + len(quality.HELDOUT_TIMESTEPS))]
-    fds, labels = [], []
+    table = evaluation.quality_header(config.confidence)
     for label, path in nets.items():
         den = denoisers.make("network", checkpoint=path)
         with common.Timer() as t:
-            imgs = sample_network(den, x_T, config)
-            probs = clf.probs(np.clip(imgs, -1, 1))
-            fd = quality.frechet_distance_of(clf.features(np.clip(imgs, -1, 1)), feats_real)
+            imgs = generation.sample_in_batches(
+                den, x_T, config.sampler, config.num_steps, config.seed
+            )
             per = quality.eps_mse(den.model.apply, den.params, eval_images, seed=config.seed)
-        info = describe(path, len(train), config)
-        epochs = info["epochs"]
-        conf = float(np.mean(probs.max(-1) > config.confidence))
-        se = per.std(1, ddof=1) / np.sqrt(per.shape[1])
-        out["networks"][label] = {
+            rec = evaluation.network_quality(clf, imgs, feats_real, per, config.confidence)
+        rec = {
             "checkpoint": path,
-            **info,
-            "fd": fd,
-            "confident_fraction": conf,
-            "predicted_fractions": np.bincount(probs.argmax(-1), minlength=clf.num_classes)
-            / len(probs),
-            "eps_mse": {
-                str(t): {"mean": float(m), "se": float(e)}
-                for t, m, e in zip(quality.HELDOUT_TIMESTEPS, per.mean(1), se)
-            },
-            "eps_mse_mean": float(per.mean()),
-            "eps_mse_n": int(per.shape[1]),
+            **evaluation.describe(path, len(train), config.holdout, config.holdout_seed),
+            **rec,
             "seconds": t.seconds,
         }
+        out["networks"][label] = rec
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
         plotting.save_image_grid(
             imgs[:64],
             os.path.join(workdir, f"samples_{safe}.png"),
             ncols=8,
-            title=f"{label}: {config.sampler} {config.num_steps} steps, FD {fd:.2f}",
+            title=f"{label}: {config.sampler} {config.num_steps} steps, FD {rec['fd']:.2f}",
         )
-        mark = " (trained on the held-out images)" if info["trained_on_heldout"] else ""
-        table.append(
-            f"| {label}{mark} | {epochs:.1f} | {fd:.3f} | {conf:.3f} | {per.mean():.5f} | "
-            + " | ".join(f"{m:.5f} ± {e:.5f}" for m, e in zip(per.mean(1), se))
-            + " |"
-        )
-        fds.append(fd)
-        labels.append(label)
+        table.append(evaluation.quality_row(label, rec))
         logging.info(
             "%s: FD %.3f, confident %.3f, eps-MSE %.5f (%.0fs)",
             label,
-            fd,
-            conf,
-            per.mean(),
+            rec["fd"],
+            rec["confident_fraction"],
+            rec["eps_mse_mean"],
             t.seconds,
         )
     common.write_json(os.path.join(workdir, "metrics.json"), out)
     common.atomic_write_text(os.path.join(workdir, "table.md"), "\n".join(table) + "\n")
     plotting.save_bars(
-        dict(zip(labels, fds)),
+        {label: r["fd"] for label, r in out["networks"].items()},
         os.path.join(workdir, "quality.png"),
         ylabel="Frechet distance (classifier features)",
         reference=(floor, "real vs real (floor)"),

@@ -12,7 +12,8 @@ method's own states). Per network: every method against the best one, paired ove
 (:func:`locality.metrics.paired_comparison`: mean difference with paired SE, wins, sign test).
 
 Writes ``r2_vs_epochs.png`` (one line per method, error bars = 1 SE), ``table.md``,
-``metrics.json`` (with the per-sample r2) and ``summary.txt`` to ``--workdir``.
+``metrics.json`` (with the per-sample r2) and ``summary.txt`` to ``--workdir``. The per-network
+records are :mod:`locality.evaluation`.
 """
 
 from __future__ import annotations
@@ -26,17 +27,15 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from experiments import quality as quality_exp
 from experiments.compare import build, sample_batches
-from experiments.quality import describe
-from locality import classify, data, denoisers, metrics, plotting, schedules, stats
+from locality import classify, data, denoisers, evaluation, metrics, plotting, schedules, stats
 
 
 def parse_networks(spec: str, dataset: str) -> dict:
-    """``"a=path,..."`` -> ``{"a": path}`` (:func:`experiments.quality.parse_networks`);
+    """``"a=path,..."`` -> ``{"a": path}`` (:func:`experiments.common.parse_networks`);
     ``""`` -> the long run's exports ``epoch_*``."""
     if spec.strip():
-        return quality_exp.parse_networks(spec, dataset)
+        return common.parse_networks(spec)
     found = sorted(glob.glob(f"checkpoints/{dataset}_unet_long/epoch_*"))
     if not found:
         raise ValueError(
@@ -54,23 +53,6 @@ def training_set(config):
         keep, _ = classify.balanced_split(labels, config.holdout, config.holdout_seed)
         return train[keep]
     return data.load(config.dataset, split="train")
-
-
-def single_step_r2(net, x0, xt, abs_, batch):
-    """r2 of a method's x0_hat [S, N, ...] against the network evaluated on the method's own
-    states xt [S, N, ...], per step and sample: [S, N]."""
-    ref = np.stack(
-        [
-            np.concatenate(
-                [
-                    np.asarray(net(jnp.asarray(xt[s, i : i + batch]), float(abs_[s])))
-                    for i in range(0, xt.shape[1], batch)
-                ]
-            )
-            for s in range(xt.shape[0])
-        ]
-    )
-    return metrics.per_step(x0, ref, reduce="none")["r2"]
 
 
 def run(config, workdir: str) -> str:
@@ -93,7 +75,7 @@ def run(config, workdir: str) -> str:
         den = denoisers.make("network", checkpoint=path)
         x0, _, abs_, ts = sample_batches(den, x_T, sched, config.num_steps, config.batch_size)
         net_runs[label] = (den, x0)
-        info[label] = describe(path, len(train), config)
+        info[label] = evaluation.describe(path, len(train), config.holdout, config.holdout_seed)
     order = sorted(nets, key=lambda l: info[l]["epochs"])
 
     per_sample = {l: {} for l in order}  # network -> method -> final trajectory r2 [N]
@@ -108,7 +90,8 @@ def run(config, workdir: str) -> str:
         for label in order:
             net, net_x0 = net_runs[label]
             per_sample[label][m] = metrics.per_step(x0, net_x0, reduce="none")["r2"][-1]
-            single[label][m] = single_step_r2(net, x0, xt, abs_, config.batch_size).mean(0)
+            r2 = evaluation.single_step_r2(net, x0, xt, abs_, config.batch_size)
+            single[label][m] = r2.mean(0)
         logging.info(
             "%s sampled in %.0fs; final r2 vs %s: %.3f",
             m,
@@ -135,39 +118,9 @@ def run(config, workdir: str) -> str:
     ]
     for label in order:
         r = {m: per_sample[label][m] for m in methods}
-        best = max(methods, key=lambda m: r[m].mean())
-        pairs = {m: metrics.paired_comparison(r[best], r[m]) for m in methods if m != best}
-        out["networks"][label] = {
-            **info[label],
-            "checkpoint": nets[label],
-            "best": best,
-            "final_trajectory_r2": {
-                m: {
-                    "mean": float(v.mean()),
-                    "se": float(v.std(ddof=1) / np.sqrt(n)),
-                    "median": float(np.median(v)),
-                    "per_sample": v,
-                }
-                for m, v in r.items()
-            },
-            "single_step_r2_stepmean": {
-                m: {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(n))}
-                for m, v in single[label].items()
-            },
-            "paired_vs_best": pairs,
-        }
-        verdicts = "; ".join(
-            f"{m}: {p['mean_diff']:+.3f} ± {p['se']:.3f}, {p['wins']}/{n} wins, "
-            f"p = {p['sign_p']:.2g} ({'separated' if p['verdict'] == 'A' else p['verdict']})"
-            for m, p in pairs.items()
-        )
-        md.append(
-            f"| {label} | {info[label]['epochs']:.1f} | "
-            + " | ".join(
-                f"{r[m].mean():.3f} ± {r[m].std(ddof=1) / np.sqrt(n):.3f}" for m in methods
-            )
-            + f" | {best} | {verdicts} |"
-        )
+        rec = evaluation.path_record(r, single[label], n)
+        out["networks"][label] = {**info[label], "checkpoint": nets[label], **rec}
+        md.append(evaluation.path_row(label, info[label]["epochs"], r, rec, n))
     epochs = [info[l]["epochs"] for l in order]
     plotting.save_series(
         [

@@ -98,7 +98,10 @@ def test_compare_entry_point(tiny_data, tmp_path):
     assert len(r["trajectory"]["r2"]) == 2
     assert -10 < r["final_trajectory_r2_mean"] <= 1.0
     assert m["methods"]["pca_locality_chunk_mean"]["method"] == "pca_locality"
-    for f in ("table.md", "table.csv", "r2_vs_t.png", "grid.png"):
+    # the high-pass r2 beside r2 (tests/test_compare_protocol.py checks its values)
+    assert len(r["trajectory"]["hp_r2"]) == 2 and len(r["final_trajectory_hp_r2_per_sample"]) == 2
+    assert "high-pass r2" in table and "subset" not in m and "calibration" not in m
+    for f in ("table.md", "table.csv", "r2_vs_t.png", "hp_r2_vs_t.png", "grid.png"):
         assert (tmp_path / f).exists()
 
 
@@ -239,7 +242,7 @@ def test_sensitivity_inputs_for_sources_without_a_test_split():
         c = sens_cfg.get_config(name)
         assert (c.test_split, c.test_random) == (("test", False) if has_test else ("train", True))
     c = sens_cfg.get_config("cifar10_catsdogs")
-    assert c.pixels[0] == (16, 16)
+    assert c.pixels is None and c.num_pixels == 16  # a spread grid, not the centre alone
     from configs import data_stats as ds_cfg
 
     d = ds_cfg.get_config("mnist")
@@ -267,7 +270,7 @@ def _untyped_none_fields(cfg, prefix=""):
     [
         ("train", ["fashion_mnist,cpu,unet", "cifar10_catsdogs,gpu,dit", "mnist,paper,unet"]),
         ("sample", ["quickstart", "network,cifar10_catsdogs"]),
-        ("compare", ["fashion_mnist", "cifar10_catsdogs,quick"]),
+        ("compare", ["fashion_mnist", "cifar10_catsdogs,quick", "mnist,long", "smoke"]),
         ("sensitivity", ["mnist,quick"]),
         ("linear_gd", ["fashion_mnist"]),
         ("guidance", ["cifar10_catsdogs"]),
@@ -310,7 +313,7 @@ def test_train_config_overrides_parse_from_the_command_line(monkeypatch):
 
 
 def test_nearest_pairs_put_each_sample_beside_its_neighbour_closest_first(monkeypatch, tmp_path):
-    from locality import plotting
+    from locality import generation, plotting
 
     rng = np.random.default_rng(1)
     samples = rng.normal(size=(5, 4, 4, 1)).astype(np.float32)
@@ -322,8 +325,84 @@ def test_nearest_pairs_put_each_sample_beside_its_neighbour_closest_first(monkey
         "save_image_grid",
         lambda imgs, path, ncols=None, title=None: seen.update(imgs=imgs, ncols=ncols),
     )
-    sample.save_nearest_pairs(samples, near, dist, str(tmp_path / "p.png"), "t")
+    generation.save_nearest_pairs(samples, near, dist, str(tmp_path / "p.png"), "t")
     order = [1, 3, 0, 2, 4]
     expect = np.stack([samples[order], near[order]], 1).reshape(10, 4, 4, 1)
     np.testing.assert_array_equal(seen["imgs"], expect)
     assert seen["ncols"] == 10
+
+
+def test_sample_by_name_and_in_batches():
+    """locality.generation.sample dispatches to the samplers of locality.sampling; batching
+    changes nothing for DDIM, and the DDPM noise of the batch at ``s`` is fold_in(key(seed), s)."""
+    import jax
+
+    from locality import denoisers, generation, sampling, schedules, stats
+
+    rng = np.random.default_rng(0)
+    x = np.tanh(rng.normal(size=(30, 4, 4, 1))).astype(np.float32)
+    den = denoisers.make("wiener", stats=stats.gaussian_stats(x))
+    x_T = np.asarray(jax.random.normal(jax.random.key(1), (5, 4, 4, 1)))
+    sched = schedules.ddpm_linear()
+    whole = np.asarray(sampling.ddim(den, x_T, sched, 3).images)
+    np.testing.assert_array_equal(np.asarray(generation.sample(den, x_T, "ddim", 3).images), whole)
+    np.testing.assert_allclose(
+        generation.sample_in_batches(den, x_T, "ddim", 3, seed=0, batch=2), whole, atol=1e-6
+    )
+    got = generation.sample_in_batches(den, x_T, "ddpm", 3, seed=7, batch=3)
+    for s in (0, 3):
+        key = jax.random.fold_in(jax.random.key(7), s)
+        ref = sampling.ddpm(den, x_T[s : s + 3], sched, key=key, num_steps=3).images
+        np.testing.assert_allclose(got[s : s + 3], np.asarray(ref), atol=1e-6)
+    sig = schedules.edm_sigmas(4)
+    np.testing.assert_array_equal(
+        np.asarray(generation.sample(den, x_T, "edm", 4).images),
+        np.asarray(sampling.edm(den, x_T * sig[0], sig).images),
+    )
+    with pytest.raises(ValueError, match="sampler must be one of ddim, ddpm, edm; got 'heun'"):
+        generation.sample(den, x_T, "heun", 3)
+
+
+def test_sample_summary_and_pairwise_final_against_numpy():
+    from locality import generation
+
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(2, 3, 3, 1)), rng.normal(size=(2, 3, 3, 1))
+    s = generation.sample_summary(a, np.array([2.0, 0.5]))
+    assert s["nearest_train_l2"] == [2.0, 0.5] and s["nearest_train_l2_min"] == 0.5
+    assert s["nearest_train_l2_median"] == 1.25 and s["pixel_std"] == pytest.approx(a.std())
+    assert s["fraction_outside_unit_range"] == np.mean(np.abs(a) > 1.0)
+    pair = generation.pairwise_final({"z": a, "y": b})
+    assert list(pair) == ["y_vs_z"]
+    fa, fb = b.reshape(2, -1), a.reshape(2, -1)  # "y" against the reference "z"
+    r2 = 1 - ((fa - fb) ** 2).sum(1) / (9 * fb.var(1, ddof=1))
+    assert pair["y_vs_z"]["r2"] == pytest.approx(r2.mean(), rel=1e-5)
+    assert pair["y_vs_z"]["mse"] == pytest.approx(((fa - fb) ** 2).mean(), rel=1e-5)
+
+
+def test_linear_gd_level_verdict_and_tail():
+    from types import SimpleNamespace
+
+    from locality import linear_gd
+
+    assert linear_gd.tail_start(2000, 0.5) == 1000 and linear_gd.tail_start(300, 0.0) == 300
+    assert linear_gd.averaged_samples(2000, 256, 0.5) == 1000 * 256
+    hist = {
+        "step": np.array([10, 20]),
+        "loss": np.array([2.0, 1.0]),
+        "rel_frob": np.array([0.5, 0.2]),
+        "bias_rel": np.array([0.3, 0.1]),
+        "cosine": np.array([0.9, 0.98]),
+        "excess": np.array([0.1, 0.01]),
+    }
+    fit = SimpleNamespace(history=hist, loss_opt=0.9, seconds=1.5)
+    crit = {"max_rel_frob": 0.2, "min_cosine": 0.98, "max_excess": 0.01}
+    r = linear_gd.level_result(fit, 0.5, None, crit)
+    assert r["converged"] and r["final"]["rel_frob"] == 0.2 and "step" not in r["final"]
+    assert r["history"]["step"] == [10, 20] and r["ab"] == 0.5
+    for k, v in (("max_rel_frob", 0.19), ("min_cosine", 0.99), ("max_excess", 0.009)):
+        assert not linear_gd.level_result(fit, 0.5, None, {**crit, k: v})["converged"], k
+    line = linear_gd.level_line(100, r)
+    assert line.startswith("t= 100 ab=0.5000: rel_frob 0.2000 (statistical rate n/a)")
+    assert line.endswith("2s -> converged")
+    assert linear_gd.verdict_line(False, crit).startswith("verdict: GD does not (yet) converge")

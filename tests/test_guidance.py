@@ -57,11 +57,13 @@ def test_classifier_learns_a_separable_rule_and_agreement_counts():
 
 
 def test_parse_weights():
-    assert guidance.parse_weights("0, 1,3") == [0.0, 1.0, 3.0]
-    assert guidance.parse_weights("") == []
+    from locality.generation import parse_weights
+
+    assert parse_weights("0, 1,3") == [0.0, 1.0, 3.0]
+    assert parse_weights("") == []
     for bad in ("a,b", "1,1", "nan"):
         with pytest.raises(ValueError, match="guidance"):
-            guidance.parse_weights(bad)
+            parse_weights(bad)
 
 
 @pytest.fixture
@@ -126,3 +128,20 @@ def test_guidance_entry_point(bars_data, tmp_path):
     c.checkpoint = str(tmp_path / "unc")
     with pytest.raises(ValueError, match="not class-conditional"):
         guidance.run(c, str(tmp_path / "w2"))
+
+
+def test_agreement_summary():
+    from locality.evaluation import agreement_summary
+
+    agree = {
+        "agreement": 0.75,
+        "per_class": {0: 1.0, 1: 0.5},
+        "mean_prob_requested": 0.6,
+        "predicted_fractions": {0: 0.625, 1: 0.375},
+    }
+    rec, desc = agreement_summary(agree, labelled=True)
+    assert rec == agree and rec is not agree
+    assert desc == "label agreement 0.750 (per class 0: 1.00, 1: 0.50)"
+    rec, desc = agreement_summary(agree, labelled=False)
+    assert rec == {"predicted_fractions": {0: 0.625, 1: 0.375}}
+    assert desc == "predicted class 0: 0.62, class 1: 0.38"

@@ -204,3 +204,63 @@ def test_paired_comparison_against_scipy():
     assert metrics.paired_comparison(b + 1, b)["verdict"] == "A"
     with pytest.raises(ValueError, match="equal length"):
         metrics.paired_comparison(a, b[:3])
+
+
+def test_parse_networks():
+    from experiments import common
+    from experiments import quality as quality_exp
+
+    want = {"a": "ckpt/x", "long run": "ckpt/y"}
+    assert common.parse_networks("a=ckpt/x, long run = ckpt/y") == want
+    assert quality_exp.parse_networks("a=ckpt/x,long run=ckpt/y", "mnist") == want
+    for bad, match in (("a=x,b", "label=path"), ("=x", "label=path"), ("a=x,a=y", "twice")):
+        with pytest.raises(ValueError, match=match):
+            common.parse_networks(bad)
+
+
+def test_quality_row_formats_a_record_by_hand():
+    from locality import evaluation
+
+    eps = {str(t): {"mean": 0.1 * (i + 1), "se": 0.001} for i, t in enumerate((1, 2, 3, 4, 5))}
+    rec = dict(
+        trained_on_heldout=True,
+        epochs=2.25,
+        fd=1.23456,
+        confident_fraction=0.5,
+        eps_mse_mean=0.3,
+        eps_mse=eps,
+    )
+    assert evaluation.quality_row("net", rec) == (
+        "| net (trained on the held-out images) | 2.2 | 1.235 | 0.500 | 0.30000 | "
+        "0.10000 ± 0.00100 | 0.20000 ± 0.00100 | 0.30000 ± 0.00100 | 0.40000 ± 0.00100 | "
+        "0.50000 ± 0.00100 |"
+    )
+    head = evaluation.quality_header(0.9)
+    assert head[0].count("|") == head[1].count("|") == evaluation.quality_row("x", rec).count("|")
+
+
+def test_path_record_against_numpy():
+    """Best method, mean, standard error (scipy.stats.sem), median and the paired comparison of
+    every other method against the best."""
+    from scipy import stats as sps
+
+    from locality import evaluation, metrics
+
+    rng = np.random.default_rng(2)
+    r = {"a": rng.normal(0.5, 0.1, 9), "b": rng.normal(0.7, 0.1, 9), "c": rng.normal(0, 1, 9)}
+    single = {m: v - 0.1 for m, v in r.items()}
+    rec = evaluation.path_record(r, single, 9)
+    assert rec["best"] == max(r, key=lambda m: float(np.mean(r[m])))
+    for m, v in r.items():
+        got = rec["final_trajectory_r2"][m]
+        assert got["mean"] == pytest.approx(np.mean(v), rel=1e-12)
+        assert got["se"] == pytest.approx(sps.sem(v), rel=1e-12)
+        assert got["median"] == pytest.approx(np.median(v)) and got["per_sample"] is v
+        assert rec["single_step_r2_stepmean"][m]["se"] == pytest.approx(sps.sem(v), rel=1e-9)
+    best = rec["best"]
+    assert set(rec["paired_vs_best"]) == set(r) - {best}
+    for m, p in rec["paired_vs_best"].items():
+        assert p == metrics.paired_comparison(r[best], r[m])
+    row = evaluation.path_row("n1", 1.5, r, rec, 9)
+    assert row.startswith(f"| n1 | 1.5 | {np.mean(r['a']):.3f} ± {sps.sem(r['a']):.3f} | ")
+    assert f"| {best} | " in row and row.count(" wins, ") == 2
