@@ -242,12 +242,22 @@ def save_heatmap_table(
     marks=None,
     cmap: str = "viridis",
     shared_scale: str = "panel",
+    colorbar: bool = False,
+    clip_percentile: Optional[float] = None,
+    colorbar_label: Optional[str] = None,
 ) -> str:
     """Table of heat maps: ``maps[r][c]`` is an [H, W] array (or None for an empty panel).
 
     Rows and columns are labelled on the left and on top. ``marks[r][c]`` (optional) is a
     (row, col) pixel outlined by a thin red square, e.g. the output pixel of a sensitivity field.
     ``shared_scale``: "panel" (each panel its own colour scale, default), "row" or "all".
+
+    ``colorbar``: a colour bar beside every panel (``colorbar_label`` under those of the last
+    column). ``clip_percentile=q`` (for sensitivity fields, docs/algorithms.md §9): the colour
+    scale runs from 0 to the ``q``-th percentile of the panel's values *other than its marked
+    pixel* (the maximum of those over the row or table with ``shared_scale``), so the spike at
+    a field's own pixel does not flatten the rest; brighter values saturate, and the colour
+    bar's arrow marks the clipping. Without it the scale spans the values as before.
     """
     plt = _plt()
     nrows, ncols = len(row_labels), len(col_labels)
@@ -255,14 +265,28 @@ def save_heatmap_table(
         raise ValueError(f"maps must be {nrows} rows of {ncols} panels")
     if shared_scale not in ("panel", "row", "all"):
         raise ValueError(f"shared_scale must be 'panel', 'row' or 'all'; got {shared_scale!r}")
-    present = [np.asarray(m) for r in maps for m in r if m is not None]
-    vmax_all = max((float(np.max(m)) for m in present), default=1.0)
+    if clip_percentile is not None and not 0.0 < float(clip_percentile) <= 100.0:
+        raise ValueError(f"clip_percentile must be in (0, 100]; got {clip_percentile}")
+
+    def top(r, c):  # the value at the top of the colour scale of panel (r, c)
+        m = np.asarray(maps[r][c])
+        if clip_percentile is None:
+            return float(np.max(m))
+        keep = np.ones(m.shape, bool)
+        if marks is not None and marks[r][c] is not None:
+            keep[tuple(marks[r][c])] = False
+        vals = m[keep] if keep.any() else m.ravel()
+        q = float(np.percentile(vals, float(clip_percentile)))
+        return q if q > 0 else float(np.max(m))  # an all-zero remainder: the full range
+
+    tops = [[None if maps[r][c] is None else top(r, c) for c in range(ncols)] for r in range(nrows)]
+    vmax_all = max((v for row in tops for v in row if v is not None), default=1.0)
+    panel_w = 1.95 if colorbar else 1.5
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(1.5 * ncols + 0.9, 1.5 * nrows + 0.5), squeeze=False
+        nrows, ncols, figsize=(panel_w * ncols + 0.9, 1.5 * nrows + 0.5), squeeze=False
     )
     for r in range(nrows):
-        row_present = [np.asarray(m) for m in maps[r] if m is not None]
-        vmax_row = max((float(np.max(m)) for m in row_present), default=1.0)
+        vmax_row = max((v for v in tops[r] if v is not None), default=1.0)
         for c in range(ncols):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -281,13 +305,24 @@ def save_heatmap_table(
                 )
             else:
                 vmax = {"panel": None, "row": vmax_row, "all": vmax_all}[shared_scale]
-                ax.imshow(
+                if vmax is None and clip_percentile is not None:
+                    vmax = tops[r][c]
+                im = ax.imshow(
                     np.asarray(m),
                     cmap=cmap,
                     interpolation="nearest",
                     vmin=0 if vmax else None,
                     vmax=vmax,
                 )
+                if colorbar:
+                    clipped = vmax is not None and float(np.max(m)) > vmax
+                    cb = fig.colorbar(
+                        im, ax=ax, fraction=0.046, pad=0.03, extend="max" if clipped else "neither"
+                    )
+                    cb.ax.tick_params(labelsize=5)
+                    cb.ax.yaxis.get_offset_text().set_fontsize(5)
+                    if colorbar_label and c == ncols - 1:
+                        cb.set_label(colorbar_label, fontsize=5)
                 if marks is not None and marks[r][c] is not None:
                     from matplotlib.patches import Rectangle  # lazy like matplotlib (_plt)
 
@@ -299,8 +334,8 @@ def save_heatmap_table(
                 ax.set_title(col_labels[c], fontsize=7)
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # above the column labels (the saved figure's tight box includes it)
+        fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
     atomic_savefig(fig, path)
     plt.close(fig)
     return path
