@@ -10,7 +10,9 @@ single-step (the network evaluated on the method's own states). Override the net
 
 The argument is ``<dataset>``, ``<dataset>,quick`` (8 samples, smaller subsets for the slow
 peers: the README's main job) and/or ``<dataset>,long`` (against the 40-epoch network of the
-``long`` training preset, every method on that network's own training set). Methods whose cost
+``long`` training preset, every method on that network's own training set, with every option
+below on); ``smoke`` is a seconds-long run of every option on a synthetic 28 px set against the
+committed ``fashion_mnist_unet_cpu`` network. Methods whose cost
 grows with N H^2 W^2 run on a fixed random
 subset of the training set (``method_kwargs.<label>.limit``, or ``peer_limit`` for
 ``slow_methods``); the table reports the N each method used. ``linear`` needs GD-trained weights
@@ -18,6 +20,19 @@ at the sampler's ten timesteps (``experiments/linear_gd.py`` with
 ``configs/linear_gd.py:<dataset>,ddim``)
 and is skipped, with the reason in ``metrics.json``, when they are missing. ``network`` is the
 reference itself and ``wiener_dense`` the float64 oracle of ``wiener``; neither is a row.
+
+Options for comparisons a referee accepts (experiments/compare.py; off by default, on in ``long``):
+
+* ``hp_sigma`` (1.0 px): blur of the high-pass r2 recorded beside r2 for every row.
+* ``common_subset`` (0 = off): re-run every row with every method on one common random subset of
+  that many training images (``long``: the largest ``limit`` of any method, 100) and tabulate it
+  separately.
+* ``calibrate_peers``: add ``<label>_calibrated`` rows for LS / ELS / bbELS (LS's schedule
+  calibrated against this network) and PSPC-Square (its own), settings in ``calibration``:
+  ``num_probes`` probe trajectories, ``criterion`` (cosine, Kamb & Ganguli), ``candidates``
+  (empty: odd 3, 5, ... up to the image side), ``limit`` (0: the published row's training set),
+  ``pspc_square`` (calibrate PSPC-Square too). Cached by content, so a rerun costs nothing.
+* ``scfdm_sigmas``: SCFDM smoothing scales, each its own row ``scfdm_s<sigma>``.
 """
 
 import ml_collections
@@ -47,7 +62,13 @@ def _ddim_abs(num_steps: int = 10):
     return tuple(float(sched.ab(int(t))) for t in schedules.ddim_timesteps(num_steps))
 
 
+# SCFDM smoothing scales swept by the `long` preset (units of x_t; the published 0.1 included)
+SCFDM_SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
 def get_config(arg: str = "fashion_mnist"):
+    if arg.strip() == "smoke":
+        return _smoke()
     parts = [p.strip() for p in arg.split(",")]
     dataset, quick, long_net = parts[0], "quick" in parts[1:], "long" in parts[1:]
     if set(parts[1:]) - {"quick", "long"}:
@@ -108,6 +129,19 @@ def get_config(arg: str = "fashion_mnist"):
     c.batch_size = 16
     c.num_steps = 10
     c.seed = 0
+    c.hp_sigma = 1.0  # px: the blur removed before the high-pass r2
+    c.common_subset = 0  # > 0: every method again on one common subset of this many images
+    c.calibrate_peers = False
+    c.calibration = ml_collections.ConfigDict(
+        {
+            "num_probes": 4,
+            "criterion": "cosine",
+            "candidates": (),
+            "limit": 0,
+            "pspc_square": True,
+        }
+    )
+    c.scfdm_sigmas = ()
     if dataset == "cifar10_catsdogs":
         # 32x32x3: ELS / bbELS cost ~4x more per image than at 28x28x1
         c.method_kwargs.els.limit = 30
@@ -118,4 +152,30 @@ def get_config(arg: str = "fashion_mnist"):
         c.peer_limit = 2000
         c.method_kwargs.els.limit = 50
         c.method_kwargs.bbels.limit = 50
+    if long_net:
+        c.common_subset = max(
+            int(kw.get("limit") or 0) for kw in c.method_kwargs.to_dict().values()
+        )
+        c.calibrate_peers = True
+        c.scfdm_sigmas = SCFDM_SIGMAS
+    return c
+
+
+def _smoke():
+    """Every option of experiments/compare.py in seconds: 40 synthetic 28 px images, the
+    committed Fashion-MNIST CPU network, 2 samples, 3 DDIM steps."""
+    c = get_config("fashion_mnist")
+    c.dataset = "synthetic"
+    c.methods = "wiener,pca_locality,ls,els,pspc_square,scfdm"
+    c.method_kwargs.els.limit = 8
+    c.method_kwargs.pspc_square.patch_size = 5
+    c.method_kwargs.scfdm.num_samples = 2
+    c.num_samples = 2
+    c.batch_size = 2
+    c.num_steps = 3
+    c.common_subset = 8
+    c.calibrate_peers = True
+    c.calibration.num_probes = 2
+    c.calibration.candidates = (3, 5, 7)
+    c.scfdm_sigmas = (0.1, 0.5)
     return c

@@ -4,6 +4,11 @@ Per image, with ``x`` the analytical output and ``y`` the reference (network) ou
 D values: ``r2 = 1 - sum (x - y)^2 / (D * var_unbiased(y))`` (a variance of 0 is replaced by 1),
 then the mean over the batch. ``mse`` is the mean squared difference; ``pearson`` is Kamb &
 Ganguli's r (mean-centred, L2-normalised dot product). ``reduce="none"`` returns per-image values.
+
+``hp_r2`` is the same r2 on the high-pass parts ``x - G_sigma * x`` of both images
+(:func:`highpass`; a Gaussian blur over the two spatial axes, reflect padding). r2 alone rewards a
+blurred output that matches the network's low frequencies; the high-pass r2 scores only the detail
+left after removing them.
 """
 
 from __future__ import annotations
@@ -58,6 +63,66 @@ def pearson(x, y, reduce: str = "mean"):
     return _reduce(
         jnp.where(den > 0, jnp.sum(xc * yc, axis=1) / jnp.where(den > 0, den, 1.0), 0.0), reduce
     )
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Normalised 1-D Gaussian weights ``exp(-j^2 / (2 sigma^2))``, ``j = -r .. r`` with
+    ``r = int(truncate * sigma + 0.5)`` -- the radius and weights of
+    ``scipy.ndimage.gaussian_filter`` (float64, [2r + 1])."""
+    sigma, truncate = float(sigma), float(truncate)
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"the blur sigma must be a finite number > 0 (pixels), got {sigma}")
+    if not (np.isfinite(truncate) and truncate > 0):
+        raise ValueError(f"truncate must be a finite number > 0 (in sigmas), got {truncate}")
+    r = int(truncate * sigma + 0.5)
+    j = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (j / sigma) ** 2)
+    return w / w.sum()
+
+
+def _blur_axis(x, w: np.ndarray, axis: int):
+    r = (len(w) - 1) // 2
+    if r == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r, r)
+    # numpy / jnp "symmetric" (d c b a | a b c d | d c b a) is scipy.ndimage's "reflect",
+    # repeated for radii longer than the axis.
+    xp = jnp.pad(x, pad, mode="symmetric")
+    n = x.shape[axis]
+    out = jnp.zeros_like(x)
+    for j, wj in enumerate(w):
+        out = out + jnp.float32(wj) * jax.lax.slice_in_dim(xp, j, j + n, axis=axis)
+    return out
+
+
+def highpass(x, sigma: float = 1.0, truncate: float = 4.0):
+    """High-pass part ``x - G_sigma * x`` of images ``x`` [..., H, W, C] (docs/algorithms.md §10).
+
+    ``G_sigma *`` is a separable Gaussian blur over the two spatial axes (H, W; channels and
+    leading axes separately), ``sigma`` in pixels, truncated at ``truncate`` sigmas and reflect
+    padded exactly as ``scipy.ndimage.gaussian_filter(x, (0, .., sigma, sigma, 0), mode="reflect",
+    truncate=truncate)``. Pure and jittable (``sigma`` and ``truncate`` are Python floats fixed at
+    trace time); float32 out.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim < 3:
+        raise ValueError(f"highpass: need images [..., H, W, C]; got shape {x.shape}")
+    w = gaussian_kernel1d(sigma, truncate)
+    blurred = _blur_axis(_blur_axis(x, w, x.ndim - 3), w, x.ndim - 2)
+    return x - blurred
+
+
+def hp_r2(x, y, sigma: float = 1.0, reduce: str = "mean", truncate: float = 4.0):
+    """High-pass r2: :func:`r2` of ``highpass(x, sigma)`` against ``highpass(y, sigma)``
+    (``x``, ``y`` [B, H, W, C]; ``y`` the reference). Does not reward a blurred ``x`` that matches
+    only the low frequencies of ``y`` (docs/algorithms.md §10)."""
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    if x.shape != y.shape:
+        raise ValueError(f"hp_r2: shapes differ: {x.shape} vs {y.shape}")
+    if x.ndim != 4:
+        raise ValueError(f"hp_r2: need image batches [B, H, W, C]; got shape {x.shape}")
+    return r2(highpass(x, sigma, truncate), highpass(y, sigma, truncate), reduce)
 
 
 METRICS = {"r2": r2, "mse": mse, "pearson": pearson}

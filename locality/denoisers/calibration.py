@@ -8,17 +8,29 @@ network's own sampling trajectory; the same procedure sizes PSPC-Square
 :meth:`Calibration.to_json` writes a :class:`~locality.denoisers.patch_schedules.SizeSchedule`
 that the machines load with ``patch_size="file:PATH"``; :func:`cosine_legacy_sampler` is Kamb &
 Ganguli's 20-step cosine-legacy grid as a DDIM grid. Driven by ``experiments/calibrate.py``.
+
+:func:`cached_calibrate` runs :func:`calibrate` once per content and keeps the result in a cache
+directory: the file is keyed by a sha256 of the reference's arrays and static options (a
+network's parameters), the machine's training set and options, the probe noise and the
+calibration settings (:func:`calibration_key`), never by a name alone; ``experiments/compare.py``
+uses it for its calibrated peer rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import re
 import time
 from typing import NamedTuple, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
 
-from locality import schedules
+from locality import sampling, schedules
 from locality.denoisers.patch_schedules import (
     COSINE_LEGACY_STEPS,
     SizedDenoiser,
@@ -113,8 +125,6 @@ def calibrate(
       candidates: increasing sizes to try (e.g. 3, 5, ..., 27).
       sched, num_steps, timesteps: the DDIM grid (default: DDPM linear, 10 leading steps).
     """
-    from locality import sampling
-
     cands = tuple(int(c) for c in candidates)
     if not cands:
         raise ValueError("calibrate needs at least one candidate size")
@@ -186,4 +196,214 @@ def cosine_legacy_sampler(num_steps: int = COSINE_LEGACY_STEPS):
     return sched, np.arange(num_steps - 1, 0, -1, dtype=np.int32)
 
 
-__all__ = ["Calibration", "calibrate", "cosine_legacy_sampler"]
+# ----------------------------------------------------------------------------------------------
+# Content-keyed cache of calibrations.
+
+CACHE_FORMAT = "locality.calibration_cache/1"
+
+
+def _static_token(v) -> str:
+    """A deterministic text for a static (non-array) field: reprs without memory addresses;
+    device meshes are left out (they do not change the numbers, docs/architecture.md)."""
+    if isinstance(v, jax.sharding.Mesh):
+        return "<mesh>"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
+
+
+def _digest(h, obj) -> None:
+    """Feed ``obj`` (a pytree of arrays, dataclass fields, containers and scalars) into ``h``:
+    array leaves by dtype, shape and bytes; flax static fields by :func:`_static_token`."""
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+        if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):  # typed keys: their bits
+            obj = jax.random.key_data(obj)
+        a = np.ascontiguousarray(np.asarray(obj))
+        h.update(f"array {a.dtype.str} {a.shape};".encode())
+        h.update(a.tobytes())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"{type(obj).__module__}.{type(obj).__qualname__}(".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f"{f.name}=".encode())
+            v = getattr(obj, f.name)
+            if f.metadata.get("pytree_node", True) and not isinstance(v, str):
+                _digest(h, v)
+            else:
+                h.update(_static_token(v).encode())
+            h.update(b";")
+        h.update(b")")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(f"{k!s}:".encode())
+            _digest(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__qualname__}[".encode())
+        for v in obj:
+            _digest(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__qualname__} {_static_token(obj)};".encode())
+
+
+def content_hash(obj) -> str:
+    """sha256 hex digest of ``obj``'s content (:func:`_digest`): equal for equal arrays and
+    options, different when any parameter, training image or static option differs."""
+    h = hashlib.sha256()
+    _digest(h, obj)
+    return h.hexdigest()
+
+
+def calibration_key(
+    reference,
+    machine: SizedDenoiser,
+    candidates: Sequence[int],
+    x_T,
+    *,
+    sched: Optional[schedules.DiscreteSchedule] = None,
+    num_steps: int = 10,
+    timesteps=None,
+    criterion: str = "cosine",
+) -> dict:
+    """The content hashes that key a cached calibration: ``{"reference", "machine", "settings",
+    "key"}``. ``reference``: every array leaf (a network's parameters, its schedule table) and
+    static option (architecture, guidance); ``machine``: its training set as stored and its options
+    except the patch size; ``settings``: candidates, criterion, the DDIM grid (schedule and
+    timesteps) and the probe noise ``x_T``; ``key``: the hash of the three and the format."""
+    sched = sched or schedules.ddpm_linear()
+    if timesteps is None:
+        timesteps = schedules.ddim_timesteps(num_steps, sched.num_timesteps)
+    parts = {
+        "reference": content_hash(reference),
+        "machine": content_hash(machine._stripped()),
+        "settings": content_hash(
+            {
+                "candidates": [int(c) for c in candidates],
+                "criterion": str(criterion),
+                "alphas_cumprod": np.asarray(sched.alphas_cumprod),
+                "timesteps": np.asarray(timesteps, np.int64),
+                "x_T": np.asarray(x_T, np.float32),
+            }
+        ),
+    }
+    parts["key"] = hashlib.sha256(
+        (
+            CACHE_FORMAT + "|" + "|".join(parts[k] for k in ("reference", "machine", "settings"))
+        ).encode()
+    ).hexdigest()
+    return parts
+
+
+class CachedCalibration(NamedTuple):
+    """Result of :func:`cached_calibrate`: the calibration, the cache file, whether it was read
+    from the cache (``hit``), the content hashes (:func:`calibration_key`) and the seconds the
+    calibration took when it was computed."""
+
+    calibration: Calibration
+    path: str
+    hit: bool
+    key: dict
+    seconds: float
+
+
+def _load_cached(path: str, key: str) -> Tuple[Calibration, float]:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        if d.get("cache_format") != CACHE_FORMAT or d.get("cache_key") != key:
+            raise ValueError(f"its key {d.get('cache_key')!r} is not {key!r}")
+        scores = np.asarray(
+            [[[np.nan if v is None else v for v in row] for row in seed] for seed in d["scores"]],
+            np.float64,
+        )
+        cal = Calibration(
+            np.asarray(d["sizes"], np.int64),
+            np.asarray(d["grid"], np.float32),
+            np.rint(np.asarray(d["timesteps"], np.float64)).astype(np.int32),
+            np.asarray(d["per_seed"], np.int64),
+            tuple(int(c) for c in d["candidates"]),
+            scores,
+            str(d["criterion"]),
+        )
+        return cal, float(d.get("seconds", float("nan")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"calibration cache file {path!r} is unreadable or for other content ({e}); "
+            "delete it and run again to recompute"
+        ) from e
+
+
+def cached_calibrate(
+    reference,
+    machine: SizedDenoiser,
+    candidates: Sequence[int],
+    x_T,
+    *,
+    cache_dir: str,
+    sched: Optional[schedules.DiscreteSchedule] = None,
+    num_steps: int = 10,
+    timesteps=None,
+    criterion: str = "cosine",
+    name: str = "calibrated",
+) -> CachedCalibration:
+    """:func:`calibrate`, computed once per content and cached under ``cache_dir``.
+
+    The file ``<cache_dir>/calibration/<name>-<key>.json`` (``key`` from
+    :func:`calibration_key`; ``name`` is only a readable prefix) holds the schedule
+    (``patch_size="file:PATH"`` loads it), the raw results of :meth:`Calibration.to_json`, the
+    content hashes and the seconds the calibration took. A file whose stored key differs or that
+    cannot be read is an error (delete it to recompute). Written atomically.
+    """
+    parts = calibration_key(
+        reference,
+        machine,
+        candidates,
+        x_T,
+        sched=sched,
+        num_steps=num_steps,
+        timesteps=timesteps,
+        criterion=criterion,
+    )
+    if not cache_dir:
+        raise ValueError("cached_calibrate needs a cache directory; got an empty cache_dir")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "calibrated"
+    path = os.path.join(cache_dir, "calibration", f"{safe}-{parts['key'][:32]}.json")
+    if os.path.exists(path):
+        cal, seconds = _load_cached(path, parts["key"])
+        logging.getLogger(__name__).info("calibration cache hit: %s", path)
+        return CachedCalibration(cal, path, True, parts, seconds)
+    t0 = time.perf_counter()
+    cal = calibrate(
+        reference,
+        machine,
+        candidates,
+        x_T,
+        sched=sched,
+        num_steps=num_steps,
+        timesteps=timesteps,
+        criterion=criterion,
+    )
+    seconds = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cal.to_json(
+        path,
+        name=name,
+        cache_format=CACHE_FORMAT,
+        cache_key=parts["key"],
+        content=parts,
+        seconds=seconds,
+        num_probes=int(np.shape(x_T)[0]),
+    )
+    logging.getLogger(__name__).info("calibration computed in %.1fs: %s", seconds, path)
+    return CachedCalibration(cal, path, False, parts, seconds)
+
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CachedCalibration",
+    "Calibration",
+    "cached_calibrate",
+    "calibrate",
+    "calibration_key",
+    "content_hash",
+    "cosine_legacy_sampler",
+]
