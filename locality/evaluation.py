@@ -151,7 +151,7 @@ def path_row(label: str, epochs: float, r: dict, rec: dict, n: int) -> str:
     """One markdown row: per method the mean ± SE of ``r``, the best, the paired verdicts."""
     verdicts = "; ".join(
         f"{m}: {p['mean_diff']:+.3f} ± {p['se']:.3f}, {p['wins']}/{n} wins, "
-        f"p = {p['sign_p']:.2g} ({'separated' if p['verdict'] == 'A' else p['verdict']})"
+        f"p = {p['sign_p']:.2g} ({rec['best']} {metrics.paired_verdict(p)})"
         for m, p in rec["paired_vs_best"].items()
     )
     return (

@@ -154,6 +154,29 @@ def single_step(reference: Callable, result, reduce: str = "mean") -> Dict[str, 
     return per_step(result.x0_hats, ref, reduce), ref
 
 
+def paired_verdict(stats: dict, alpha: float = 0.05) -> str:
+    """The verdict for A against B that the report prints (docs/algorithms.md §13), from a
+    :func:`paired_comparison` dict: each test read on its own,
+
+    * ``better`` / ``worse``: the paired mean lies more than 2 SE from 0 *and* the sign test
+      separates (p < alpha) in the same direction;
+    * ``tie``: neither separates;
+    * ``mixed (mean: ..., sign test: ...)``: anything else, so neither a mean inside two standard
+      errors that hides a consistent per-sample win, nor a mean carried by a few large
+      differences, reads as a tie or a win.
+
+    Stricter than the ``verdict`` field of :func:`paired_comparison` (which takes either test).
+    """
+    d, se = stats["mean_diff"], stats["se"]
+    by_mean = ("better" if d > 0 else "worse") if abs(d) > 2 * se else "tie"
+    by_sign = "tie"
+    if stats["sign_p"] < alpha and stats["wins"] != stats["losses"]:
+        by_sign = "better" if stats["wins"] > stats["losses"] else "worse"
+    if by_mean == by_sign:
+        return by_mean
+    return f"mixed (mean: {by_mean}, sign test: {by_sign})"
+
+
 def paired_comparison(a, b, alpha: float = 0.05) -> dict:
     """Paired comparison of two methods scored on the same samples (e.g. per-sample r2).
 
@@ -168,7 +191,8 @@ def paired_comparison(a, b, alpha: float = 0.05) -> dict:
       ``verdict``: "A" or "B" when the better one is separated by the paired z (|z| > 1.96 for
       alpha 0.05, a normal approximation) or by the sign test (p < alpha), and "tie" only when
       neither test separates them (so a mean that hides a consistent per-sample win cannot
-      read as a tie); ``disagree`` when the two tests point in opposite directions.
+      read as a tie); ``disagree`` when the two tests point in opposite directions. Reports
+      print the stricter :func:`paired_verdict`.
     """
     from scipy import stats as sps
 

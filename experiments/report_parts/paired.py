@@ -35,29 +35,14 @@ def paired_stats(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> 
     return metrics.paired_comparison(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
-def mean_side(stats: dict) -> str:
-    """``better`` / ``worse`` when |mean_diff| > 2 paired SE, else ``tie``."""
-    d, se = stats["mean_diff"], stats["se"]
-    if abs(d) > 2 * se:
-        return "better" if d > 0 else "worse"
-    return "tie"
-
-
-def sign_side(stats: dict) -> str:
-    """``better`` / ``worse`` when the sign test separates (p < 0.05), else ``tie``."""
-    if stats["sign_p"] < ALPHA and stats["wins"] != stats["losses"]:
-        return "better" if stats["wins"] > stats["losses"] else "worse"
-    return "tie"
-
-
 def verdict(stats: Optional[dict]) -> str:
-    """The verdict for A against B (module docstring); ``no per-sample data`` for None."""
+    """The verdict for A against B (:func:`locality.metrics.paired_verdict`, the module
+    docstring's table); ``no per-sample data`` for None."""
     if stats is None:
         return NO_DATA
-    by_mean, by_sign = mean_side(stats), sign_side(stats)
-    if by_mean == by_sign:
-        return by_mean
-    return f"mixed (mean: {by_mean}, sign test: {by_sign})"
+    from locality import metrics  # imported here: the report reads JSON, it needs no JAX to start
+
+    return metrics.paired_verdict(stats, ALPHA)
 
 
 def cells(stats: Optional[dict]) -> list:
