@@ -143,6 +143,13 @@ def test_config_variants():
         and q.method_kwargs.els.limit
         < compare_cfg.get_config("fashion_mnist").method_kwargs.els.limit
     )
+    # the main job explains the strong network, on that network's own training set
+    assert (
+        q.checkpoint == compare_cfg.LONG_NETS["fashion_mnist"] == q.method_kwargs.pspc_flex.network
+    )
+    qm = compare_cfg.get_config("mnist,quick")
+    assert qm.checkpoint == compare_cfg.LONG_NETS["mnist"] and qm.holdout == 0.1
+    assert compare_cfg.get_config("cifar10_catsdogs,quick").holdout == 0.0
     # pspc_flex builds its crops at exactly the sampler's levels
     sched = schedules.ddpm_linear()
     np.testing.assert_allclose(
