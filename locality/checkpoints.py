@@ -285,7 +285,8 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
     ``out`` with :func:`export_params`, plus the run's loss curve, the sample grid of that step and
     a ``metrics.json``: the run's own when it describes that step (a finished or time-limited
     run; for a resumed one with ``wall_s_all_invocations`` added), else one summarised from
-    ``metrics.jsonl`` (:func:`summary_from_log`). Returns the step.
+    ``metrics.jsonl`` (:func:`summary_from_log`), with the held-out loss's
+    :func:`heldout_flatness` when the run logged evaluations. Returns the step.
 
     With a constant learning rate (``cosine_decay=False``) the weights at step S are those of the
     run with ``num_steps = S`` (also for a run stopped by ``time_limit_s``, killed, or extended
@@ -325,6 +326,9 @@ def export_workdir(workdir, out, step: Optional[int] = None) -> int:
             image_shape=list(meta["image_shape"]),
             checkpoint_dir=str(resolve_checkpoint_dir(workdir)),
         )
+    flat = heldout_flatness(workdir / "eval.jsonl", int(step))
+    if flat is not None:
+        summary["heldout_flatness"] = flat
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     return int(step)
 
@@ -364,6 +368,36 @@ def summary_from_log(log_path, step: int) -> dict:
         "final_loss_step": last.get("step"),
         "wall_s": wall + seg_max,
         "from_log": True,
+    }
+
+
+def heldout_flatness(eval_log, step: int, fraction: float = 0.2) -> Optional[dict]:
+    """How much the held-out loss still fell over the last ``fraction`` of a run up to ``step``.
+
+    Reads ``eval.jsonl`` (rows ``{"step", "eps_mse_mean"}``, written by the trainer's held-out
+    evaluation). ``start`` is the last evaluation at or before ``(1 - fraction) * step``, ``end``
+    the last at or before ``step``; ``improvement = (L_start - L_end) / L_start``. The issue's
+    stopping rule calls a run flat when this is below 1 % (``flat``). None when the log has fewer
+    than two evaluations in range.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction={fraction!r}: use a number in (0, 1), e.g. 0.2")
+    rows = [
+        r for r in read_log(eval_log) if r["step"] <= step and r.get("eps_mse_mean") is not None
+    ]
+    before = [r for r in rows if r["step"] <= (1.0 - fraction) * step]
+    if not before or rows[-1]["step"] == before[-1]["step"]:
+        return None
+    a, b = before[-1], rows[-1]
+    improvement = (float(a["eps_mse_mean"]) - float(b["eps_mse_mean"])) / float(a["eps_mse_mean"])
+    return {
+        "fraction": fraction,
+        "start_step": int(a["step"]),
+        "end_step": int(b["step"]),
+        "start_loss": float(a["eps_mse_mean"]),
+        "end_loss": float(b["eps_mse_mean"]),
+        "improvement": improvement,
+        "flat": bool(improvement < 0.01),
     }
 
 

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from locality import schedules
-from locality.checkpoints import CheckpointError, export_workdir, load_params, summary_from_log
+from locality.checkpoints import (
+    CheckpointError,
+    export_workdir,
+    heldout_flatness,
+    load_params,
+    summary_from_log,
+)
 from locality.nets import build_model
 from locality.train import (
     BatchSource,
@@ -482,6 +488,25 @@ def test_summary_from_log_adds_wall_time_over_resumes(tmp_path):
     assert s["wall_s"] == 3.0 + 2.5
     assert summary_from_log(log, 25)["final_loss"] == 0.4
     assert np.isnan(summary_from_log(tmp_path / "missing.jsonl", 5)["final_loss"])
+
+
+def test_heldout_flatness_over_the_last_fifth(tmp_path):
+    log = tmp_path / "eval.jsonl"
+    rows = [(0, 0.5), (40, 0.2), (79, 0.104), (81, 0.1), (100, 0.1005)]
+    log.write_text(
+        "\n".join(json.dumps({"step": s, "eps_mse_mean": v}) for s, v in rows) + "\n{cut"
+    )
+    f = heldout_flatness(log, 100)  # window starts at step 80: the evaluation at 79 opens it
+    assert (f["start_step"], f["end_step"]) == (79, 100)
+    np.testing.assert_allclose(f["improvement"], (0.104 - 0.1005) / 0.104)
+    assert f["improvement"] > 0.01 and not f["flat"]
+    g = heldout_flatness(log, 81, fraction=0.5)  # window from 40.5: start 40, end 81
+    np.testing.assert_allclose(g["improvement"], 0.5)
+    assert heldout_flatness(log, 100, fraction=0.01)["start_step"] == 81  # flat: +0.5 % rise
+    assert heldout_flatness(log, 100, fraction=0.01)["flat"]
+    assert heldout_flatness(log, 30) is None  # one evaluation in range
+    with pytest.raises(ValueError, match="fraction=1.5"):
+        heldout_flatness(log, 100, fraction=1.5)
 
 
 def test_export_steps_and_heldout_eval_leave_the_run_unchanged(reference_run, tmp_path):
