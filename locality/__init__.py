@@ -18,6 +18,8 @@ _SUBMODULES = (
     "sampling",
     "metrics",
     "sensitivity",
+    "field_summary",
+    "field_report",
     "plotting",
     "train",
     "train_config",

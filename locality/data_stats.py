@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from locality import denoisers, plotting, sampling, sensitivity
+from locality import denoisers, field_summary, plotting, sampling, sensitivity
 from locality.checkpoints import read_checkpoint_config
 
 WIENER_LINK = ("wiener_original", "wiener_linked")
@@ -215,13 +215,15 @@ def permute_summary(orig, grid, permuted, pixels, moved, to_model) -> dict:
     for m in orig:
         r_data, r_grid, cos = [], [], []
         for k in range(len(orig[m])):
-            r_data.append([sensitivity.radius(orig[m][k][i], p, 0.5) for i, p in enumerate(pixels)])
+            r_data.append(
+                [field_summary.radius(orig[m][k][i], p, 0.5) for i, p in enumerate(pixels)]
+            )
             # radius on the grid the model computes on (for original models: the permuted grid)
             g = grid[m][k] if m in permuted else to_model(orig[m][k])
-            r_grid.append([sensitivity.radius(g[i], q, 0.5) for i, q in enumerate(moved)])
+            r_grid.append([field_summary.radius(g[i], q, 0.5) for i, q in enumerate(moved)])
             cos.append(
                 [
-                    sensitivity.cosine(orig[m][k][i], orig["wiener_original"][k][i])
+                    field_summary.cosine(orig[m][k][i], orig["wiener_original"][k][i])
                     for i in range(len(pixels))
                 ]
             )

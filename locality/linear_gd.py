@@ -3,10 +3,10 @@
 The verdict, figures and summary of ``experiments/linear_gd.py`` (docs/algorithms.md §4,
 "Gradient-descent linear denoisers"): one claim of Lukoianov et al. (NeurIPS 2025) is that a
 linear denoiser trained by gradient descent converges to the Wiener filter. A level's record
-holds the final diagnostics of :func:`locality.denoisers.linear.train_linear` (relative
+holds the final diagnostics of :func:`locality.denoisers.linear_fit.train_linear` (relative
 Frobenius error ``||W - W*||_F / ||W*||_F``, bias error, relative excess loss, field cosine at
 one pixel), the predicted statistical error of
-:func:`locality.denoisers.linear.asymptotic_error` and whether the level meets the criteria.
+:func:`locality.denoisers.linear_fit.asymptotic_error` and whether the level meets the criteria.
 """
 
 from __future__ import annotations

@@ -1,4 +1,14 @@
-"""Figures: image grids, heat maps and curves (matplotlib Agg; every write is atomic)."""
+"""Figures: image grids, heat maps and curves (matplotlib Agg; every write is atomic).
+
+Size: about 575 lines, one concept: every figure the package writes. The module is a flat list of
+independent writers (image grids and rows, heat maps and tables of them, matrices, curves and
+series, bars; 20-110 lines each) that share only three helpers: the lazy matplotlib import
+(``_plt``), the atomic save (:func:`atomic_savefig`) and the fixed method colours
+(:func:`method_color`). A writer is read on its own, so the length costs a reader little. Split
+into image, heat-map and curve modules, the helpers would need a fourth; the one place every
+figure passes through (tests replace ``plotting.atomic_savefig`` to capture figures) would become
+several; and the ``plotting.save_*`` calls of the entry points would spread over three modules.
+"""
 
 from __future__ import annotations
 

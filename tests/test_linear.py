@@ -11,6 +11,7 @@ import pytest
 from locality import denoisers
 from locality import sensitivity as sens
 from locality.denoisers import linear as linear_lib
+from locality.denoisers import linear_fit
 from locality.denoisers.base import _apply
 from locality.denoisers.wiener import dense_wiener_matrices
 from locality.stats import moments
@@ -36,7 +37,7 @@ def test_gd_converges_to_float64_wiener(ab):
     # GD samples the N images uniformly: its target is the Wiener filter of the biased covariance.
     w_star, b_star = dense_wiener_matrices(cov * (n - 1) / n, mean, ab)
     steps, batch = 3000, 256
-    fit = linear_lib.train_linear(
+    fit = linear_fit.train_linear(
         x, ab, steps=steps, batch_size=batch, lr=3e-3, key=jax.random.PRNGKey(1), log_every=500
     )
     rel = np.linalg.norm(fit.W - w_star) / np.linalg.norm(w_star)
@@ -45,7 +46,7 @@ def test_gd_converges_to_float64_wiener(ab):
     # 0.0075 at ab = 0.9; over seeds 1-3 the measured errors are 0.87-1.16 times that). Twice
     # the prediction leaves room for seed-to-seed fluctuation while an unconverged or biased fit
     # (rel_frob 0.05 to 1 along this run) fails.
-    predicted = linear_lib.asymptotic_error(cov * (n - 1) / n, ab, batch * steps / 2, w_star)
+    predicted = linear_fit.asymptotic_error(cov * (n - 1) / n, ab, batch * steps / 2, w_star)
     assert rel < 2.0 * predicted, (rel, predicted)
     assert np.linalg.norm(fit.b - b_star) / np.linalg.norm(b_star) < 0.02
     h = fit.history
@@ -74,14 +75,14 @@ def test_isotropic_init_starts_at_the_isotropic_wiener_gain_and_helps_near_ab_1(
     s2 = np.trace(cov_n) / 16
     g = np.sqrt(ab) * s2 / (ab * s2 + 1 - ab)
     kw = dict(steps=400, batch_size=64, lr=3e-3, key=jax.random.PRNGKey(0), log_every=100)
-    iso = linear_lib.train_linear(x, ab, init="isotropic", **kw)
-    zero = linear_lib.train_linear(x, ab, **kw)
+    iso = linear_fit.train_linear(x, ab, init="isotropic", **kw)
+    zero = linear_fit.train_linear(x, ab, **kw)
     rel0 = np.linalg.norm(g * np.eye(16) - w_star) / np.linalg.norm(w_star)
     assert iso.history["rel_frob"][0] == pytest.approx(rel0, rel=1e-4)
     rel = lambda f: np.linalg.norm(f.W - w_star) / np.linalg.norm(w_star)
     assert rel(iso) < 0.25 * rel(zero), (rel(iso), rel(zero))
     with pytest.raises(ValueError, match="init"):
-        linear_lib.train_linear(x, ab, init="eye", **kw)
+        linear_fit.train_linear(x, ab, init="eye", **kw)
 
 
 def _sgd_oracle(x, ab, key, steps, batch, lr):
@@ -118,13 +119,13 @@ def test_train_linear_compiles_once_for_every_noise_level():
     x = _gaussian_images(n=64)[:, :3, :3]  # a shape no other test compiles for
     key = jax.random.PRNGKey(4)
     kw = dict(steps=6, batch_size=5, lr=0.05, key=key, optimizer="sgd", tail=0.0, log_every=6)
-    chunk0, measure0 = linear_lib._train_chunk._cache_size(), linear_lib._measure._cache_size()
+    chunk0, measure0 = linear_fit._train_chunk._cache_size(), linear_fit._measure._cache_size()
     fits = {}
     for ab in (0.3, 0.8):
-        fits[ab] = linear_lib.train_linear(x, ab, **kw)
+        fits[ab] = linear_fit.train_linear(x, ab, **kw)
         # One trace of each for the first level, none for the second.
-        assert linear_lib._train_chunk._cache_size() == chunk0 + 1
-        assert linear_lib._measure._cache_size() == measure0 + 1
+        assert linear_fit._train_chunk._cache_size() == chunk0 + 1
+        assert linear_fit._measure._cache_size() == measure0 + 1
     oracle = {ab: _sgd_oracle(x, ab, key, 6, 5, 0.05) for ab in fits}
     # The two levels differ by far more than the float32 tolerance, so a level that ran with
     # the other level's ab would fail.
@@ -139,7 +140,7 @@ def test_train_linear_compiles_once_for_every_noise_level():
 def test_least_squares_solution_satisfies_normal_equations():
     x = _gaussian_images(n=200, seed=3)
     ab = 0.6
-    w, b = linear_lib.least_squares_linear(x, ab)
+    w, b = linear_fit.least_squares_linear(x, ab)
     flat = x.reshape(len(x), -1).astype(np.float64)
     # Exact expectations over the empirical images and Gaussian noise, from raw second moments:
     # E[x_t x_t^T] = ab E[x0 x0^T] + (1 - ab) I, E[x_t] = sqrt(ab) E[x0],
@@ -217,9 +218,9 @@ def test_linear_bad_inputs(tmp_path):
         args = {"steps": 10, "batch_size": 8, "lr": 1e-3, "key": jax.random.PRNGKey(0)}
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
-            linear_lib.train_linear(x, 0.5, **args)
+            linear_fit.train_linear(x, 0.5, **args)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        linear_lib.train_linear(
+        linear_fit.train_linear(
             3 * x, 0.5, steps=1, batch_size=1, lr=1e-3, key=jax.random.PRNGKey(0)
         )
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from locality import denoisers, stats
+from locality import denoisers, field_report, stats
+from locality import field_summary as fsum
 from locality import sensitivity as sens
 from locality.denoisers import linear as linear_lib  # noqa: F401  (registers "linear")
 
@@ -107,42 +108,42 @@ def test_pytree_denoiser_does_not_recompile_for_new_ab():
 def test_radius_hand_built_fields():
     f = np.zeros((5, 5))
     f[2, 2] = 1.0
-    assert sens.radius(f, (2, 2), 0.5) == 0.0
-    assert sens.radius(f, (2, 2), 1.0) == 0.0
-    assert sens.radius(f, (0, 0), 0.5) == pytest.approx(np.sqrt(8))
+    assert fsum.radius(f, (2, 2), 0.5) == 0.0
+    assert fsum.radius(f, (2, 2), 1.0) == 0.0
+    assert fsum.radius(f, (0, 0), 0.5) == pytest.approx(np.sqrt(8))
     f[2, 4] = 1.0  # equal mass 2 pixels away
-    assert sens.radius(f, (2, 2), 0.5) == 0.0  # the centre alone holds exactly half
-    assert sens.radius(f, (2, 2), 0.9) == 2.0
+    assert fsum.radius(f, (2, 2), 0.5) == 0.0  # the centre alone holds exactly half
+    assert fsum.radius(f, (2, 2), 0.9) == 2.0
     g = np.zeros((5, 5))
     g[2, 2], g[3, 3] = 1.0, 3.0
-    assert sens.radius(g, (2, 2), 0.5) == pytest.approx(np.sqrt(2))
+    assert fsum.radius(g, (2, 2), 0.5) == pytest.approx(np.sqrt(2))
     # Uniform 5x5 around the centre: cumulative counts by radius 1, 5, 9, 13, 21, 25.
     u = np.ones((5, 5))
-    assert sens.radius(u, mass=0.5) == 2.0  # 12.5 pixels needed -> 13 within r = 2
-    assert sens.radius(u, mass=0.2) == 1.0  # 5 pixels
-    assert sens.radius(u, mass=0.84) == pytest.approx(np.sqrt(5))  # 21 pixels
+    assert fsum.radius(u, mass=0.5) == 2.0  # 12.5 pixels needed -> 13 within r = 2
+    assert fsum.radius(u, mass=0.2) == 1.0  # 5 pixels
+    assert fsum.radius(u, mass=0.84) == pytest.approx(np.sqrt(5))  # 21 pixels
 
 
 def test_cosine_and_iou_hand_built_fields():
     f = np.array([[1.0, 0.0], [0.0, 0.0]])
     g = np.array([[1.0, 1.0], [0.0, 0.0]])
-    assert sens.cosine(f, 2 * f) == pytest.approx(1.0)
-    assert sens.cosine(f, np.array([[0.0, 1.0], [0.0, 0.0]])) == 0.0
-    assert sens.cosine(f, g) == pytest.approx(1 / np.sqrt(2))
+    assert fsum.cosine(f, 2 * f) == pytest.approx(1.0)
+    assert fsum.cosine(f, np.array([[0.0, 1.0], [0.0, 0.0]])) == 0.0
+    assert fsum.cosine(f, g) == pytest.approx(1 / np.sqrt(2))
     a = np.zeros((3, 3))
     a[0, 0] = a[0, 1] = 1.0
     b = np.zeros((3, 3))
     b[0, 1] = b[0, 2] = 1.0
-    assert sens.iou(a, b, mass=0.9) == pytest.approx(1 / 3)  # both pixels needed
-    assert sens.iou(a, a, mass=0.9) == 1.0
+    assert fsum.iou(a, b, mass=0.9) == pytest.approx(1 / 3)  # both pixels needed
+    assert fsum.iou(a, a, mass=0.9) == 1.0
     c = np.array([[0.5, 0.3, 0.2]])
-    np.testing.assert_array_equal(sens.support(c, mass=0.5), [[True, False, False]])
-    np.testing.assert_array_equal(sens.support(c, mass=0.8), [[True, True, False]])
-    np.testing.assert_array_equal(sens.support(c, threshold=0.5), [[True, True, False]])
+    np.testing.assert_array_equal(fsum.support(c, mass=0.5), [[True, False, False]])
+    np.testing.assert_array_equal(fsum.support(c, mass=0.8), [[True, True, False]])
+    np.testing.assert_array_equal(fsum.support(c, threshold=0.5), [[True, True, False]])
     d = np.array([[0.2, 0.3, 0.5]])
-    assert sens.iou(c, d, mass=0.5) == 0.0
-    assert sens.iou(c, d, threshold=0.5) == pytest.approx(1 / 3)  # {0, 1} vs {1, 2}
-    assert sens.iou(c, d, threshold=0.3) == 1.0  # >= 0.15: all three
+    assert fsum.iou(c, d, mass=0.5) == 0.0
+    assert fsum.iou(c, d, threshold=0.5) == pytest.approx(1 / 3)  # {0, 1} vs {1, 2}
+    assert fsum.iou(c, d, threshold=0.3) == 1.0  # >= 0.15: all three
 
 
 def test_bad_inputs_raise():
@@ -159,15 +160,15 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"\[P, 2\]"):
         sens.fields(ident, x, 0.5, [(1, 2, 3)])
     with pytest.raises(ValueError, match="different shapes"):
-        sens.cosine(np.ones((3, 3)), np.ones((4, 4)))
+        fsum.cosine(np.ones((3, 3)), np.ones((4, 4)))
     with pytest.raises(ValueError, match="negative"):
-        sens.radius(-np.ones((3, 3)))
+        fsum.radius(-np.ones((3, 3)))
     with pytest.raises(ValueError, match="mass"):
-        sens.iou(np.ones((3, 3)), np.ones((3, 3)), mass=0.0)
+        fsum.iou(np.ones((3, 3)), np.ones((3, 3)), mass=0.0)
     with pytest.raises(ValueError, match="all-zero"):
-        sens.radius(np.zeros((3, 3)))
+        fsum.radius(np.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"\[H, W\]"):
-        sens.cosine(np.ones(9), np.ones(9))
+        fsum.cosine(np.ones(9), np.ones(9))
 
 
 # ----------------------------------------------------------------------------- spread pixels
@@ -220,7 +221,7 @@ def _tiny_fields():
 
 def test_summaries_of_hand_built_fields():
     fields, pixels = _tiny_fields()
-    st = sens.field_statistics(fields, pixels)
+    st = fsum.field_statistics(fields, pixels)
     # Radii of b at level 0: pixel (2, 2) needs the ring at distance 1 for 50 % (4 < 5) and
     # 90 %; pixel (1, 1) holds 3 / 4 >= 50 % alone and needs the far pixel for 90 %.
     np.testing.assert_array_equal(st["radius"]["b"]["50"][0], [1.0, 0.0])
@@ -236,7 +237,7 @@ def test_summaries_of_hand_built_fields():
     assert list(st["pairs"]) == ["a|b", "a|c", "b|c"]
     np.testing.assert_allclose(st["pairs"]["a|c"]["cosine"], 1.0, rtol=1e-15)
 
-    s = sens.summarize_statistics(st, [50, 700], num_inputs=3, reference="a")
+    s = fsum.summarize_statistics(st, [50, 700], num_inputs=3, reference="a")
     assert (s["pixels"], s["num_inputs"], s["timesteps"]) == ([[2, 2], [1, 1]], 3, [50, 700])
     assert (s["models"], s["reference"]) == (["a", "b", "c"], "a")
     # Two pixels: mean (x + y) / 2 and SE = std(ddof=1) / sqrt(2) = |x - y| / 2.
@@ -252,10 +253,10 @@ def test_summaries_of_hand_built_fields():
     assert s["per_model"]["a"]["radius50"] == {"mean": [0.0, 0.0], "se": [0.0, 0.0]}
     assert set(s["verdicts"]) == {"b", "c"}
     # The one-call form gives the same block; JSON keeps it (no NaN, None for missing values).
-    assert sens.summarize_fields(fields, pixels, [50, 700], num_inputs=3, reference="a") == s
+    assert fsum.summarize_fields(fields, pixels, [50, 700], num_inputs=3, reference="a") == s
     assert json.loads(json.dumps(s, allow_nan=False)) == s
     # The tables of earlier runs: symmetric matrices in model order, NaN without a field.
-    tab = sens.pixel_tables(st, fields, [50, 700])
+    tab = field_report.pixel_tables(st, fields, [50, 700])
     assert tab["radius"]["b"]["1,1"]["0.9"] == [pytest.approx(np.sqrt(8)), None]
     m = tab["iou"]["0.9"]["50"]["2,2"]
     np.testing.assert_allclose(m, [[1, 1 / 3, 1], [1 / 3, 1, 1 / 3], [1, 1 / 3, 1]])
@@ -265,19 +266,19 @@ def test_summaries_of_hand_built_fields():
 
 def test_summary_bad_inputs_raise():
     fields, pixels = _tiny_fields()
-    st = sens.field_statistics(fields, pixels)
+    st = fsum.field_statistics(fields, pixels)
     with pytest.raises(ValueError, match="strictly ascending"):
-        sens.summarize_statistics(st, [700, 50], num_inputs=1, reference="a")
+        fsum.summarize_statistics(st, [700, 50], num_inputs=1, reference="a")
     with pytest.raises(ValueError, match="reference 'wiener' is not among"):
-        sens.summarize_statistics(st, [50, 700], num_inputs=1)
+        fsum.summarize_statistics(st, [50, 700], num_inputs=1)
     with pytest.raises(ValueError, match="timesteps has 3"):
-        sens.summarize_statistics(st, [1, 2, 3], num_inputs=1, reference="a")
+        fsum.summarize_statistics(st, [1, 2, 3], num_inputs=1, reference="a")
     with pytest.raises(ValueError, match="different numbers of levels"):
-        sens.field_statistics({"a": fields["a"], "b": fields["b"][:1]}, pixels)
+        fsum.field_statistics({"a": fields["a"], "b": fields["b"][:1]}, pixels)
     with pytest.raises(ValueError, match=r"expected \(2, 5, 5\)"):
-        sens.field_statistics({"a": fields["a"], "b": [np.ones((3, 5, 5)), None]}, pixels)
+        fsum.field_statistics({"a": fields["a"], "b": [np.ones((3, 5, 5)), None]}, pixels)
     with pytest.raises(ValueError, match="every entry is None"):
-        sens.field_statistics({"a": [None]}, pixels)
+        fsum.field_statistics({"a": [None]}, pixels)
 
 
 def _summary(unet_r50, wiener_r50, iou50, ts=(50, 700)):
@@ -301,21 +302,21 @@ def _summary(unet_r50, wiener_r50, iou50, ts=(50, 700)):
 def test_verdict_agree_rule():
     # IoU50 >= 0.5 and radius ratio in [1/1.5, 1.5] at every level: agree.
     s = _summary([(3.0, 0.2), (6.0, 0.3)], [(2.5, 0.2), (5.0, 0.3)], [(0.6, 0.05), (0.7, 0.05)])
-    v = sens.field_verdict(s, "unet", "wiener")
+    v = fsum.field_verdict(s, "unet", "wiener")
     assert v["agree"] and "agree at every level (t = 50, 700)" in v["text"]
     # The boundaries are inclusive: ratio exactly 1.5 and IoU exactly 0.5 still agree.
     s = _summary([(3.0, 0.2), (7.5, 0.3)], [(2.0, 0.2), (5.0, 0.3)], [(0.5, 0.05), (0.7, 0.05)])
-    assert sens.field_verdict(s, "unet")["agree"]
+    assert fsum.field_verdict(s, "unet")["agree"]
     # A ratio just outside, or an IoU just under, at one level: no agreement.
     s = _summary([(3.0, 0.2), (7.6, 0.3)], [(2.0, 0.2), (5.0, 0.3)], [(0.6, 0.05), (0.7, 0.05)])
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert not v["agree"] and "do not agree at t = 700" in v["text"]
     assert "they agree at t = 50" in v["text"]
     s = _summary([(3.0, 0.2), (6.0, 0.3)], [(2.5, 0.2), (5.0, 0.3)], [(0.49, 0.05), (0.7, 0.05)])
-    assert not sens.field_verdict(s, "unet")["agree"]
+    assert not fsum.field_verdict(s, "unet")["agree"]
     # The cats/dogs case: high similarity of |J| at the centre would hide this.
     s = _summary([(2.1, 0.3), (10.2, 0.5)], [(9.5, 0.8), (7.1, 0.6)], [(0.08, 0.02), (0.46, 0.04)])
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert not v["agree"]
     assert (
         "at t=50 the unet's 50 % radius is 2.10 +- 0.30 px vs 9.50 +- 0.80 px for wiener "
@@ -324,21 +325,21 @@ def test_verdict_agree_rule():
     assert "IoU50 is 0.08 +- 0.02" in v["text"] and "they agree at no level" in v["text"]
     # Zero radii: both zero count as equal, a zero reference against a non-zero one does not.
     s = _summary([(0.0, 0.0), (1.0, 0.1)], [(0.0, 0.0), (1.0, 0.1)], [(0.9, 0.0), (0.9, 0.0)])
-    assert sens.field_verdict(s, "unet")["agree"]
+    assert fsum.field_verdict(s, "unet")["agree"]
     s = _summary([(0.5, 0.1), (1.0, 0.1)], [(0.0, 0.0), (1.0, 0.1)], [(0.9, 0.0), (0.9, 0.0)])
-    assert not sens.field_verdict(s, "unet")["agree"]
+    assert not fsum.field_verdict(s, "unet")["agree"]
     # Levels without a value of one of the two models are not judged; none at all: no verdict.
     s = _summary([(3.0, 0.2), (None, None)], [(3.0, 0.2), (9.0, 0.3)], [(0.8, 0.0), (None, None)])
-    assert sens.field_verdict(s, "unet")["agree"]
+    assert fsum.field_verdict(s, "unet")["agree"]
     s = _summary([(None, None)] * 2, [(3.0, 0.2), (9.0, 0.3)], [(None, None)] * 2)
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert not v["agree"] and "cannot be compared" in v["text"]
 
 
 def test_verdict_shrink_rule():
     # unet: 6.0 -> 2.0, a fall of 4.0 > 2 sqrt(0.3^2 + 0.4^2) = 1.0; wiener rises.
     s = _summary([(2.0, 0.3), (6.0, 0.4)], [(9.5, 0.8), (7.0, 0.5)], [(0.1, 0.0), (0.5, 0.0)])
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert v["shrink"] and not v["reference_shrinks"]
     assert (
         "The unet field shrinks as noise decreases (radius50 falls from 6.00 +- 0.40 px at "
@@ -347,22 +348,22 @@ def test_verdict_shrink_rule():
     assert "the wiener field does not" in v["text"]
     # Both fall by more than 2 SE.
     s = _summary([(2.0, 0.3), (6.0, 0.4)], [(5.0, 0.3), (9.0, 0.4)], [(0.6, 0.0), (0.6, 0.0)])
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert v["shrink"] and v["reference_shrinks"] and v["text"].count("falls from") == 2
     assert "Both shrink as noise decreases" in v["text"]
     # A fall of exactly 2 SE is not enough (strict), one just above is.
     s = _summary([(5.0, 0.3), (6.0, 0.4)], [(5.0, 0.3), (6.01, 0.4)], [(0.6, 0.0), (0.6, 0.0)])
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert not v["shrink"] and v["reference_shrinks"]
     # One level only, or no SE: cannot shrink.
     s = _summary([(2.0, 0.3), (None, None)], [(2.0, None), (6.0, None)], [(0.6, 0.0), (None, None)])
-    v = sens.field_verdict(s, "unet")
+    v = fsum.field_verdict(s, "unet")
     assert not v["shrink"] and not v["reference_shrinks"]
     assert "Neither shrinks" in v["text"] and "1 level(s) only" in v["text"]
     with pytest.raises(ValueError, match="model 'dit' is not in the summary"):
-        sens.field_verdict(s, "dit")
+        fsum.field_verdict(s, "dit")
     with pytest.raises(ValueError, match="both 'wiener'"):
-        sens.field_verdict(s, "wiener")
+        fsum.field_verdict(s, "wiener")
 
 
 def test_field_table_colour_scale_clips_off_pixel_values(tmp_path, monkeypatch):

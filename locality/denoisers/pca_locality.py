@@ -21,8 +21,7 @@ GEMM has the items as its last axis. Three exact evaluation paths compute the ma
 per noise level the one with the lowest modelled time. The plans of the tiled and clustered paths
 and the cost model are built on the host by :mod:`locality.denoisers.pca_plans` (their
 description and costs are there); this module builds the masks, holds the plan table and
-evaluates it. (About 550 lines: the in-graph distance kernels of the three paths stay beside the
-class because they consume exactly the array layout that ``PcaLocality._with_plans`` builds.)
+evaluates it.
 
 Softmax modes: ``"exact"`` is the true posterior mean (global softmax over all N, streamed with
 the exact log-sum-exp merge of :mod:`locality.streaming`); ``"chunk_mean"`` reproduces the
@@ -33,6 +32,14 @@ the masks (and tiles or clusters) of a set of noise levels, each plan cached on 
 Samplers call :meth:`PcaLocality.prepare` with their grid before tracing, so one compiled program
 serves the whole run and the right entry is selected in-graph from ``ab``; eager calls with a
 new ``ab`` build (and cache) a one-entry plan.
+
+Size: about 560 lines, one concept: the denoiser of §5 from its masks to its output. The host
+plans and their cost model already live in :mod:`locality.denoisers.pca_plans`; what remains is
+the masks, the in-graph distance kernels of the three paths and the class that lays out the plan
+table for them. The kernels read exactly the arrays ``PcaLocality._with_plans`` builds (gathered
+inputs, signed blocks, base rows, logit permutation), so splitting them off would put the
+producer and the only consumer of that layout in different files and make every change to it a
+two-file edit.
 """
 
 from __future__ import annotations

@@ -24,6 +24,14 @@ exact paths; ``path="auto"`` picks per noise level the one with the lowest model
   clusters run further below the GEMM rate (each gathered row feeds only (B + 1) O
   multiply-adds), and at t = 300-600 no exact block form is much below dense: the per-column
   corrections are 10-40 % of n and scattered, and on a CPU only dense blocks run near GEMM speed.
+
+Size: about 530 lines, one concept: choosing how to evaluate the masked distances of one noise
+level. Tiles, clusters and the dense path are alternative layouts of the same sum;
+:class:`StepPlan` carries any of them, :func:`step_plan` compares their modelled costs with
+constants (``TILE_EFFICIENCY``, ``CLUSTER_OVERHEAD``) calibrated against each other, and
+:func:`logit_layout` orders the outputs of each. Splitting the tile or the cluster planner into a
+file of its own would leave these three reading both files, while the cost model and the layouts
+it compares are meant to be read, and recalibrated, together.
 """
 
 from __future__ import annotations
