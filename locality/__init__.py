@@ -26,6 +26,7 @@ _SUBMODULES = (
     "train_data",
     "train_step",
     "checkpoints",
+    "run_logs",
     "nets",
     "classify",
     "quality",

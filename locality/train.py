@@ -64,12 +64,11 @@ from locality.checkpoints import (
     load_params,
     merge_params,
     read_checkpoint_config,
-    read_log,
     resolve_checkpoint_dir,
-    summary_from_log,
 )
 from locality.denoisers.network import sample_images
 from locality.nets import build_model, count_params
+from locality.run_logs import read_log, summary_from_log
 from locality.train_config import (
     TrainConfig,
     ema_decay_at,

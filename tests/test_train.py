@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 
 from locality import schedules
-from locality.checkpoints import (
-    CheckpointError,
-    export_workdir,
-    heldout_flatness,
-    load_params,
-    summary_from_log,
-)
+from locality.checkpoints import CheckpointError, export_workdir, load_params
 from locality.nets import build_model
+from locality.run_logs import heldout_flatness, summary_from_log
 from locality.train import (
     BatchSource,
     TrainConfig,
