@@ -7,7 +7,10 @@
 Models: the Wiener filter of the training set (always); the gradient-descent linear denoisers of
 ``config.linear_weights`` (written by ``experiments/linear_gd.py``) when that file exists; and each
 trained network in ``config.networks`` (name -> checkpoint directory, built with
-``denoisers.make("network", checkpoint=...)``) when its directory exists. Missing ones are
+``denoisers.make("network", checkpoint=...)``; ``unet`` / ``dit``: the short ``cpu``-preset nets,
+``unet_long``: the strong net of ``configs/compare.py``'s ``LONG_NETS``) when its directory
+exists; and, with ``pca_mask_threshold > 0``, the masks of the paper's denoiser for the probed
+pixels at every level (model ``pca_locality_mask``, docs/algorithms.md §5). Missing ones are
 skipped and listed in ``metrics.json``. Overrides, e.g. ``--config.num_inputs=32
 --config.networks.unet=checkpoints/other --config.pixels='((14, 14), (5, 5))'``
 (``pixels`` unset: a 4 x 4 grid of pixels spread over the image, ``num_pixels=16``).
@@ -16,6 +19,9 @@ variant on a synthetic 8x8 set for tests.
 """
 
 import ml_collections
+
+from configs.compare import LONG_NETS
+from configs.sample import PCA_THRESHOLD
 
 # Offline sources with a training split only (locality.data.info(name)["splits"]).
 NO_TEST_SPLIT = ("mnist", "cifar10_catsdogs", "lfw_faces", "natural_patches")
@@ -55,6 +61,11 @@ def get_config(arg: str = "fashion_mnist"):
             "dit": f"checkpoints/{arg}_dit_cpu",
         }
     )
+    if arg in LONG_NETS:  # the strong network of the headline comparison
+        c.networks.unet_long = LONG_NETS[arg]
+    # > 0: the pca_locality masks (this threshold) of the probed pixels at every level, as a
+    # model "pca_locality_mask" beside the fields (0 = off)
+    c.pca_mask_threshold = PCA_THRESHOLD.get(arg, 0.005)
     c.pixel_batch = 0  # >0: pull back this many cotangents at a time (less memory)
     # Radii and IoUs are taken at 50 % and 90 % of a field's mass (the metrics.json schema).
     c.reference = "wiener"  # the model every other one is judged against (summary verdicts)
@@ -67,4 +78,5 @@ def get_config(arg: str = "fashion_mnist"):
         c.timesteps = (100, 600)
         c.linear_weights = ""
         c.networks = ml_collections.ConfigDict({})
+        c.pca_mask_threshold = 0.005
     return c

@@ -11,6 +11,11 @@ probed pixel, the field ``mean_b sum_c |d D(x_t)[b, p, c] / d x_t[b]|`` over
 (:mod:`locality.sensitivity`). The probed pixels are ``config.pixels``, or when unset the
 ``config.num_pixels`` pixels of :func:`locality.sensitivity.spread_pixels` (a 4 x 4 grid).
 
+With ``config.pca_mask_threshold > 0`` the masks of the paper's denoiser for the same pixels
+and levels (:func:`locality.denoisers.pca_locality.mask_fields`) join as the model
+``pca_locality_mask``: a binary field, so its radii and supports are those of a uniform field on
+the mask.
+
 Every field is summarised by its 50 % and 90 % radii, and every pair of models by the cosine and
 the IoU of the 50 % and 90 % supports of their fields of the same pixel;
 :func:`locality.field_summary.summarize_statistics` gives the mean and standard error of each over
@@ -39,6 +44,7 @@ from absl import logging
 
 from experiments import common
 from locality import denoisers, field_report, field_summary, schedules, sensitivity, stats
+from locality.denoisers import pca_locality
 
 MASSES = (0.5, 0.9)  # radii and supports at 50 % and 90 % of a field's mass
 
@@ -111,6 +117,13 @@ def run(config, workdir: str) -> dict:
     fields, timings = sensitivity.fields_at_levels(
         models, test, ts, abs_, pixels, key=key, skip=skip, pixel_batch=pb
     )
+    if config.pca_mask_threshold > 0:  # the paper's masks of the same pixels, as fields
+        thr = float(config.pca_mask_threshold)
+        fields["pca_locality_mask"] = [
+            pca_locality.mask_fields(st, ab, thr, pixels, shape) for ab in abs_
+        ]
+        status["pca_locality_mask"] = {"status": "ok", "threshold": thr}
+        names.append("pca_locality_mask")
     checks = {  # the VJP fields of the affine models against |row of their Jacobian|
         m: [
             sensitivity.affine_field_error(f, models[m].jacobian(ab), shape, pixels)

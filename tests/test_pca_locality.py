@@ -81,6 +81,25 @@ def test_masks_match_oracle(setup, mode):
     np.testing.assert_allclose(soft, mask_np(x, 0.5, 0.0), atol=1e-10)
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_mask_fields_are_the_mask_columns_as_images(rng, c):
+    x = _smooth_data(rng, h=4, w=3, c=c)
+    st = stats.gaussian_stats(x)
+    pixels = ((0, 0), (2, 1), (3, 2))
+    got = pl.mask_fields(st, 0.4, 0.05, pixels, x.shape[1:])
+    ref = mask_np(x, 0.4, 0.05)  # [n, n], column = output element, flat (r, c, ch) order
+    assert got.shape == (3, 4, 3)
+    for i, (r, col) in enumerate(pixels):
+        want = np.zeros((4, 3))
+        for oc in range(c):
+            m = (r * 3 + col) * c + oc
+            for j in range(4 * 3 * c):
+                want[j // (3 * c), (j // c) % 3] += ref[j, m]
+        np.testing.assert_array_equal(got[i], want)
+    with pytest.raises(ValueError, match="do not fit images"):
+        pl.mask_fields(st, 0.4, 0.05, pixels, (4, 4, c))
+
+
 @pytest.mark.parametrize("path", ["auto", "dense", "tiles", "sparse", "complement", "clusters"])
 @pytest.mark.parametrize("cs", [7, 40])
 def test_exact_matches_oracle_on_every_path(setup, path, cs):

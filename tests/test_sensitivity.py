@@ -416,6 +416,7 @@ def test_sensitivity_experiment_smoke(tmp_path):
     from configs import sensitivity as cfg_mod
     from experiments import common
     from locality import schedules
+    from locality.denoisers import pca_locality
     from locality.denoisers.wiener import dense_wiener_matrices
 
     exp = _load_experiment("sensitivity")
@@ -455,8 +456,17 @@ def test_sensitivity_experiment_smoke(tmp_path):
         "verdicts",
     }
     assert s["pixels"] == [list(p) for p in pixels] and s["num_inputs"] == 4
-    assert s["timesteps"] == [100, 600] and s["models"] == ["wiener", "linear"]
-    assert s["reference"] == "wiener" and list(s["pairs"]) == ["wiener|linear"]
+    assert s["timesteps"] == [100, 600]
+    assert s["models"] == ["wiener", "linear", "pca_locality_mask"]
+    assert s["reference"] == "wiener" and "wiener|linear" in s["pairs"]
+    # the paper's masks of the probed pixels join as a binary field: the mass at the output
+    # pixel is 1 / (the number of inputs that pixel's mask keeps)
+    for k, t in enumerate(config.timesteps):
+        ab_t = float(schedules.ddpm_linear().ab(t))
+        mask, _ = pca_locality.masks(st, ab_t, config.pca_mask_threshold)
+        r, c = pixels[0]
+        want = 1.0 / mask[:, r * 8 + c].sum()
+        assert saved["field_mass_at_centre"]["pca_locality_mask"][k] == pytest.approx(want)
     assert set(s["per_model"]["linear"]) == {"radius50", "radius90"}
     assert set(s["pairs"]["wiener|linear"]) == {"cosine", "iou50", "iou90"}
     assert set(s["verdicts"]["linear"]) == {"agree", "shrink", "reference_shrinks", "text"}

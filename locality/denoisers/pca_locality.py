@@ -112,6 +112,28 @@ def masks(stats: GaussianStats, ab: float, threshold: float, mode: str = "global
     return m, float(m.mean())
 
 
+def mask_fields(
+    stats: GaussianStats,
+    ab: float,
+    threshold: float,
+    pixels: Sequence[Tuple[int, int]],
+    shape: Tuple[int, int, int],
+    mode: str = "global",
+) -> np.ndarray:
+    """The masks of output pixels as images, to set beside sensitivity fields (§5, §9).
+
+    For every pixel ``(r, c)`` of ``pixels``: the inputs that the output elements ``(r, c, ch)``
+    use (columns of :func:`masks` at ``ab``), counted over output and input channels, as an
+    ``[H, W]`` map -- the binary mask itself for one channel. Returns float64 ``[P, H, W]``.
+    """
+    h, w, ch = (int(v) for v in shape)
+    if stats.n != h * w * ch:
+        raise ValueError(f"stats of dimension {stats.n} do not fit images of shape {shape}")
+    m, _ = masks(stats, float(ab), threshold, mode)
+    cols = np.asarray(m, np.float64).reshape(h, w, ch, h, w, ch)  # [in..., out...]
+    return np.stack([cols[:, :, :, r, c, :].sum(axis=(2, 3)) for r, c in pixels])
+
+
 def _masked_dist_dense(q, xt, ab, mask_t):
     """``dist[b, m, k] = sum_j M[j, m] (q[b, j] - sqrt(ab) X[k, j])^2`` -> [B, n, K].
 
