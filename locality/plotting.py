@@ -124,8 +124,19 @@ def save_rows(rows: Dict[str, np.ndarray], path: str, title: Optional[str] = Non
     plt = _plt()
     labels = list(rows)
     n = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(
-        len(labels), n, figsize=(0.9 * n + 1.2, 0.9 * len(labels) + 0.4), squeeze=False
+    # square cells of `cell` inches with a `gap` between them, a label column on the left and a
+    # title band on top sized in inches, so no row count leaves an empty band
+    cell, gap, left, top = 0.8, 0.06, 1.5, (0.35 if title else 0.05)
+    width = left + n * cell + (n - 1) * gap + 0.05
+    height = top + len(labels) * cell + (len(labels) - 1) * gap + 0.05
+    fig, axes = plt.subplots(len(labels), n, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - 0.05 / width,
+        top=1 - top / height,
+        bottom=0.05 / height,
+        wspace=gap / cell,
+        hspace=gap / cell,
     )
     for r, lab in enumerate(labels):
         imgs = to_uint8(rows[lab])
@@ -146,7 +157,7 @@ def save_rows(rows: Dict[str, np.ndarray], path: str, title: Optional[str] = Non
                 )
         axes[r, 0].set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
     atomic_savefig(fig, path)
     plt.close(fig)
     return path
