@@ -29,6 +29,8 @@ _SUBMODULES = (
     "quality",
     "data_stats",
     "evaluation",
+    "comparison",
+    "comparison_tables",
     "generation",
     "linear_gd",
 )
