@@ -9,8 +9,9 @@ trajectory and single-step; the training-set size N of every row), ``r2_vs_t.png
 ``hp_r2_vs_t.png``, ``mse_vs_t.png``, ``grid.png`` (network, each method and the training image
 nearest to the network's sample), ``metrics.json`` and ``config.json``.
 A method label maps to the registered method of the same name, or to
-``method_kwargs.<label>.method``. The rows are computed by :mod:`locality.comparison`, tables
-and curves drawn by :mod:`locality.comparison_tables`.
+``method_kwargs.<label>.method``. The rows are computed by :mod:`locality.comparison`, the
+options below by :mod:`locality.comparison_options`, tables and curves drawn by
+:mod:`locality.comparison_tables`.
 
 Options that make the rows comparable (configs/compare.py):
 
@@ -31,8 +32,14 @@ Options that make the rows comparable (configs/compare.py):
   the cache lives in ``experiments.common.stats_cache_dir()/calibration``, keyed by content.
 * ``scfdm_sigmas``: SCFDM's smoothing scale ``sigma_s`` swept; every scale is its own row
   (``scfdm_s<sigma>``, the configured scale keeps the label ``scfdm``), listed in
-  ``metrics.json["scfdm_sweep"]``. No scale is picked: choosing the best row of the table would
-  pick on the evaluation samples.
+  ``metrics.json["scfdm_sweep"]``. The scale is picked on probe trajectories, never on the
+  evaluation samples (:func:`locality.comparison_options.select_scfdm`): every swept scale is
+  sampled from ``scfdm_probe_samples`` probe noises (0: ``calibration.num_probes``; drawn from
+  ``fold_in(key(seed), 2)``, independent of the evaluation noise and of the calibration probes)
+  and compared with the network sampled from the same probes; the scale with the best mean
+  final-step trajectory r2 (the first on a tie) is stored in ``metrics.json["scfdm_selection"]``
+  (``sigmas``, ``probe_r2``, ``best_sigma``, ``num_probes``) and evaluated like any other row as
+  ``scfdm_best``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import numpy as np
 
 from experiments import common
 from locality import comparison, data, denoisers, plotting, schedules, stats
+from locality import comparison_options as options
 from locality import comparison_tables as tables_lib
 from locality.comparison import subset  # noqa: F401  (re-exported: the per-method subsets)
 
@@ -109,9 +117,12 @@ def run(config, workdir: str) -> str:
     specs, skipped = comparison.drop_missing(specs, config.dataset)
     calib, calibrated = {}, {}
     if proto.calibrate_peers:
-        calib, specs, calibrated = comparison.calibrate_peers(
+        calib, specs, calibrated = options.calibrate_peers(
             proto, specs, train, ref, kwargs, workdir
         )
+    selection = None
+    if proto.scfdm_sigmas:
+        selection, specs = options.select_scfdm(proto, specs, train, ref)
     results, finals, used = comparison.evaluate_rows(proto, specs, train, st, ref, calibrated)
     cmd = command(config, workdir)
     out = {
@@ -126,12 +137,14 @@ def run(config, workdir: str) -> str:
     }
     if calib:
         out["calibration"] = calib
-    sweep = comparison.scfdm_sweep(specs, results) if proto.scfdm_sigmas else None
+    sweep = options.scfdm_sweep(specs, results, selection) if proto.scfdm_sigmas else None
     if sweep:
         out["scfdm_sweep"] = sweep
+    if selection:
+        out["scfdm_selection"] = selection
     common.atomic_write_text(os.path.join(workdir, "table.csv"), tables_lib.tables(results)[1])
     if proto.common_subset:
-        out["subset"] = comparison.subset_rows(proto, specs, results, used, train, st, ref)
+        out["subset"] = options.subset_rows(proto, specs, results, used, train, st, ref)
         sub_csv = tables_lib.tables(out["subset"]["methods"])[1]
         common.atomic_write_text(os.path.join(workdir, "table_subset.csv"), sub_csv)
     header = (

@@ -30,6 +30,7 @@ _SUBMODULES = (
     "data_stats",
     "evaluation",
     "comparison",
+    "comparison_options",
     "comparison_tables",
     "generation",
     "linear_gd",

@@ -7,15 +7,13 @@
   probe noise, :func:`noise` with a ``fold_in`` tag, never the evaluation noise).
 - :func:`row_specs`, :func:`drop_missing` -- the rows ``(label, kwargs, limit)`` of a table: the
   configured methods, the SCFDM sweep (§8), rows whose files are missing left out with the reason.
-- :func:`evaluate`, :func:`evaluate_rows` -- one row / every row: trajectory and single-step
-  r2 / MSE / Pearson per step, the high-pass r2 (:func:`locality.metrics.hp_r2`), final-step
-  means, medians and per-step standard errors.
-- :func:`calibrate_peers` -- the patch-size peers' schedules calibrated against the network
-  (:func:`locality.denoisers.calibration.cached_calibrate`) and their ``<label>_calibrated`` rows.
-- :func:`subset_rows` -- every row again on one common random subset (:func:`subset`).
-- :func:`scfdm_sweep` -- the summary of the SCFDM sweep for ``metrics.json``.
+- :func:`evaluate`, :func:`evaluate_rows` -- one row / every row on its training subset
+  (:func:`subset`): trajectory and single-step r2 / MSE / Pearson per step, the high-pass r2
+  (:func:`locality.metrics.hp_r2`), final-step means, medians and per-step standard errors.
+- :func:`final_grid` -- the final samples of every row beside the network's.
 
-Tables and figures of the rows are :mod:`locality.comparison_tables`.
+The protocol options (calibrated peers, the common subset, SCFDM's scale picked on probes) are
+:mod:`locality.comparison_options`; tables and figures :mod:`locality.comparison_tables`.
 """
 
 from __future__ import annotations
@@ -30,17 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from locality import denoisers, metrics, sampling, schedules, stats
-from locality.denoisers import calibration as calibration_lib
+from locality import denoisers, metrics, sampling
 
 NEEDS_STATS = {"wiener", "wiener_dense", "pca_locality"}
 NO_TRAIN = {"wiener", "wiener_dense", "linear"}  # closed forms / fitted weights, no training set
-# Methods with a patch / square size and the machine whose calibrated schedule each one uses:
-# LS, ELS and bbELS share LS's (Kamb & Ganguli), PSPC-Square is calibrated by itself.
-CALIBRATED_BY = {"ls": "ls", "els": "ls", "bbels": "ls", "pspc_square": "pspc_square"}
-# fold_in tags of the run's key for noise that must differ from the evaluation noise
-PROBE_TAG = 1
-
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +66,10 @@ class Protocol:
       hp_sigma: blur (px) removed before the high-pass r2.
       common_subset: > 0: every row again on one common random subset of that many images.
       calibrate_peers, calibration: calibrated rows of the patch-size peers and their settings.
-      scfdm_sigmas: SCFDM smoothing scales swept, each its own row.
+      scfdm_sigmas: SCFDM smoothing scales swept, each its own row; the best on probe
+        trajectories is also the row ``<label>_best``
+        (:func:`locality.comparison_options.select_scfdm`).
+      scfdm_probe_samples: probe trajectories of that choice; 0: ``calibration.num_probes``.
       cache_dir: the statistics and calibration cache.
     """
 
@@ -90,6 +84,7 @@ class Protocol:
     calibrate_peers: bool = False
     calibration: CalibrationSettings = dataclasses.field(default_factory=CalibrationSettings)
     scfdm_sigmas: Tuple[float, ...] = ()
+    scfdm_probe_samples: int = 0
     cache_dir: str = ""
 
     def __post_init__(self):
@@ -107,6 +102,18 @@ class Protocol:
                     "number >= 0 (units of x_t), e.g. --config.scfdm_sigmas='(0.05, 0.1, 0.5)'"
                 )
         object.__setattr__(self, "hp_sigma", float(self.hp_sigma))
+        p = self.scfdm_probe_samples
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 0:
+            raise ValueError(
+                f"config.scfdm_probe_samples must be an int >= 0 (0 = calibration.num_probes), "
+                f"got {p!r}; e.g. --config.scfdm_probe_samples=8"
+            )
+        if self.scfdm_sigmas and not p and int(self.calibration.num_probes) < 1:
+            raise ValueError(
+                "the SCFDM scale is picked on probe trajectories: set "
+                f"config.scfdm_probe_samples >= 1 or config.calibration.num_probes >= 1 (got "
+                f"{self.calibration.num_probes})"
+            )
         if self.calibrate_peers:
             cal = self.calibration
             if int(cal.num_probes) < 1:
@@ -323,113 +330,10 @@ def drop_missing(specs, dataset: str):
     return [sp for sp in specs if sp[0] not in skipped], skipped
 
 
-def calibrate_peers(protocol: Protocol, specs, train, ref: Reference, method_kwargs, out_dir):
-    """Calibrated schedules of the patch-size peers in ``specs`` and their extra rows.
-
-    Returns (summary per calibrated machine for ``metrics.json["calibration"]``, ``specs`` with
-    every ``<label>_calibrated`` row after its published one, ``{calibrated label: family}``).
-    Each machine is calibrated once against ``ref.net`` on the training set of its own published
-    row (or ``method_kwargs`` of the family's machine when it has no row), with
-    ``calibration.num_probes`` probe trajectories whose noise is drawn from
-    ``fold_in(key(seed), PROBE_TAG)`` (never the evaluation noise), on this run's DDIM grid;
-    the result is cached by content (:func:`locality.denoisers.calibration.cached_calibrate`)
-    and its schedule copied to ``out_dir/schedule_<family>_calibrated.json``.
-    """
-    cal_cfg, seed, sched = protocol.calibration, protocol.seed, ref.sched
-    by_label = {label: (kw, limit) for label, kw, limit in specs}
-    families = {}
-    for label, kw, _ in specs:
-        method = kw.get("method", label)
-        fam = CALIBRATED_BY.get(method)
-        if fam == "pspc_square" and not cal_cfg.pspc_square:
-            continue
-        if fam is not None:
-            families.setdefault(fam, []).append(label)
-    summary, extra, new_rows = {}, {}, {}
-    shape = train.shape[1:]
-    x_probe = noise(seed, cal_cfg.num_probes, shape, PROBE_TAG)
-    timesteps = schedules.ddim_timesteps(protocol.num_steps, sched.num_timesteps)
-    for fam, users in families.items():
-        # the machine of the family on the training set of its own published row
-        if fam in by_label:
-            kw, limit = by_label[fam]
-        else:  # e.g. els without ls: LS on the whole training set, as Kamb & Ganguli
-            kw = dict(method_kwargs.get(fam, {}))
-            limit = kw.pop("limit", None)
-        limit = cal_cfg.limit or limit
-        tr = subset(train, limit, seed)
-        mkw = {k: v for k, v in kw.items() if k not in ("method", "patch_size")}
-        machine = denoisers.make(fam, train=tr, patch_size=3, **mkw)
-        cands = list(cal_cfg.candidates) or calibration_lib.default_candidates(fam, shape)
-        res = calibration_lib.cached_calibrate(
-            ref.net,
-            machine,
-            cands,
-            x_probe,
-            cache_dir=protocol.cache_dir,
-            sched=sched,
-            num_steps=protocol.num_steps,
-            timesteps=timesteps,
-            criterion=cal_cfg.criterion,
-            name=f"{fam}_{protocol.dataset}",
-        )
-        cal = res.calibration
-        path = os.path.join(out_dir, f"schedule_{fam}_calibrated.json")
-        cal.to_json(
-            path,
-            name=f"{fam}_{protocol.dataset}_calibrated",
-            method=fam,
-            dataset=protocol.dataset,
-            reference=protocol.checkpoint,
-            cache=res.path,
-            content=res.key,
-        )
-        summary[fam] = {
-            "method": fam,
-            "used_by": [f"{u}_calibrated" for u in users],
-            "sizes": cal.sizes,
-            "abs": cal.abs,
-            "timesteps": cal.timesteps,
-            "per_seed": cal.per_seed,
-            "candidates": list(cal.candidates),
-            "criterion": cal.criterion,
-            "num_probes": int(cal_cfg.num_probes),
-            "probe_noise": f"normal(fold_in(key({seed}), {PROBE_TAG}))",
-            "train_size": int(len(tr)),
-            "schedule": path,
-            "cache": res.path,
-            "cache_hit": bool(res.hit),
-            "seconds": float(res.seconds),
-            "content": res.key,
-        }
-        log.info(
-            "%s calibrated (%s, %.1fs%s): sizes %s",
-            fam,
-            cal.criterion,
-            res.seconds,
-            ", from the cache" if res.hit else "",
-            cal.sizes.tolist(),
-        )
-        for u in users:
-            ukw, ulimit = by_label[u]
-            new = f"{u}_calibrated"
-            extra[u] = new
-            new_rows[new] = (
-                dict(ukw, method=ukw.get("method", u), patch_size="file:" + path),
-                ulimit,
-            )
-    ordered = []
-    for label, kw, limit in specs:
-        ordered.append((label, kw, limit))
-        if label in extra:
-            ordered.append((extra[label],) + new_rows[extra[label]])
-    calibrated = {new: CALIBRATED_BY[kw.get("method")] for new, (kw, _) in new_rows.items()}
-    return summary, ordered, calibrated
-
-
 def evaluate_rows(protocol: Protocol, specs, train, st, ref: Reference, calibrated=None):
     """Every row of ``specs`` (:func:`evaluate`) on its training subset (:func:`subset`, the
-    run's seed). Returns ``{label: row}`` (calibrated rows marked ``calibrated_from``),
+    run's seed). Returns ``{label: row}`` (rows of ``calibrated``, ``{label: family}`` from
+    :func:`locality.comparison_options.calibrate_peers`, marked ``calibrated_from``),
     ``{label: final x0_hat}`` and ``{label: training images used}``."""
     calibrated = calibrated or {}
     results, finals, used = {}, {}, {}
@@ -440,57 +344,6 @@ def evaluate_rows(protocol: Protocol, specs, train, st, ref: Reference, calibrat
             results[label]["calibrated_from"] = calibrated[label]
         used[label] = tr
     return results, finals, used
-
-
-def subset_rows(protocol: Protocol, specs, results, used, train, st, ref: Reference) -> dict:
-    """``metrics.json["subset"]``: every row of ``specs`` again on one common random subset of
-    ``protocol.common_subset`` training images (statistics of pca_locality / Wiener from that
-    subset too; a row whose inputs are unchanged is copied from ``results``; ``linear``, whose
-    weights were fitted to the full set elsewhere, skipped with the reason)."""
-    common_tr = subset(train, protocol.common_subset, protocol.seed)
-    st_common = (
-        st if common_tr is train else stats.gaussian_stats(common_tr, cache_dir=protocol.cache_dir)
-    )
-    sub_results, sub_skipped = {}, {}
-    for label, kw, _ in specs:
-        method = kw.get("method", label)
-        if method == "linear":
-            sub_skipped[label] = (
-                "GD-trained weights are fitted to the full training set elsewhere "
-                "(experiments/linear_gd.py); not re-fitted on the subset"
-            )
-            continue
-        if np.array_equal(used[label], common_tr) and (
-            method not in NEEDS_STATS or common_tr is train
-        ):
-            sub_results[label] = dict(results[label])  # same inputs: the same row
-            continue
-        kw_sub = dict(kw)
-        sub_results[label], _ = evaluate(
-            label, kw_sub, common_tr, st_common, ref, protocol.hp_sigma
-        )
-        if "calibrated_from" in results[label]:
-            sub_results[label]["calibrated_from"] = results[label]["calibrated_from"]
-    return {
-        "size": int(len(common_tr)),
-        "seed": int(protocol.seed),
-        "methods": sub_results,
-        "skipped": sub_skipped,
-    }
-
-
-def scfdm_sweep(specs, results) -> Optional[dict]:
-    """``metrics.json["scfdm_sweep"]``: the smoothing scale of every SCFDM row (None without
-    one)."""
-    sweep = [label for label, kw, _ in specs if kw.get("method", label) == "scfdm"]
-    if not sweep:
-        return None
-    return {
-        "sigmas": {label: float(results[label]["kwargs"].get("sigma_s", 0.1)) for label in sweep},
-        "selected": None,
-        "note": "every smoothing scale is its own row; none is selected (picking the best "
-        "row would pick on the evaluation samples)",
-    }
 
 
 def final_grid(ref: Reference, finals: dict, train, k: int = 8) -> dict:
