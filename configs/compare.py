@@ -33,7 +33,9 @@ Options for comparisons a referee accepts (experiments/compare.py; off by defaul
   ``num_probes`` probe trajectories, ``criterion`` (cosine, Kamb & Ganguli), ``candidates``
   (empty: odd 3, 5, ... up to the image side), ``limit`` (0: the published row's training set),
   ``pspc_square`` (calibrate PSPC-Square too). Cached by content, so a rerun costs nothing.
-* ``scfdm_sigmas``: SCFDM smoothing scales, each its own row ``scfdm_s<sigma>``.
+* ``scfdm_sigmas``: SCFDM smoothing scales, each its own row ``scfdm_s<sigma>``; the best on
+  ``scfdm_probe_samples`` probe trajectories (0: ``calibration.num_probes``) is the row
+  ``scfdm_best``, its choice in ``metrics.json["scfdm_selection"]``.
 """
 
 import ml_collections
@@ -147,6 +149,7 @@ def get_config(arg: str = "fashion_mnist"):
         }
     )
     c.scfdm_sigmas = ()
+    c.scfdm_probe_samples = 0  # probes that pick the SCFDM scale; 0: calibration.num_probes
     if dataset == "cifar10_catsdogs":
         # 32x32x3: ELS / bbELS cost ~4x more per image than at 28x28x1
         c.method_kwargs.els.limit = 30
@@ -192,4 +195,5 @@ def _smoke():
     c.calibration.num_probes = 2
     c.calibration.candidates = (3, 5, 7)
     c.scfdm_sigmas = (0.1, 0.5)
+    c.scfdm_probe_samples = 2
     return c

@@ -27,19 +27,10 @@ from absl import logging
 
 from experiments import common
 from locality import denoisers, plotting, schedules
-from locality.denoisers.calibration import calibrate, cosine_legacy_sampler
+from locality.denoisers.calibration import calibrate, cosine_legacy_sampler, default_candidates
 from locality.denoisers.patch_schedules import SizeSchedule
 
 METHODS = ("ls", "els", "bbels", "pspc_square")
-
-
-def default_candidates(method: str, shape) -> list:
-    """Odd sizes 3, 5, ... up to the image side (and the side itself for PSPC squares)."""
-    side = min(shape[0], shape[1])
-    odd = list(range(3, side + 1, 2))
-    if method == "pspc_square" and side not in odd:
-        odd.append(side)
-    return odd
 
 
 def grid(config):

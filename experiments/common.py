@@ -13,6 +13,7 @@ from locality._io import (
     atomic_write_text,  # noqa: F401  (used by the entry points)
     jsonable,
 )
+from locality.comparison import subset  # noqa: F401  (the training subsets of the entry points)
 
 
 def write_json(path: str, obj) -> str:
@@ -24,17 +25,6 @@ def prepare_workdir(workdir: str, config) -> str:
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     return workdir
-
-
-def subset(train, limit, seed: int):
-    """``limit`` training images drawn without replacement (fixed by ``seed``, kept in dataset
-    order), or all of them. A random subset, not a prefix: some sources are sorted by class."""
-    if not limit or limit >= len(train):
-        return train
-    if limit < 1:
-        raise ValueError(f"a method's training-set limit must be >= 1, got {limit}")
-    idx = np.sort(np.random.default_rng(seed).choice(len(train), int(limit), replace=False))
-    return train[idx]
 
 
 def synthetic_images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:

@@ -27,8 +27,8 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from experiments.compare import build, sample_batches
 from locality import classify, data, denoisers, evaluation, metrics, plotting, schedules, stats
+from locality.comparison import build, sample_batches
 
 
 def parse_networks(spec: str, dataset: str) -> dict:

@@ -32,6 +32,9 @@ _SUBMODULES = (
     "quality",
     "data_stats",
     "evaluation",
+    "comparison",
+    "comparison_options",
+    "comparison_tables",
     "generation",
     "linear_gd",
 )

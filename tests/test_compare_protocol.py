@@ -1,7 +1,8 @@
 """The comparison protocol of experiments/compare.py (docs/algorithms.md §10): the high-pass r2
 against a float64 scipy oracle, the common-subset block, calibrated peer rows and their
-content-keyed cache, the SCFDM sweep."""
+content-keyed cache, the SCFDM sweep and its scale picked on probe trajectories."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,7 +14,8 @@ from scipy import ndimage
 
 from configs import compare as compare_cfg
 from experiments import common, compare
-from locality import data, denoisers, metrics, sampling
+from locality import comparison, data, denoisers, metrics, sampling, schedules
+from locality import comparison_options as options
 from locality.denoisers import calibration as C
 from locality.denoisers import local_score as L
 from locality.denoisers import patch_schedules
@@ -243,6 +245,7 @@ def test_calibrated_rows_and_cache_reuse(tiny_data, tmp_path, monkeypatch):
         "els_calibrated",
         "scfdm",
         "scfdm_s0.5",
+        "scfdm_best",
     }
     cal = m["calibration"]["ls"]
     assert not cal["cache_hit"] and set(cal["used_by"]) == {"ls_calibrated", "els_calibrated"}
@@ -257,7 +260,15 @@ def test_calibrated_rows_and_cache_reuse(tiny_data, tmp_path, monkeypatch):
     assert [sched.size(a) for a in cal["abs"]] == cal["sizes"]
     assert m["methods"]["scfdm_s0.5"]["kwargs"]["sigma_s"] == 0.5
     assert m["scfdm_sweep"]["sigmas"] == {"scfdm": 0.1, "scfdm_s0.5": 0.5}
-    assert m["scfdm_sweep"]["selected"] is None
+    # the scale picked on probes is a row of its own, the same as the swept row it repeats
+    sel = m["scfdm_selection"]
+    assert sel["sigmas"] == [0.1, 0.5] and sel["num_probes"] == 1 and len(sel["probe_r2"]) == 2
+    assert m["scfdm_sweep"]["selected"] == sel["best_row"] and "scfdm_best" not in m["scfdm_sweep"]
+    best = m["methods"]["scfdm_best"]
+    assert best["kwargs"]["sigma_s"] == sel["best_sigma"]
+    assert best["final_trajectory_r2_per_sample"] == pytest.approx(
+        m["methods"][sel["best_row"]]["final_trajectory_r2_per_sample"], abs=1e-6
+    )
 
     # a second run of the same content reads the cache and does not recompute
     def no_recompute(*a, **k):
@@ -280,6 +291,7 @@ def test_bad_options_fail_before_work(tmp_path):
         ("common_subset", -1, "common_subset"),
         ("hp_sigma", 0.0, "sigma"),
         ("scfdm_sigmas", (0.1, -0.5), "scfdm_sigmas"),
+        ("scfdm_probe_samples", -1, "scfdm_probe_samples"),
     ):
         bad = _cfg("wiener")
         bad[field] = value
@@ -300,3 +312,48 @@ def test_long_and_smoke_presets():
     assert plain.common_subset == 0 and not plain.calibrate_peers and plain.scfdm_sigmas == ()
     smoke = compare_cfg.get_config("smoke")
     assert smoke.dataset == "synthetic" and smoke.common_subset and smoke.calibrate_peers
+
+
+def test_scfdm_scale_picked_on_probes_not_on_evaluation_samples():
+    """The reference is SCFDM itself at sigma 0.5: the probe r2 of every swept scale equals a
+    float64 oracle on probe noise ``fold_in(key(seed), SCFDM_PROBE_TAG)`` (not on the evaluation
+    noise, whose r2 differ), 0.5 wins with r2 1, and evaluation samples set to NaN change
+    nothing."""
+    train = np.random.default_rng(0).uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
+    kw = {"num_samples": 2, "sigma_s": 0.05, "seed": 0}
+    sigmas = (0.05, 0.5, 2.0)
+    proto = comparison.Protocol(
+        "synthetic",
+        "",
+        num_samples=2,
+        num_steps=2,
+        batch_size=4,
+        scfdm_sigmas=sigmas,
+        scfdm_probe_samples=3,
+    )
+    specs = comparison.row_specs("scfdm", {"scfdm": kw}, "", None, sigmas)
+    ref_den = denoisers.make("scfdm", train=train, **dict(kw, sigma_s=0.5))
+    sched = schedules.ddpm_linear()
+    ref = comparison.reference_run(ref_den, (8, 8, 1), proto, sched)
+    sel, rows = options.select_scfdm(proto, specs, train, ref)
+
+    def r2_on(x_T):
+        want = np.asarray(sampling.ddim(ref_den, x_T, sched, 2).x0_hats)[-1]
+        out = []
+        for s in sigmas:
+            den = denoisers.make("scfdm", train=train, **dict(kw, sigma_s=s))
+            out.append(_r2_np(np.asarray(sampling.ddim(den, x_T, sched, 2).x0_hats)[-1], want))
+        return np.array([v.mean() for v in out])
+
+    key = jax.random.fold_in(jax.random.key(0), options.SCFDM_PROBE_TAG)
+    probe = r2_on(jax.random.normal(key, (3, 8, 8, 1)))
+    np.testing.assert_allclose(sel["probe_r2"], probe, atol=1e-5)
+    assert sel["sigmas"] == list(sigmas) and sel["num_probes"] == 3
+    assert sel["best_sigma"] == sigmas[int(np.argmax(probe))] == 0.5
+    assert sel["probe_r2"][1] == pytest.approx(1.0) and max(sel["probe_r2"][::2]) < 0.999
+    on_eval = r2_on(jax.random.normal(jax.random.key(0), (3, 8, 8, 1)))
+    assert np.abs(on_eval - probe).max() > 1e-3  # the probes are not the evaluation noise
+    assert [r[0] for r in rows] == ["scfdm", "scfdm_s0.5", "scfdm_s2", "scfdm_best"]
+    assert rows[-1][1] == dict(kw, method="scfdm", sigma_s=0.5)
+    blind = dataclasses.replace(ref, x_T=ref.x_T * np.nan, x0=ref.x0 * np.nan)
+    assert options.select_scfdm(proto, specs, train, blind)[0] == sel

@@ -7,13 +7,14 @@ network's own sampling trajectory; the same procedure sizes PSPC-Square
 (:mod:`locality.denoisers.pspc`). :func:`calibrate` returns a :class:`Calibration` whose
 :meth:`Calibration.to_json` writes a :class:`~locality.denoisers.patch_schedules.SizeSchedule`
 that the machines load with ``patch_size="file:PATH"``; :func:`cosine_legacy_sampler` is Kamb &
-Ganguli's 20-step cosine-legacy grid as a DDIM grid. Driven by ``experiments/calibrate.py``.
+Ganguli's 20-step cosine-legacy grid as a DDIM grid; :func:`default_candidates` the sizes tried
+when none are given. Driven by ``experiments/calibrate.py``.
 
 :func:`cached_calibrate` runs :func:`calibrate` once per content and keeps the result in a cache
 directory: the file is keyed by a sha256 of the reference's arrays and static options (a
 network's parameters), the machine's training set and options, the probe noise and the
-calibration settings (:func:`calibration_key`), never by a name alone; ``experiments/compare.py``
-uses it for its calibrated peer rows.
+calibration settings (:func:`calibration_key`), never by a name alone; :mod:`locality.comparison`
+uses it for the calibrated peer rows of ``experiments/compare.py``.
 """
 
 from __future__ import annotations
@@ -194,6 +195,15 @@ def cosine_legacy_sampler(num_steps: int = COSINE_LEGACY_STEPS):
     betas = (1.0 - ab / prev).astype(np.float32)
     sched = schedules.DiscreteSchedule(betas=betas, alphas_cumprod=ab, name="cosine_legacy")
     return sched, np.arange(num_steps - 1, 0, -1, dtype=np.int32)
+
+
+def default_candidates(method: str, shape) -> list:
+    """Odd sizes 3, 5, ... up to the image side (and the side itself for PSPC squares)."""
+    side = min(shape[0], shape[1])
+    odd = list(range(3, side + 1, 2))
+    if method == "pspc_square" and side not in odd:
+        odd.append(side)
+    return odd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,4 +416,5 @@ __all__ = [
     "calibration_key",
     "content_hash",
     "cosine_legacy_sampler",
+    "default_candidates",
 ]
