@@ -27,9 +27,6 @@ DOCS = ROOT / "docs"
 
 MAX_MODULE_LINES = 500
 MAX_ENTRY_LOGIC_LINES = 130
-# TEMPORARY: experiments/compare.py (about 450 logic lines) is being thinned into the library in
-# a separate change; remove this entry when that lands.
-ENTRY_POINT_ALLOW_LIST = {"compare.py"}
 # (module, imported locality module) pairs allowed inside a function: the store builds a dataset
 # with locality.data.builders, which imports tensorflow_datasets (~0.4 s), only when one is built.
 LOCAL_IMPORT_ALLOW_LIST = {("data/store.py", "locality.data.builders")}
@@ -186,19 +183,12 @@ def test_entry_points_are_thin():
     too_long = [
         f"{_rel(p)} ({n} logic lines)"
         for p in points
-        if p.name not in ENTRY_POINT_ALLOW_LIST
-        and (n := logic_lines(p.read_text())) > MAX_ENTRY_LOGIC_LINES
+        if (n := logic_lines(p.read_text())) > MAX_ENTRY_LOGIC_LINES
     ]
     assert not too_long, (
         f"entry points over {MAX_ENTRY_LOGIC_LINES} logic lines: {too_long}. Move reusable "
         "logic (measures, summaries, tables, figures) into a locality module and call it."
     )
-
-
-def test_allow_listed_entry_points_exist():
-    """A stale allow-list entry would hide nothing but should not linger."""
-    for name in ENTRY_POINT_ALLOW_LIST:
-        assert (EXPERIMENTS / name).exists(), f"remove {name!r} from ENTRY_POINT_ALLOW_LIST"
 
 
 def test_no_function_local_imports_of_locality_modules():
