@@ -157,7 +157,9 @@ def field_statistics(
     Returns:
       ``{"models": [...], "pixels": [...], "masses": [...], "radius": {model: {"50": [T, P],
       ...}}, "pairs": {"a|b": {"cosine": [T, P], "iou50": [T, P], ...}}}`` float64 arrays, NaN
-      where a model has no field. ``radius[m]["50"][t, k]`` is :func:`radius` of ``m``'s field
+      where a model has no field or its field of that pixel is all zero (the output does not
+      depend on the input there), so :func:`mean_se` leaves those pixels out.
+      ``radius[m]["50"][t, k]`` is :func:`radius` of ``m``'s field
       of pixel ``k`` around that pixel; ``cosine`` and ``iou<pct>`` (:func:`cosine`,
       :func:`iou`) compare two models' fields of the same pixel and level. ``pairs`` holds every
       unordered pair, ``a`` before ``b`` in the order of ``fields_by_model``.
@@ -199,7 +201,13 @@ def field_statistics(
         for k in range(num_t):
             fs = [stacks[m][k] for m in ms]
             if all(f is not None for f in fs):
-                out[k] = [fn(p, *(f[i] for f in fs)) for i, p in enumerate(pix)]
+                # an all-zero field (an output that depends on no input, e.g. a pixel constant
+                # over the training set under the Wiener filter) has no radius, cosine or
+                # support: NaN, left out of the means over pixels
+                out[k] = [
+                    np.nan if any(not f[i].any() for f in fs) else fn(p, *(f[i] for f in fs))
+                    for i, p in enumerate(pix)
+                ]
         return out
 
     radii = {

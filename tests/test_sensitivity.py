@@ -264,6 +264,22 @@ def test_summaries_of_hand_built_fields():
     assert tab["cosine"]["700"]["1,1"][0, 2] == pytest.approx(1.0)
 
 
+def test_all_zero_fields_are_left_out_of_the_pixel_means():
+    """A pixel whose output depends on no input (an all-zero field) gets NaN statistics and the
+    means and SEs are those of the other pixels."""
+    pixels = [(1, 1), (2, 2), (3, 3)]
+    a = np.zeros((3, 5, 5))
+    a[0, 1, 1], a[0, 1, 2] = 1.0, 1.0  # radius50 0 (the pixel holds half), radius90 1
+    a[2, 3, 3], a[2, 3, 1] = 1.0, 3.0  # radius50 = radius90 = 2 (the far pixel holds 3/4)
+    b = np.ones((3, 5, 5))
+    st = fsum.field_statistics({"a": [a], "b": [b]}, pixels)
+    r50 = st["radius"]["a"]["50"][0]
+    assert r50[0] == 0.0 and np.isnan(r50[1]) and r50[2] == 2.0
+    assert np.isnan(st["pairs"]["a|b"]["cosine"][0, 1])
+    means, ses = fsum.mean_se(st["radius"]["a"]["50"])
+    assert means == [1.0] and ses[0] == pytest.approx(np.std([0.0, 2.0], ddof=1) / np.sqrt(2))
+
+
 def test_summary_bad_inputs_raise():
     fields, pixels = _tiny_fields()
     st = fsum.field_statistics(fields, pixels)
