@@ -51,7 +51,7 @@ def pixel_tables(statistics: dict, fields_by_model, timesteps: Sequence[int]) ->
                 mat = np.full((len(names), len(names)), np.nan)
                 for a, ma in enumerate(names):
                     f = fields_by_model[ma][k]
-                    if f is not None:
+                    if f is not None and f[i].any():  # NaN for an all-zero field
                         mat[a, a] = self_fn(f[i], f[i])
                     for b in range(a + 1, len(names)):
                         pair = statistics["pairs"][pair_key(ma, names[b])]

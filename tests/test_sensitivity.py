@@ -278,6 +278,9 @@ def test_all_zero_fields_are_left_out_of_the_pixel_means():
     assert np.isnan(st["pairs"]["a|b"]["cosine"][0, 1])
     means, ses = fsum.mean_se(st["radius"]["a"]["50"])
     assert means == [1.0] and ses[0] == pytest.approx(np.std([0.0, 2.0], ddof=1) / np.sqrt(2))
+    tab = field_report.pixel_tables(st, {"a": [a], "b": [b]}, [50])
+    assert np.isnan(tab["cosine"]["50"]["2,2"]).sum() == 3  # a's diagonal and the a|b pair
+    assert tab["cosine"]["50"]["1,1"][0, 0] == pytest.approx(1.0)
 
 
 def test_summary_bad_inputs_raise():
