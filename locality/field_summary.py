@@ -142,6 +142,18 @@ def pair_key(a: str, b: str) -> str:
     return f"{a}|{b}"
 
 
+# A field counts as zero when its mass is at most this fraction of the largest field mass of the
+# same model and level (float64 round-off of an exactly-zero row is ~1e-13 of it).
+ZERO_FIELD_RTOL = 1e-8
+
+
+def _zero_fields(f: np.ndarray) -> np.ndarray:
+    """[P] bool: which of the [P, H, W] fields of one model and level are zero
+    (mass <= ZERO_FIELD_RTOL x the largest mass among them)."""
+    mass = np.abs(f).reshape(len(f), -1).sum(axis=1)
+    return mass <= ZERO_FIELD_RTOL * mass.max()
+
+
 def field_statistics(
     fields_by_model, pixels: Sequence[Pixel], masses: Sequence[float] = (0.5, 0.9)
 ) -> dict:
@@ -157,8 +169,9 @@ def field_statistics(
     Returns:
       ``{"models": [...], "pixels": [...], "masses": [...], "radius": {model: {"50": [T, P],
       ...}}, "pairs": {"a|b": {"cosine": [T, P], "iou50": [T, P], ...}}}`` float64 arrays, NaN
-      where a model has no field or its field of that pixel is all zero (the output does not
-      depend on the input there), so :func:`mean_se` leaves those pixels out.
+      where a model has no field or its field of that pixel is zero (mass at most
+      ``ZERO_FIELD_RTOL`` of the model's largest at that level: the output does not depend on
+      the input there), so :func:`mean_se` leaves those pixels out.
       ``radius[m]["50"][t, k]`` is :func:`radius` of ``m``'s field
       of pixel ``k`` around that pixel; ``cosine`` and ``iou<pct>`` (:func:`cosine`,
       :func:`iou`) compare two models' fields of the same pixel and level. ``pairs`` holds every
@@ -196,16 +209,18 @@ def field_statistics(
                     "size for every model and level)"
                 )
 
+    # A zero field (an output that depends on no input, e.g. a pixel constant over the training
+    # set under the Wiener filter, whose computed row is round-off) has no radius, cosine or
+    # support: its statistics are NaN and left out of the means over pixels.
+    dead = {m: [None if f is None else _zero_fields(f) for f in stacks[m]] for m in models}
+
     def per_pixel(fn, *ms):
         out = np.full((num_t, len(pix)), np.nan)
         for k in range(num_t):
             fs = [stacks[m][k] for m in ms]
             if all(f is not None for f in fs):
-                # an all-zero field (an output that depends on no input, e.g. a pixel constant
-                # over the training set under the Wiener filter) has no radius, cosine or
-                # support: NaN, left out of the means over pixels
                 out[k] = [
-                    np.nan if any(not f[i].any() for f in fs) else fn(p, *(f[i] for f in fs))
+                    np.nan if any(dead[m][k][i] for m in ms) else fn(p, *(f[i] for f in fs))
                     for i, p in enumerate(pix)
                 ]
         return out

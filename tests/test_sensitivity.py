@@ -271,6 +271,7 @@ def test_all_zero_fields_are_left_out_of_the_pixel_means():
     a = np.zeros((3, 5, 5))
     a[0, 1, 1], a[0, 1, 2] = 1.0, 1.0  # radius50 0 (the pixel holds half), radius90 1
     a[2, 3, 3], a[2, 3, 1] = 1.0, 3.0  # radius50 = radius90 = 2 (the far pixel holds 3/4)
+    a[1, 0, 0] = 1e-14  # round-off of an exactly-zero row counts as zero
     b = np.ones((3, 5, 5))
     st = fsum.field_statistics({"a": [a], "b": [b]}, pixels)
     r50 = st["radius"]["a"]["50"][0]
@@ -278,6 +279,7 @@ def test_all_zero_fields_are_left_out_of_the_pixel_means():
     assert np.isnan(st["pairs"]["a|b"]["cosine"][0, 1])
     means, ses = fsum.mean_se(st["radius"]["a"]["50"])
     assert means == [1.0] and ses[0] == pytest.approx(np.std([0.0, 2.0], ddof=1) / np.sqrt(2))
+    a[1, 0, 0] = 0.0
     tab = field_report.pixel_tables(st, {"a": [a], "b": [b]}, [50])
     assert np.isnan(tab["cosine"]["50"]["2,2"]).sum() == 3  # a's diagonal and the a|b pair
     assert tab["cosine"]["50"]["1,1"][0, 0] == pytest.approx(1.0)
