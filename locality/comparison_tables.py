@@ -83,12 +83,21 @@ def plot_curves(results: dict, ts, workdir: str, dataset: str, network: str = ""
     ``methods`` of a ``metrics.json``), so figures can be redrawn without resampling. One fixed
     colour per method (:func:`locality.plotting.method_color`; calibrated and swept variants
     dashed); the r2 axes are set by the methods that matter and methods far below them are named
-    in a note instead of stretching them."""
+    in a note instead of stretching them. Where an SCFDM scale was chosen on probes (a
+    ``<label>_best`` row) the sweep rows ``<label>_s<sigma>`` are left out of the figures (they
+    stay in the tables)."""
     t_axis = [int(t) for t in ts]
     where = f" vs {network}" if network else ""
     names = ["r2", "mse"]
     if results and all("hp_r2" in r["trajectory"] for r in results.values()):
         names.append("hp_r2")
+    if any(r.get("method") == "scfdm" and l.endswith("_best") for l, r in results.items()):
+        # the sweep's rows stay in the tables; the figure shows the published and the chosen scale
+        results = {
+            l: r
+            for l, r in results.items()
+            if not (r.get("method") == "scfdm" and "_s" in l and not l.endswith("_best"))
+        }
     for metric in names:
         series = []
         for label, r in sorted(results.items(), key=lambda kv: -kv[1]["trajectory"][metric][-1]):

@@ -357,3 +357,31 @@ def test_scfdm_scale_picked_on_probes_not_on_evaluation_samples():
     assert rows[-1][1] == dict(kw, method="scfdm", sigma_s=0.5)
     blind = dataclasses.replace(ref, x_T=ref.x_T * np.nan, x0=ref.x0 * np.nan)
     assert options.select_scfdm(proto, specs, train, blind)[0] == sel
+
+
+def test_curves_leave_the_scfdm_sweep_out_once_a_scale_is_chosen(tmp_path, monkeypatch):
+    """The figures show the published and the probe-chosen SCFDM scale; the sweep rows (still in
+    the tables) stay out, and without a chosen row every row is drawn."""
+    from locality import comparison_tables, plotting
+
+    drawn = []
+    monkeypatch.setattr(plotting, "save_series", lambda s, path, **kw: drawn.append(s))
+
+    def row(method, y):
+        return {"method": method, "trajectory": {"r2": [y, y], "mse": [1.0, 1.0]}}
+
+    results = {
+        "wiener": row("wiener", 0.5),
+        "scfdm": row("scfdm", 0.1),
+        "scfdm_s0.5": row("scfdm", 0.2),
+        "scfdm_s1": row("scfdm", 0.3),
+        "scfdm_best": row("scfdm", 0.3),
+    }
+    comparison_tables.plot_curves(results, [900, 0], str(tmp_path), "toy")
+    assert [sorted(s["label"] for s in fig) for fig in drawn] == [
+        ["scfdm", "scfdm_best", "wiener"]
+    ] * 2
+    drawn.clear()
+    del results["scfdm_best"]
+    comparison_tables.plot_curves(results, [900, 0], str(tmp_path), "toy")
+    assert sorted(s["label"] for s in drawn[0]) == sorted(results)
