@@ -176,7 +176,8 @@ def test_compare_sections_verdicts_titles_and_readme(tmp_path):
     row_els = [l for l in sec_a.splitlines() if l.startswith("| els | 10 |")][0]
     assert row_els.endswith("| worse |")
     assert "els on 10 (`method_kwargs.els.limit`)" in sec_a and "of the 40 training" in sec_a
-    assert "high-pass" not in sec_a  # no hp field in these runs
+    assert "final traj high-pass r2" not in sec_a  # no hp field in these runs: no column
+    assert "Protocol: peers at their published patch sizes only" in sec_a
     (claim, measured, verdict, cmd), (claim_b, _, verdict_b, _) = rows
     assert verdict == "beaten by els; mixed vs wiener (mean: tie, sign test: worse)"
     assert verdict_b == "mixed vs wiener (mean: tie, sign test: worse)"
@@ -595,3 +596,16 @@ def test_quality_and_training_path_sections(tmp_path):
     assert f"pca_locality {first:.2f} -> {last:.2f}" in tm and "wiener 0.60 -> 0.50" in tm
     mid = [l for l in text.splitlines() if l.startswith("| mid | 5.0 |")][0]
     assert "(mixed (mean: better, sign test: tie))" in mid  # not "separated"
+
+
+def test_protocol_note_names_what_a_run_lacks():
+    full = {"ls": {"x": 1}, "ls_calibrated": {"calibrated_from": "ls"}, "scfdm": {}}
+    for r in full.values():
+        r[compare.HP_R2] = 0.1
+    m = {"subset": {}, "scfdm_selection": {}}
+    assert compare.protocol_note(full, m, {}) == ""
+    note = compare.protocol_note({"ls": {}, "scfdm": {}, "wiener": {}}, {}, {})
+    for part in ("no calibrated rows", "no common-subset table", "no high-pass r2", "SCFDM"):
+        assert part in note
+    # nothing to calibrate, no SCFDM row: only the parts that apply
+    assert compare.protocol_note({"wiener": {compare.HP_R2: 0.1}, "linear": {}}, m, {}) == ""

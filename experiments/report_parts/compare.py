@@ -120,6 +120,30 @@ def subset_note(res: dict, cfg: dict) -> str:
     )
 
 
+CALIBRATED = ("ls", "els", "bbels", "pspc_square")
+
+
+def protocol_note(res: dict, m: dict, cfg: dict) -> str:
+    """One line: which parts of the full protocol (configs/compare.py ``long``) a run lacks --
+    calibrated peer rows, the common-subset table, the high-pass r2, an SCFDM scale chosen on
+    probes -- so a run made before them is read as such. Empty when it lacks none that apply."""
+    missing = []
+    if any(k in res for k in CALIBRATED) and not any("calibrated_from" in r for r in res.values()):
+        missing.append("peers at their published patch sizes only (no calibrated rows)")
+    if "subset" not in m and len(res) > 1:
+        missing.append("no common-subset table")
+    if res and not any(HP_R2 in r for r in res.values()):
+        missing.append("no high-pass r2")
+    if "scfdm" in res and "scfdm_selection" not in m:
+        missing.append("SCFDM at its published scale (no sweep chosen on probes)")
+    if not missing:
+        return ""
+    return (
+        "Protocol: " + "; ".join(missing) + ". `configs/compare.py:<dataset>,long` runs all of "
+        "them; read this run's peer verdicts with that in mind."
+    )
+
+
 def peers(res: dict) -> list:
     """The methods pca_locality is judged against: every row that is not a pca_locality variant
     (``method`` other than pca_locality), those of PEERS first in its order, then the others
@@ -229,6 +253,7 @@ def compare_run(d, m, cfg, out_dir) -> tuple:
         "",
         subset_note(res, cfg),
         "",
+        *([protocol_note(res, m, cfg), ""] if protocol_note(res, m, cfg) else []),
         TABLE_NOTE if OURS in res else "N: training images the method used.",
         "",
         *method_table(res),
