@@ -61,7 +61,9 @@ def get_config(arg: str = "fashion_mnist"):
             "dit": f"checkpoints/{arg}_dit_cpu",
         }
     )
-    if arg in LONG_NETS:  # the strong network of the headline comparison
+    # the strong network of the headline comparison (cats/dogs' strong nets have runs of their
+    # own: results/sensitivity_cifar10_catsdogs_cpu32*)
+    if arg in LONG_NETS and arg != "cifar10_catsdogs":
         c.networks.unet_long = LONG_NETS[arg]
     # > 0: the pca_locality masks (this threshold) of the probed pixels at every level, as a
     # model "pca_locality_mask" beside the fields (0 = off)
