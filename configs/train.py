@@ -45,7 +45,9 @@ Commands (run from the repository root)::
     # The reference networks of the comparisons ('long': the cpu UNet for 40 epochs, exports
     # after 1, 5, 10, 20, 40 epochs, the held-out loss in eval.jsonl). They take hours on a CPU,
     # so run them in pieces: stop with --time_limit_s, keep what resuming needs with
-    # --snapshot_to, and continue on any machine with --resume_from (one core per run):
+    # --snapshot_to, and continue on any machine with --resume_from (one core per run; the
+    # first sitting has no snapshot to resume from, so it leaves --resume_from out). The lr is
+    # constant, so --config.train.num_steps=N extends a run until its held-out loss is flat:
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
     taskset -c 0 python -m experiments.train --config configs/train.py:fashion_mnist,long \
         --workdir workdirs/fashion_mnist_unet_long --time_limit_s 9000 \
