@@ -253,7 +253,7 @@ def compare_run(d, m, cfg, out_dir) -> tuple:
         "",
         subset_note(res, cfg),
         "",
-        *([protocol_note(res, m, cfg), ""] if protocol_note(res, m, cfg) else []),
+        *([note, ""] if (note := protocol_note(res, m, cfg)) else []),
         TABLE_NOTE if OURS in res else "N: training images the method used.",
         "",
         *method_table(res),
