@@ -303,9 +303,10 @@ def save_heatmap_table(
     tops = [[None if maps[r][c] is None else top(r, c) for c in range(ncols)] for r in range(nrows)]
     vmax_all = max((v for row in tops for v in row if v is not None), default=1.0)
     panel_w = 1.95 if colorbar else 1.5
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(panel_w * ncols + 0.9, 1.5 * nrows + 0.5), squeeze=False
-    )
+    fig_h = 1.5 * nrows + 0.5
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + 0.9, fig_h), squeeze=False)
+    # the panels reach up to the column labels, so the title above them leaves no empty band
+    fig.subplots_adjust(top=1.0 - 0.3 / fig_h, bottom=0.15 / fig_h)
     for r in range(nrows):
         vmax_row = max((v for v in tops[r] if v is not None), default=1.0)
         for c in range(ncols):

@@ -604,8 +604,12 @@ def test_protocol_note_names_what_a_run_lacks():
         r[compare.HP_R2] = 0.1
     m = {"subset": {}, "scfdm_selection": {}}
     assert compare.protocol_note(full, m, {}) == ""
-    note = compare.protocol_note({"ls": {}, "scfdm": {}, "wiener": {}}, {}, {})
+    older = {"ls": {"train_size": 100}, "scfdm": {"train_size": 9000}, "wiener": {}}
+    note = compare.protocol_note(older, {}, {})
     for part in ("no calibrated rows", "no common-subset table", "no high-pass r2", "SCFDM"):
         assert part in note
     # nothing to calibrate, no SCFDM row: only the parts that apply
     assert compare.protocol_note({"wiener": {compare.HP_R2: 0.1}, "linear": {}}, m, {}) == ""
+    # every method on the same images: no common-subset table is owed
+    same = {k: {compare.HP_R2: 0.1, "train_size": 9000} for k in ("wiener", "linear")}
+    assert compare.protocol_note(same, {}, {}) == ""

@@ -125,12 +125,14 @@ CALIBRATED = ("ls", "els", "bbels", "pspc_square")
 
 def protocol_note(res: dict, m: dict, cfg: dict) -> str:
     """One line: which parts of the full protocol (configs/compare.py ``long``) a run lacks --
-    calibrated peer rows, the common-subset table, the high-pass r2, an SCFDM scale chosen on
-    probes -- so a run made before them is read as such. Empty when it lacks none that apply."""
+    calibrated peer rows, the common-subset table (owed only when the methods' ``train_size``
+    differ), the high-pass r2, an SCFDM scale chosen on probes -- so a run made before them is
+    read as such. Empty when it lacks none that apply."""
     missing = []
     if any(k in res for k in CALIBRATED) and not any("calibrated_from" in r for r in res.values()):
         missing.append("peers at their published patch sizes only (no calibrated rows)")
-    if "subset" not in m and len(res) > 1:
+    sizes = {v["train_size"] for v in res.values() if "train_size" in v}
+    if "subset" not in m and len(sizes) > 1:  # only owed when some method saw fewer images
         missing.append("no common-subset table")
     if res and not any(HP_R2 in r for r in res.values()):
         missing.append("no high-pass r2")
