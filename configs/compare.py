@@ -121,7 +121,9 @@ def get_config(arg: str = "fashion_mnist"):
             # and step on this CPU, so 32 samples x 10 steps x 100 images ~ 4 min.
             "els": {"patch_size": sched, "limit": 100},
             "bbels": {"patch_size": sched, "limit": 100},
-            "pspc_square": {"patch_size": 5, "flip": True},
+            # Niedoba et al.'s published size schedule (CIFAR-10, 18-step EDM grid; sizes over
+            # the image side mean the whole image); the `long` preset adds a calibrated row
+            "pspc_square": {"patch_size": "cifar10_edm", "flip": True},
             # crops from the network's own gradient heat maps at the sampler's ten levels
             "pspc_flex": {
                 "network": c.checkpoint,
@@ -190,7 +192,7 @@ def _smoke():
     c.dataset = "synthetic"
     c.methods = "wiener,pca_locality,ls,els,pspc_square,scfdm"
     c.method_kwargs.els.limit = 8
-    c.method_kwargs.pspc_square.patch_size = 5
+    c.method_kwargs.pspc_square.patch_size = "5"
     c.method_kwargs.scfdm.num_samples = 2
     c.num_samples = 2
     c.batch_size = 2

@@ -127,6 +127,8 @@ def test_square_size_schedules():
     assert den.size_at(ab(3.0)) == 2 and den.size_at(ab(0.5)) == 4
     den = pspc.make_pspc_square(train=train, patch_size=[3] * 18)
     assert den.size_at(0.3) == 3
+    # a digit string is the fixed size (a config field holding schedule names takes it so)
+    assert pspc.make_pspc_square(train=train, patch_size="4").size_at(0.3) == 4
     with pytest.raises(ValueError, match="18"):
         pspc.make_pspc_square(train=train, patch_size=[3, 4])
     with pytest.raises(ValueError, match=r"\[1, 6\]"):

@@ -13,7 +13,9 @@ Patch size per timestep (static)
 ``patch_size`` is an odd int, a callable ``ab -> odd int``, a :class:`SizeSchedule` (a table of
 sizes on a grid of noise levels; the size at ``ab`` is the entry of the nearest grid point), a
 list of 20 ints on Kamb & Ganguli's cosine-legacy grid, the name of a published schedule
-(:data:`PUBLISHED_SCHEDULES`), or ``"file:PATH"`` (a JSON schedule written by
+(:data:`PUBLISHED_SCHEDULES`), a string of digits (``"5"``, the int: a config field that holds
+schedule names takes a fixed size this way, e.g. ``--config.method_kwargs.ls.patch_size=5``), or
+``"file:PATH"`` (a JSON schedule written by
 :meth:`locality.denoisers.calibration.Calibration.to_json` /
 ``experiments/calibrate.py``).
 
@@ -345,6 +347,8 @@ def resolve_size_spec(
     if isinstance(spec, SizeSchedule):
         return spec
     if isinstance(spec, str):
+        if spec.strip().isdigit():  # "5": a fixed size given where a config field holds names
+            return int(spec)
         if spec.startswith("file:"):
             return SizeSchedule.from_json(spec[len("file:") :])
         named = (
