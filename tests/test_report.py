@@ -396,7 +396,7 @@ def test_paper_section_from_the_data_file(tmp_path):
     lines = paper.paper_section(runs, "results")
     text = "\n".join(lines)
     assert data["lookup"] in text  # the reason the values are missing, shown to the reader
-    assert "No copy of the paper's tables" in text
+    assert "no copy of the paper's tables" in text
     row = [l for l in lines if "analytical denoiser | MNIST |" in l][0]
     assert "| paper value not available offline | 0.600 (`results/compare_x`, network `none`)" in (
         row

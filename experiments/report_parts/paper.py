@@ -83,7 +83,7 @@ def caption(data: dict) -> str:
     if data["found_offline"]:
         return f"The paper's values are read from {data['source']} ({data['paper']})."
     return (
-        f"The paper's numbers are not recorded here. {data['lookup']} Every "
+        f"The paper's numbers are not recorded here: {data['lookup']} Every "
         f'comparable quantity is listed with "{NOT_AVAILABLE}". Source: {data["paper"]}, '
         f"{data['source']}."
     )
