@@ -171,7 +171,7 @@ def get_config(arg: str = "fashion_mnist"):
         # pca_locality_chunk_mean (the released code's softmax approximation) is left out: it
         # doubles the cost of the longest row on 60k images and is not part of the headline.
         c.methods = ",".join(m for m in c.methods.split(",") if m != "pca_locality_chunk_mean")
-        # PSPC-Square (about 4 min for 64 samples on 60k images) and the SCFDM sweep (about 80 s
+        # PSPC-Square (about 4 min for 64 samples on 60k images) and the SCFDM sweep (about 30 s
         # per scale on 60k) run on the full set; PSPC-Flex (6x PSPC-Square's cost) stays on
         # `peer_limit`; ELS / bbELS on their `limit` (benchmarks/peers.py: one ELS call on 10k
         # images takes ~140 s, so the full set would take ~18 h). The common-subset table
