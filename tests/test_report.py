@@ -613,3 +613,20 @@ def test_protocol_note_names_what_a_run_lacks():
     # every method on the same images: no common-subset table is owed
     same = {k: {compare.HP_R2: 0.1, "train_size": 9000} for k in ("wiener", "linear")}
     assert compare.protocol_note(same, {}, {}) == ""
+
+
+def test_rerun_command_adds_the_overrides_a_changed_default_needs():
+    from configs.compare import get_config
+
+    cfg = get_config("mnist,long").to_dict()
+    cfg["method_kwargs"]["pspc_square"]["patch_size"] = "5"  # the run predates today's default
+    cfg["common_subset"] = 0
+    base = "python -m experiments.compare --config configs/compare.py:mnist,long --workdir d"
+    m = {"dataset": "mnist", "command": base + " --config.common_subset=0"}
+    cmd = compare.rerun_command(m, cfg, "d")
+    assert cmd.startswith(m["command"])
+    assert cmd.count("--config.common_subset=") == 1  # recorded once, not repeated
+    assert cmd.endswith(" --config.method_kwargs.pspc_square.patch_size=5")
+    # a run made with today's defaults keeps its command as recorded
+    m["command"] = base
+    assert compare.rerun_command(m, get_config("mnist,long").to_dict(), "d") == base

@@ -15,9 +15,17 @@ common subset; a second table with the same paired columns).
 from __future__ import annotations
 
 import os
+import re
 
 from experiments.report_parts import paired
-from experiments.report_parts.common import command, figures, fmt, network_label, network_name
+from experiments.report_parts.common import (
+    command,
+    figures,
+    fmt,
+    network_label,
+    network_name,
+    overrides,
+)
 
 PEERS = (
     "wiener",
@@ -244,10 +252,26 @@ def readme_row(m: dict, words: dict, cmd: str) -> tuple:
     )
 
 
+def rerun_command(m: dict, cfg: dict, d: str) -> str:
+    """The run's recorded command plus the ``--config.K=V`` overrides it needs today: a default
+    of configs/compare.py changed after the run (e.g. a published schedule) would otherwise make
+    the recorded command reproduce something else."""
+    cmd = m.get("command") or command("compare", m["dataset"], d)
+    match = re.search(r"configs/compare\.py:(\S+)", cmd)
+    if not match or not cfg:
+        return cmd
+    extra = [
+        o
+        for o in overrides("compare", match.group(1), cfg).split(" --")
+        if o.strip() and f"--{o.split('=')[0]}=" not in cmd
+    ]
+    return cmd + "".join(f" --{o}" for o in extra)
+
+
 def compare_run(d, m, cfg, out_dir) -> tuple:
     """Lines and README row (None without pca_locality) of one comparison run."""
     res = m["methods"]
-    cmd = m.get("command") or command("compare", m["dataset"], d)
+    cmd = rerun_command(m, cfg, d)
     steps = len(next(iter(res.values()), {}).get("timesteps") or []) or "?"
     lines = [
         f"**Run `{d}`**: {m.get('num_samples', '?')} samples, {steps}-step DDIM from shared noise. "
